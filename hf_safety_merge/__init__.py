@@ -2,6 +2,8 @@
 
 __version__ = "0.1.0"
 
+from typing import TYPE_CHECKING, Any
+
 from .checkpoints import LoraCheckpoint, SafetensorsCheckpoint, TensorSource, open_checkpoint
 from .config import SafetyMergeConfig
 from .errors import CheckpointError, ConfigError, NonFiniteError, PlanError, SafetyMergeError
@@ -17,7 +19,40 @@ from .modeling import (
 )
 from .vectors import SafetyVector, SafetyVectorConfig
 
+if TYPE_CHECKING:
+    from .eval import evaluate_safety
+    from .training import SafetyPeftMixin, add_safety_mixin
+    from .training.asft import AsFTConfig, AsFTTrainer
+    from .training.safekey import SafeKeyConfig, SafeKeyTrainer
+
+# Names whose modules need the optional extras (trl, evaluation deps): imported on first use.
+_LAZY = {
+    "AsFTConfig": "hf_safety_merge.training.asft",
+    "AsFTTrainer": "hf_safety_merge.training.asft",
+    "SafeKeyConfig": "hf_safety_merge.training.safekey",
+    "SafeKeyTrainer": "hf_safety_merge.training.safekey",
+    "SafetyPeftMixin": "hf_safety_merge.training",
+    "add_safety_mixin": "hf_safety_merge.training",
+    "evaluate_safety": "hf_safety_merge.eval",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "AsFTConfig",
+    "AsFTTrainer",
+    "SafeKeyConfig",
+    "SafeKeyTrainer",
+    "SafetyPeftMixin",
+    "add_safety_mixin",
+    "evaluate_safety",
     "AutoSafeModelForCausalLM",
     "CheckpointError",
     "ConfigError",
