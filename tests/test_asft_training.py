@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -297,3 +298,28 @@ def test_config_and_trainer_errors(setup: dict[str, Path], dataset: Any, tmp_pat
     plain = AutoModelForCausalLM.from_pretrained(setup["aligned"])
     with pytest.raises(ConfigError, match="no LoRA"):
         AsFTTrainer(model=plain, args=train_args(AsFTConfig, tmp_path, asft_base_model=str(setup["base"])), train_dataset=dataset, processing_class=make_tokenizer())
+
+
+def test_bf16_gradient_checkpointing_all_projections(setup: dict[str, Path], dataset: Any, tmp_path: Path) -> None:
+    """LoRA on q/k/v/o/gate/up/down, bf16 autocast and gradient checkpointing: the penalty stays in
+    float32 (the anchors' dtype), is finite, grows from 0 and pulls the off-basin part down."""
+    from hf_safety_merge.training import AsFTConfig, AsFTTrainer
+
+    all_proj = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    def run(lam: float, out: Path) -> Any:
+        model = lora_model(setup["aligned"], targets=all_proj)
+        args = train_args(AsFTConfig, out, asft_lambda=lam, asft_base_model=str(setup["base"]), bf16=True,
+                          gradient_checkpointing=True, max_steps=6)
+        tr = AsFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=make_tokenizer())
+        tr.train()
+        return tr
+
+    held = run(20.0, tmp_path / "held")
+    assert len(held.asft_bindings) == 2 * len(all_proj)
+    assert held.asft_penalty().dtype == torch.float32
+    pens = [h["asft/penalty"] for h in held.state.log_history if "asft/penalty" in h]
+    assert len(pens) == 6 and pens[0] == 0.0 and all(math.isfinite(p) for p in pens) and pens[-1] > 0
+    assert all(math.isfinite(h["loss"]) for h in held.state.log_history if "loss" in h)
+    free = run(0.0, tmp_path / "free")
+    assert sum(held.asft_drift().values()) < 0.5 * sum(free.asft_drift().values())
