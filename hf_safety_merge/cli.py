@@ -127,9 +127,30 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    if args.quick:
+        from .demo import run_demo
 
-    run_demo(Path(args.out), progress=not args.no_progress)
+        run_demo(Path(args.out), progress=not args.no_progress)
+        return 0
+    from .study import StudyConfig, run_study
+
+    over: dict[str, object] = {}
+    if args.model:
+        over["model"] = args.model
+    if args.device:
+        over["device"] = args.device
+    if args.data_dir:
+        over["data_dir"] = args.data_dir
+    if args.threads:
+        over["threads"] = args.threads
+    if args.config:
+        cfg = StudyConfig.from_file(args.config, **over)
+    else:
+        cfg = StudyConfig.preset("full" if args.full else "demo", **over)
+    payload = run_study(cfg, Path(args.out))
+    patched = [r["model"] for r in payload["rows"] if r.get("repairs") and (Path(args.out) / r["model"] / "README.md").is_file()]
+    if patched:
+        print(f"patched model with its model card: {Path(args.out) / patched[0]}")
     return 0
 
 
@@ -202,8 +223,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_distill_parser(sub)
     add_eval_parser(sub)
 
-    d = sub.add_parser("demo", help="end-to-end demo on small real checkpoints it prepares")
+    d = sub.add_parser(
+        "demo",
+        help="the safety-transfer study, reduced (align -> break -> repair -> evaluate SmolLM2-135M-Instruct on the CPU)",
+        description="Runs the reduced safety-transfer study (about 20 min on 2 CPU cores): safety-tunes the model, "
+        "breaks it with a fine-tune that mixes in harmful examples, repairs it with each method, evaluates every model "
+        "and prints the table. Stages are cached in --out, so a second run resumes.",
+    )
     d.add_argument("--out", default="demo_output")
+    d.add_argument("--full", action="store_true", help="the full study (more data, all methods, 0%% and 10%% harmful)")
+    d.add_argument("--config", help="a study config YAML (see benchmarks/safety_transfer.yaml)")
+    d.add_argument("--model", help="the unaligned starting model: a causal LM folder or Hub id (default: embedded SmolLM2-135M-Instruct)")
+    d.add_argument("--device", choices=["cpu", "cuda"], help="where training, merging and generation run")
+    d.add_argument("--data-dir", help="the public data folder (default: $HF_SAFETY_DATA_DIR or ../shared/data)")
+    d.add_argument("--threads", type=int, default=0, help="torch CPU threads")
+    d.add_argument("--quick", action="store_true", help="the 5-second merge demo on tiny random checkpoints instead")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=_cmd_demo)
     return p

@@ -48,6 +48,6 @@ def test_vector_compute_and_merge_from_cli(llama_family: dict[str, Path], tmp_pa
 
 
 def test_demo_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "| enchtable |" in out and (tmp_path / "demo" / "patched-enchtable" / "README.md").is_file()
