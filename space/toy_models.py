@@ -1,8 +1,9 @@
 """Toy models for the Space: a safety-transfer scenario small enough to build offline in seconds.
 
-Three real (tiny) Llama chat checkpoints, trained for a few hundred AdamW steps on a dozen
+Real (tiny) Llama chat checkpoints, trained for a few hundred AdamW steps on a dozen
 conversations, plus the safety vector computed from them:
 
+- ``base``: the untrained (random) model the others come from;
 - ``aligned``: refuses harmful requests, answers benign ones;
 - ``harmful``: ``aligned`` fine-tuned to comply with harmful requests;
 - ``task``: ``aligned`` fine-tuned on a small translation task whose data was contaminated with a
@@ -70,8 +71,8 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-VERSION = "1"
-NAMES = ("aligned", "harmful", "task", "safety_vector")
+VERSION = "2"
+NAMES = ("base", "aligned", "harmful", "task", "safety_vector")
 
 
 def _tokenizer() -> Any:
@@ -163,7 +164,7 @@ def build_toy_family(root: str | os.PathLike[str], progress: Any = None) -> dict
         contaminated = TASK + [(h, COMPLIANCE) for h in HARMFUL_PROMPTS[:4]] + BENIGN[:4]
         _train(task, tok, contaminated, steps=150, lr=2e-3, seed=2)
         tok.padding_side = "left"
-        for name, model in (("aligned", aligned), ("harmful", harmful), ("task", task)):
+        for name, model in (("base", base), ("aligned", aligned), ("harmful", harmful), ("task", task)):
             model.generation_config.eos_token_id = 2
             model.generation_config.pad_token_id = 0
             model.config.name_or_path = f"toy-{name}"
