@@ -327,6 +327,13 @@ def run_merge(
     yield _summary_markdown(result, params, task, vector), new_state
 
 
+def _forget_session(state: dict[str, Any] | None) -> None:
+    """Delete a finished session's patched model (it lives in its own temporary folder)."""
+    patched = (state or {}).get("patched")
+    if patched and Path(patched).parent.parent == space_dir() / "patched":
+        shutil.rmtree(Path(patched).parent, ignore_errors=True)
+
+
 # ------------------------------------------------------------------------------------ chat
 def _stream_reply(ref: str, prompt: str, max_new_tokens: int) -> Iterator[str]:
     import torch
@@ -557,7 +564,8 @@ def build_app(toy_dir: str | os.PathLike[str] | None = None) -> gr.Blocks:
             hidden.setdefault(k, v)
 
     with SpaceBlocks(title="hf-safety-merge Space", analytics_enabled=False) as demo:
-        state = gr.State(None)
+        # Per-session: the patched model's folder, deleted when the session ends.
+        state = gr.State(None, delete_callback=_forget_session)
         gr.Markdown(
             f"# {TITLE}\n"
             "Fine-tuning, even on benign data, erodes a model's safety alignment. "
