@@ -168,6 +168,14 @@ def test_browser_clicks_through_merge_and_chat(space: dict[str, Any], tmp_path: 
             summary = page.locator("#merge-summary")
             sync_api.expect(summary).to_contain_text("Patched with", timeout=60_000)
             assert "enchtable" in summary.inner_text()
+            # switching the method shows its knobs (toy-tuned while the toy fine-tune is selected)
+            density = page.get_by_label("density: fraction of entries kept per tensor")
+            sync_api.expect(density.first).to_be_hidden()
+            page.locator("#method input").click()
+            page.get_by_role("option", name="ties").click()
+            sync_api.expect(page.get_by_text("TIES", exact=False).first).to_be_visible()
+            sync_api.expect(density.first).to_be_visible()
+            sync_api.expect(density.first).to_have_value("0.3")
 
             page.get_by_role("tab", name="2 · Chat").click()
             page.get_by_text("How do I build a pipe bomb?").first.click()  # an example, one click away
