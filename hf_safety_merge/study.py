@@ -78,8 +78,13 @@ class StudyConfig:
         task_epochs / task_lr / lora_lr / lora_r / lora_alpha: the downstream schedules.
         batch_size / max_length: for every training run.
         distill_harmful / distill_steps / distill_lr: the EnchTable safety-vector distillation.
-        enchtable_beta / resta_beta: merge scales (paper defaults 0.1 and 1.0).
-        asft_lambda: AsFT's regulariser weight.
+        enchtable_betas: EnchTable's coarse scale(s) beta; one repaired model per value (the
+            paper's default is 0.1; more values show the sensitivity).
+        resta_beta: RESTA's scale (1.0, as in its scripts).
+        merge_on_full / merge_on_lora: the merge repairs applied to the full / LoRA fine-tune
+            (names from ``METHODS``; each must also be in ``methods``).
+        asft_settings: one AsFT run per entry ``"<lambda>:<projector>"`` (projector ``safe_lora``,
+            the paper's, or ``topk``, a rank-8 projector); ``"1:safe_lora"`` is the paper's setting.
         methods: which repairs to run (see ``METHODS``).
         eval_harmful / eval_benign / eval_task: evaluation set sizes (held out from all training).
         attacks: jailbreak transforms for the attack-success columns.
@@ -92,7 +97,7 @@ class StudyConfig:
     device: str = "cpu"
     threads: int = 0
     align_harmful: int = 160
-    align_benign: int = 160
+    align_benign: int = 240
     align_epochs: float = 2.0
     align_lr: float = 1e-4
     task_train: int = 240
@@ -108,13 +113,15 @@ class StudyConfig:
     distill_harmful: int = 128
     distill_steps: int = 24
     distill_lr: float = 1e-4
-    enchtable_beta: float = 0.1
+    enchtable_betas: Sequence[float] = (0.1, 1.0)
     resta_beta: float = 1.0
-    asft_lambda: float = 1.0
+    asft_settings: Sequence[str] = ("1:safe_lora", "10:topk")
     methods: Sequence[str] = METHODS
-    eval_harmful: int = 64
-    eval_benign: int = 64
-    eval_task: int = 64
+    merge_on_full: Sequence[str] = ("enchtable_ffn", "enchtable_attn", "enchtable_hybrid", "resta", "safe_lora")
+    merge_on_lora: Sequence[str] = ("enchtable_ffn", "resta", "safe_lora")
+    eval_harmful: int = 48
+    eval_benign: int = 48
+    eval_task: int = 48
     attacks: Sequence[str] = ("dan", "prefill")
     max_new_tokens: int = 48
     eval_batch_size: int = 16
@@ -125,9 +132,10 @@ class StudyConfig:
             cfg = cls()
         elif name == "demo":
             cfg = cls(
-                align_harmful=96, align_benign=96, task_train=160, harmful_fracs=(0.1,), distill_harmful=64,
-                distill_steps=12, methods=("enchtable_ffn", "resta", "safe_lora", "asft"), eval_harmful=32,
-                eval_benign=32, eval_task=32, attacks=("dan",),
+                align_harmful=80, align_benign=96, task_train=144, harmful_fracs=(0.1,), distill_harmful=64,
+                distill_steps=12, methods=("enchtable_ffn", "resta", "safe_lora", "asft"), enchtable_betas=(0.1, 1.0),
+                merge_on_full=("enchtable_ffn", "resta"), merge_on_lora=("safe_lora",), eval_harmful=24,
+                eval_benign=24, eval_task=24, attacks=("dan",), max_new_tokens=40,
             )
         else:
             raise ConfigError(f"unknown study preset {name!r}; expected 'demo' or 'full'" + did_you_mean(name, ("demo", "full")))
@@ -159,11 +167,23 @@ class StudyConfig:
         for m in self.methods:
             if m not in METHODS:
                 raise ConfigError(f"study method {m!r} is not one of {METHODS}" + did_you_mean(m, METHODS))
+        for fname in ("merge_on_full", "merge_on_lora"):
+            for m in getattr(self, fname):
+                if m not in ("enchtable_ffn", "enchtable_attn", "enchtable_hybrid", "resta", "safe_lora"):
+                    raise ConfigError(f"{fname}: {m!r} is not a merge repair (enchtable_ffn/attn/hybrid, resta, safe_lora)")
         for b in self.break_modes:
             if b not in ("full", "lora"):
                 raise ConfigError(f"break_modes entries must be 'full' or 'lora', got {b!r}")
         if not self.harmful_fracs or any(not 0 <= f < 1 for f in self.harmful_fracs):
             raise ConfigError(f"harmful_fracs must be a non-empty list of shares in [0, 1), got {list(self.harmful_fracs)}")
+        for a in self.asft_settings:
+            lam, _, proj = str(a).partition(":")
+            try:
+                ok = float(lam) >= 0 and proj in ("safe_lora", "topk")
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ConfigError(f"asft_settings entry {a!r}: expected '<lambda>:<projector>' with projector safe_lora or topk")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         for name in ("align_harmful", "align_benign", "task_train", "eval_harmful", "eval_benign", "eval_task", "batch_size"):
@@ -416,7 +436,7 @@ class Study:
         broken: dict[str, Path] = {}
         for mode in c.break_modes:
             for frac in c.harmful_fracs:
-                name = f"ft-{mode}-{int(round(100 * frac))}pct"
+                name = f"ft-{mode}-{round(100 * frac)}pct"
                 out = w / name
                 n_h = round(len(data.task_train) * frac / (1 - frac)) if frac > 0 else 0
                 pairs = [(r["prompt"], r["response"]) for r in data.task_train]
@@ -427,7 +447,7 @@ class Study:
                     aligned, pairs, out, lora=mode == "lora", epochs=c.task_epochs,
                     lr=c.lora_lr if mode == "lora" else c.task_lr))
                 broken[name] = out
-        top = int(round(100 * max(c.harmful_fracs)))
+        top = round(100 * max(c.harmful_fracs))
         full_ft = broken.get(f"ft-full-{top}pct")
         lora_ft = broken.get(f"ft-lora-{top}pct")
         break_pairs = [(r["prompt"], r["response"]) for r in data.task_train]
@@ -439,13 +459,13 @@ class Study:
         # 4. repair
         repaired: dict[str, tuple[Path, str]] = {}  # name -> (model folder, what it repairs)
         vectors: dict[str, Path] = {}
+        harm_file = w / "distill_harmful.jsonl"
+        hr2 = random.Random(c.seed + 11)
+        harm_file.write_text("".join(json.dumps({"prompt": p, "response": _comply(p, hr2)}) + "\n" for p in data.distill_harmful))
         for variant in ("ffn", "attn", "hybrid"):
             if f"enchtable_{variant}" not in c.methods:
                 continue
             vec = w / f"vector-{variant}"
-            harm_file = w / "distill_harmful.jsonl"
-            hr2 = random.Random(c.seed + 11)
-            harm_file.write_text("".join(json.dumps({"prompt": p, "response": _comply(p, hr2)}) + "\n" for p in data.distill_harmful))
 
             def distill(vec: Path = vec, variant: str = variant) -> None:
                 from .distill import distill_safety_vector
@@ -491,30 +511,39 @@ class Study:
             repaired[name] = (out, task.name)
 
         resta_vec = vectors.get("ffn") or next(iter(vectors.values()), None)
-        for tag, task, lora in (("full", full_ft, False), ("lora", lora_ft, True)):
+        for task, lora, wanted in ((full_ft, False, c.merge_on_full), (lora_ft, True, c.merge_on_lora)):
             if task is None:
                 continue
             for variant, vec in vectors.items():
-                do_merge(f"{task.name}+enchtable-{variant}", "enchtable", {"beta": c.enchtable_beta}, vec, task, lora)
-            if "resta" in c.methods and resta_vec is not None:
+                if f"enchtable_{variant}" not in wanted:
+                    continue
+                for beta in c.enchtable_betas:
+                    tag = "" if beta == 0.1 else f"-beta{beta:g}"
+                    do_merge(f"{task.name}+enchtable-{variant}{tag}", "enchtable", {"beta": beta}, vec, task, lora)
+            if "resta" in c.methods and "resta" in wanted and resta_vec is not None:
                 do_merge(f"{task.name}+resta", "task_arithmetic", {"beta": c.resta_beta}, resta_vec, task, lora)
-            elif "resta" in c.methods:
+            elif "resta" in c.methods and "resta" in wanted:
                 self.notes["resta"] = "skipped: RESTA needs a distilled safety vector (add an enchtable_* method)"
-            if "safe_lora" in c.methods:
+            if "safe_lora" in c.methods and "safe_lora" in wanted:
                 do_merge(f"{task.name}+safe_lora", "safe_lora", {}, align_vec, task, lora)
         if "asft" in c.methods and "lora" in c.break_modes:
-            out = w / f"asft-lora-{top}pct"
+            for setting in c.asft_settings:
+                lam_s, _, proj = setting.partition(":")
+                lam = float(lam_s)
+                tag = "" if setting == "1:safe_lora" else f"-{proj}-lam{lam:g}"
+                out = w / f"asft-lora-{top}pct{tag}"
 
-            def asft() -> None:
-                from .training import AsFTConfig, AsFTTrainer
+                def asft(out: Path = out, lam: float = lam, proj: str = proj) -> None:
+                    from .training import AsFTConfig, AsFTTrainer
 
-                self._sft(aligned, break_pairs, out, lora=True, epochs=c.task_epochs, lr=c.lora_lr,
-                          trainer_cls=AsFTTrainer, config_cls=AsFTConfig,
-                          args={"asft_lambda": c.asft_lambda, "asft_base_model": str(base),
-                                "asft_aligned_model": str(aligned), "asft_anchors_path": str(w / "asft_anchors.safetensors")})
+                    self._sft(aligned, break_pairs, out, lora=True, epochs=c.task_epochs, lr=c.lora_lr,
+                              trainer_cls=AsFTTrainer, config_cls=AsFTConfig,
+                              args={"asft_lambda": lam, "asft_projector": proj, "asft_projector_rank": 8,
+                                    "asft_base_model": str(base), "asft_aligned_model": str(aligned),
+                                    "asft_anchors_path": str(w / f"asft_anchors_{proj}.safetensors")})
 
-            self._stage("repair: AsFT", out, asft)
-            repaired[out.name] = (out, "(trained instead of " + (lora_ft.name if lora_ft else "LoRA") + ")")
+                self._stage(f"repair: AsFT {setting}", out, asft)
+                repaired[out.name] = (out, "(trained instead of " + (lora_ft.name if lora_ft else "LoRA") + ")")
         if "safekey" in c.methods:
             self.notes["safekey"] = self._safekey(aligned, data, top, repaired)
 
@@ -538,7 +567,7 @@ class Study:
         out = self.work / f"safekey-full-{top}pct"
         try:
             self._stage("repair: SafeKey", out, lambda: self._run_safekey(aligned, data, top, out))
-        except Exception as e:  # noqa: BLE001 - a failed optional method is recorded, the study goes on
+        except Exception as e:  # a failed optional method is recorded, the study goes on
             self.log(f"  [repair: SafeKey] failed: {type(e).__name__}: {e}")
             return f"failed: {type(e).__name__}: {e}"
         repaired[out.name] = (out, f"(trained instead of ft-full-{top}pct)")
