@@ -27,12 +27,15 @@ from .peft_mixin import SafetyPeftMixin, add_safety_mixin, anchored_penalty, fin
 
 if TYPE_CHECKING:
     from .asft import AsFTConfig, AsFTTrainer
+    from .safekey import SafeKeyConfig, SafeKeyTrainer
 
 __all__ = [
     "AlignmentAnchors",
     "Anchor",
     "AsFTConfig",
     "AsFTTrainer",
+    "SafeKeyConfig",
+    "SafeKeyTrainer",
     "SafetyPeftMixin",
     "add_safety_mixin",
     "anchored_penalty",
@@ -49,4 +52,8 @@ def __getattr__(name: str) -> Any:
         from . import asft
 
         return getattr(asft, name)
+    if name in ("SafeKeyConfig", "SafeKeyTrainer"):
+        from . import safekey
+
+        return getattr(safekey, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,595 @@
+"""SafeKey (arXiv 2505.16186): dual-path safety head and query-mask modelling, as a TRL `SFTTrainer`.
+
+Each example is a query X (the whole rendered prompt), a reasoning response whose reasoning opens
+with a query-understanding segment U followed by the key sentence K, and a harmful/benign label
+(see :mod:`hf_safety_merge.training.safekey_data` for how X, U and K are located in tokens).
+
+Loss per micro-batch, once the auxiliary losses are on (the last `safekey_last_k_epochs` epochs):
+
+    L = L_SFT + w_qmm * L_QMM + w_head * L_head
+
+- `L_SFT`: exactly `SFTTrainer`'s loss (the same forward, the same normalisation).
+- `L_head` (dual-path safety head): two `Linear(hidden, 1)` heads read the final hidden states of
+  that same forward, mean-pooled over U and over X+U; `L_head = 0.5 BCE(U) + 0.5 BCE(X+U)` against
+  the harmful (1) / benign (0) label. The heads live on the trainer: they are trained with the
+  model (their own optimiser parameter groups) and never enter the model or its checkpoint
+  (`save_safekey_heads` writes them beside it).
+- `L_QMM` (query-mask modelling): a second forward pass of the same tokens, at the same positions
+  (explicit `position_ids`), with a 4-D attention mask under which no token after the query can
+  attend to a query token; cross-entropy on the K tokens only. The model must then produce K from
+  its own understanding U.
+
+Gradient accumulation: `L_SFT` is normalised over the whole optimiser step as `SFTTrainer` does; the
+auxiliary losses are per-micro-batch means, divided by the number of accumulation steps when
+`Trainer` does not do it, so each weight means the same per optimiser step whatever the
+accumulation. DDP: the heads are not part of the DDP-wrapped model; their gradients are averaged
+over processes just before each optimiser step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from ..errors import ConfigError
+from .safekey_data import (
+    SAFEKEY_COLUMNS,
+    CharSpans,
+    build_safekey_example,
+    check_safekey_columns,
+    parse_label,
+    prepare_safekey_dataset,
+    split_understanding_key,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "HEADS_FILE",
+    "SAFEKEY_COLUMNS",
+    "CharSpans",
+    "DualPathSafetyHead",
+    "SafeKeyConfig",
+    "SafeKeyDataCollator",
+    "SafeKeyTrainer",
+    "build_safekey_example",
+    "parse_label",
+    "prepare_safekey_dataset",
+    "qmm_attention_mask",
+    "split_understanding_key",
+]
+
+HEADS_FILE = "safekey_heads.safetensors"
+_QMM_ATTN = ("sdpa", "eager")
+
+
+@dataclass
+class SafeKeyConfig(SFTConfig):
+    r"""
+    Configuration class for the [`SafeKeyTrainer`]: every [`~trl.SFTConfig`] field, plus SafeKey's
+    two auxiliary objectives. Parse it with `TrlParser` like any TRL config (all fields are
+    `--safekey_*` flags). The reference setup (lr 1e-5, AdamW betas (0.9, 0.95), weight decay 1e-4,
+    cosine schedule with 5% warm-up, 5 epochs) is in `examples/safekey_config.yaml`; the defaults of
+    `SFTConfig` are left alone.
+
+    Parameters:
+        > Loss weights
+
+        safekey_head_weight (`float`, defaults to `0.2`):
+            Weight of the dual-path safety head loss `0.5 BCE(head_U) + 0.5 BCE(head_XU)`. `0`
+            switches the heads off (they are then neither run nor trained).
+        safekey_qmm_weight (`float`, defaults to `0.2`):
+            Weight of the query-mask modelling loss (cross-entropy on K with the query hidden from
+            attention). `0` skips the second forward pass.
+
+        > Schedule
+
+        safekey_last_k_epochs (`float`, *optional*, defaults to `2`):
+            The auxiliary losses are on only for the last `k` epochs: from optimiser step
+            `max_steps - k * steps_per_epoch` on (`steps_per_epoch` = optimiser steps per pass over
+            the training data). With `num_train_epochs = 5` that is epochs 4 and 5. When `max_steps`
+            is set it is the same rule: the last `k * steps_per_epoch` steps of the run (all of them
+            if the run is shorter). `None` keeps them on from the first step. If the training data
+            has no length (an `IterableDataset`), they are on from the first step.
+
+        > Heads
+
+        safekey_head_theta (`float`, defaults to `0.5`):
+            Decision threshold on `sigmoid(head logit)` for the logged head accuracy (harmful when
+            above).
+        safekey_detach_head_inputs (`bool`, defaults to `False`):
+            Feed the heads detached hidden states: the heads then learn to read the model but the head
+            loss no longer shapes the model's representations (the reference trains through them).
+        safekey_head_learning_rate (`float`, *optional*):
+            Learning rate of the heads' parameter groups (default: `learning_rate`). They follow the
+            same schedule and weight decay as the model.
+        safekey_save_heads (`bool`, defaults to `False`):
+            Also write the heads (`safekey_heads.safetensors`) beside the model when `save_model` is
+            called. Checkpoints always hold them, so that training resumes with them.
+
+        > Data (used when the trainer is given raw (prompt, response, label) records)
+
+        safekey_max_u_sentences (`int`, defaults to `4`):
+            At most this many sentences in U for the heuristic U/K split.
+        safekey_overlap_threshold (`float`, defaults to `0.5`):
+            A sentence restates the query (and joins U) when at least this share of its content words
+            occur in the query (or it opens with a restatement cue).
+        safekey_prompt_key / safekey_response_key / safekey_label_key (`str`):
+            Column names of the raw records (`"prompt"`, `"response"`, `"label"`).
+    """
+
+    safekey_head_weight: float = field(default=0.2, metadata={"help": "Weight of the dual-path safety head loss."})
+    safekey_qmm_weight: float = field(default=0.2, metadata={"help": "Weight of the query-mask modelling loss (CE on K, query masked)."})
+    safekey_head_theta: float = field(default=0.5, metadata={"help": "Threshold on sigmoid(head logit) for the head accuracy."})
+    safekey_last_k_epochs: float | None = field(
+        default=2,
+        metadata={"help": "Auxiliary losses on for the last k epochs only (the last k * steps_per_epoch steps); None: always."},
+    )
+    safekey_detach_head_inputs: bool = field(
+        default=False, metadata={"help": "Detach the hidden states fed to the heads (the head loss then does not train the model)."}
+    )
+    safekey_head_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the heads (default: learning_rate)."})
+    safekey_save_heads: bool = field(default=False, metadata={"help": "Write safekey_heads.safetensors beside the saved model."})
+    safekey_max_u_sentences: int = field(default=4, metadata={"help": "Heuristic U/K split: at most this many sentences in U."})
+    safekey_overlap_threshold: float = field(
+        default=0.5, metadata={"help": "Heuristic U/K split: share of a sentence's content words found in the query to count as restatement."}
+    )
+    safekey_prompt_key: str = field(default="prompt", metadata={"help": "Prompt column of raw records."})
+    safekey_response_key: str = field(default="response", metadata={"help": "Response column of raw records."})
+    safekey_label_key: str = field(default="label", metadata={"help": "Label column of raw records (1/harmful, 0/benign)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("safekey_head_weight", "safekey_qmm_weight"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}")
+        if not 0.0 < self.safekey_head_theta < 1.0:
+            raise ConfigError(f"safekey_head_theta must be in (0, 1), got {self.safekey_head_theta}")
+        if self.safekey_last_k_epochs is not None and not self.safekey_last_k_epochs > 0:
+            raise ConfigError(f"safekey_last_k_epochs must be > 0 (or None for always on), got {self.safekey_last_k_epochs}")
+        if self.safekey_head_learning_rate is not None and not self.safekey_head_learning_rate >= 0:
+            raise ConfigError(f"safekey_head_learning_rate must be >= 0, got {self.safekey_head_learning_rate}")
+        if self.safekey_max_u_sentences < 1:
+            raise ConfigError(f"safekey_max_u_sentences must be >= 1, got {self.safekey_max_u_sentences}")
+        if not 0.0 < self.safekey_overlap_threshold <= 1.0:
+            raise ConfigError(f"safekey_overlap_threshold must be in (0, 1], got {self.safekey_overlap_threshold}")
+        if self.packing or self.padding_free:
+            raise ConfigError(
+                "SafeKey does not support packing or padding_free: each row must be one example with its own query "
+                "mask; set packing=False and padding_free=False"
+            )
+        if self.truncation_mode != "keep_start":
+            raise ConfigError(f"SafeKey needs truncation_mode='keep_start' (token spans are counted from the start), got {self.truncation_mode!r}")
+
+
+# -- the query mask -------------------------------------------------------------------------------------
+
+
+def qmm_attention_mask(query_len: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Boolean 4-D mask `(batch, 1, T, T)`, True where query row `i` may attend to key `j`.
+
+    Causal and padding-aware, and no token at or after the end of the query (`i >= query_len`) may
+    attend to a query token (`j < query_len`). Query rows keep their causal attention, and every row
+    may attend to itself, so no row is fully masked (no NaN in softmax, with any attention kernel).
+    """
+    b, t = attention_mask.shape
+    pos = torch.arange(t, device=attention_mask.device)
+    causal = pos[None, :, None] >= pos[None, None, :]  # (1, T, T): row i sees j <= i
+    keys = attention_mask.bool()[:, None, :]  # (B, 1, T)
+    q = query_len.to(attention_mask.device).view(b, 1, 1)
+    hidden_query = (pos[None, :, None] >= q) & (pos[None, None, :] < q)  # (B, T, T)
+    mask = causal & keys & ~hidden_query
+    mask = mask | torch.eye(t, dtype=torch.bool, device=attention_mask.device)[None]
+    return mask[:, None]
+
+
+@dataclass
+class SafeKeyDataCollator(DataCollatorForLanguageModeling):
+    """`SFTTrainer`'s collator (the same `input_ids` / `labels` / `attention_mask`, right padding),
+    plus SafeKey's fields:
+
+    - `safekey_u_span` `(B, 2)` long: U's `[start, end)` token indices;
+    - `safekey_k_mask` `(B, T)` bool: the K tokens;
+    - `safekey_query_len` `(B,)` long: number of query (prompt) tokens;
+    - `safekey_labels` `(B,)` float: 1 harmful, 0 benign;
+    - `qmm_attention_mask` `(B, 1, T, T)` bool (see :func:`qmm_attention_mask`) and
+      `qmm_position_ids` `(B, T)` long (the unchanged positions `0..T-1`), when `emit_qmm` is True.
+    """
+
+    emit_qmm: bool = True
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.padding_free:
+            raise ConfigError("SafeKeyDataCollator does not support padding_free")
+        for i, ex in enumerate(examples):
+            missing = [c for c in SAFEKEY_COLUMNS if c not in ex or ex[c] is None]
+            if missing:
+                raise ConfigError(f"batch example {i} lacks {missing}; prepare the data with prepare_safekey_dataset")
+        out = super().torch_call(examples)
+        ids = out["input_ids"]
+        b, t = ids.shape
+        pos = torch.arange(t)
+        q = torch.tensor([int(e["safekey_query_len"]) for e in examples], dtype=torch.long)
+        u = torch.tensor([[int(e["safekey_u_start"]), int(e["safekey_u_end"])] for e in examples], dtype=torch.long)
+        k = torch.tensor([[int(e["safekey_k_start"]), int(e["safekey_k_end"])] for e in examples], dtype=torch.long)
+        lengths = torch.tensor([len(e["input_ids"]) for e in examples])
+        if (q < 1).any() or (u[:, 0] < q).any() or (u[:, 1] <= u[:, 0]).any() or (k[:, 0] < u[:, 1]).any() or (k[:, 1] <= k[:, 0]).any() or (k[:, 1] > lengths).any():
+            bad = next(i for i in range(b) if not (1 <= q[i] <= u[i, 0] < u[i, 1] <= k[i, 0] < k[i, 1] <= lengths[i]))
+            raise ConfigError(
+                f"batch example {bad}: SafeKey spans must satisfy 1 <= query_len <= u_start < u_end <= k_start < k_end "
+                f"<= length ({int(lengths[bad])}), got query_len={int(q[bad])}, U={u[bad].tolist()}, K={k[bad].tolist()}"
+            )
+        out["safekey_u_span"] = u
+        out["safekey_k_mask"] = (pos[None] >= k[:, :1]) & (pos[None] < k[:, 1:])
+        out["safekey_query_len"] = q
+        out["safekey_labels"] = torch.tensor([float(e["safekey_label"]) for e in examples], dtype=torch.float32)
+        if self.emit_qmm:
+            out["qmm_attention_mask"] = qmm_attention_mask(q, out["attention_mask"])
+            out["qmm_position_ids"] = pos[None].expand(b, t).clone()
+        return out
+
+
+# -- the dual-path head ---------------------------------------------------------------------------------
+
+
+class DualPathSafetyHead(nn.Module):
+    """Two `Linear(hidden, 1)` heads on mean-pooled final hidden states: over U (`u_head`) and over
+    X+U (`xu_head`). `forward` returns `(batch, 2)` logits (U, X+U)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.hidden_size = int(hidden_size)
+        self.u_head = nn.Linear(self.hidden_size, 1)
+        self.xu_head = nn.Linear(self.hidden_size, 1)
+
+    def reset_parameters(self, seed: int = 0, std: float = 0.02) -> None:
+        """Seeded init (its own generator: the global RNG, and so data order, is untouched)."""
+        g = torch.Generator().manual_seed(int(seed))
+        with torch.no_grad():
+            for lin in (self.u_head, self.xu_head):
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * std)
+                lin.bias.zero_()
+
+    @staticmethod
+    def pool(hidden: torch.Tensor, u_span: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean of `hidden` `(B, T, H)` over U = `[u_start, u_end)` and over X+U = `[0, u_end)`."""
+        t = hidden.shape[1]
+        pos = torch.arange(t, device=hidden.device)[None]
+        u0, u1 = u_span[:, :1].to(hidden.device), u_span[:, 1:].to(hidden.device)
+        xu = (pos < u1).to(hidden.dtype)
+        u = xu * (pos >= u0).to(hidden.dtype)
+        pooled_u = torch.einsum("bt,bth->bh", u, hidden) / u.sum(1, keepdim=True).clamp(min=1)
+        pooled_xu = torch.einsum("bt,bth->bh", xu, hidden) / xu.sum(1, keepdim=True).clamp(min=1)
+        return pooled_u, pooled_xu
+
+    def forward(self, hidden: torch.Tensor, u_span: torch.Tensor) -> torch.Tensor:
+        w = self.u_head.weight
+        pooled_u, pooled_xu = self.pool(hidden.to(w.dtype), u_span)
+        return torch.cat([self.u_head(pooled_u), self.xu_head(pooled_xu)], dim=-1)
+
+    @staticmethod
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """`0.5 BCE(U) + 0.5 BCE(X+U)`, each averaged over the batch."""
+        y = labels.to(logits.dtype)[:, None].expand_as(logits)
+        per_head = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(0)
+        return 0.5 * per_head[0] + 0.5 * per_head[1]
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write `safekey_heads.safetensors` into the folder `path` (or to `path` if it ends in `.safetensors`)."""
+        from safetensors.torch import save_file
+
+        p = Path(path)
+        if p.suffix != ".safetensors":
+            p.mkdir(parents=True, exist_ok=True)
+            p = p / HEADS_FILE
+        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(p), metadata={"format": "safekey_dual_path_head", "hidden_size": str(self.hidden_size)})
+        return p
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> DualPathSafetyHead:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        p = Path(path)
+        if p.is_dir():
+            p = p / HEADS_FILE
+        if not p.is_file():
+            raise ConfigError(f"no SafeKey heads at {p}")
+        with safe_open(str(p), "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != "safekey_dual_path_head":
+            raise ConfigError(f"{p} is not a SafeKey heads file (metadata {meta})")
+        head = cls(int(meta["hidden_size"]))
+        head.load_state_dict(load_file(str(p)))
+        return head
+
+
+# -- the trainer ----------------------------------------------------------------------------------------
+
+
+class _EpochCallback(TrainerCallback):
+    """Records the number of optimiser steps per epoch when training starts (for the schedule)."""
+
+    def __init__(self, trainer: SafeKeyTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        dl = kwargs.get("train_dataloader")
+        try:
+            n = len(dl) if dl is not None else None
+        except TypeError:
+            n = None
+        if n is None:
+            self.trainer._safekey_steps_per_epoch = None
+            if args.safekey_last_k_epochs is not None:
+                logger.warning("SafeKey: the training data has no length; the auxiliary losses are on from the first step")
+            return
+        ga = max(1, args.gradient_accumulation_steps)
+        self.trainer._safekey_steps_per_epoch = max(n // ga + int(n % ga > 0), 1)
+
+
+class SafeKeyTrainer(SFTTrainer):
+    """`SFTTrainer` plus SafeKey's dual-path safety head and query-mask modelling losses.
+
+    Takes the same arguments as [`~trl.SFTTrainer`] with a [`SafeKeyConfig`]. The training data is
+    either prepared rows (`input_ids`, `labels` and the `safekey_*` columns of
+    :func:`prepare_safekey_dataset`) or raw records with `prompt`, `response` and `label` columns
+    (prepared on the fly with the trainer's tokenizer and `max_length`). `heads=` passes a
+    :class:`DualPathSafetyHead` (e.g. loaded from an earlier run) instead of fresh ones.
+
+    Logged metrics (through TRL's `_metrics`, averaged over the logging window, `eval_` prefixed in
+    evaluation): `safekey/head_loss`, `safekey/head_accuracy` (both heads; `_u` and `_xu` each),
+    `safekey/qmm_loss` and `safekey/aux_active` (1 when the auxiliary losses are in the training
+    loss). The evaluation loss is `L_SFT` alone (comparable to `SFTTrainer`); the auxiliary metrics
+    are computed in evaluation whatever the schedule.
+    """
+
+    args: SafeKeyConfig
+
+    def __init__(self, *args: Any, heads: DualPathSafetyHead | None = None, **kwargs: Any) -> None:
+        cfg = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if cfg is not None and not isinstance(cfg, SafeKeyConfig):
+            raise ConfigError(f"SafeKeyTrainer needs a SafeKeyConfig as args, got {type(cfg).__name__}")
+        if cfg is None:
+            raise ConfigError("SafeKeyTrainer needs args=SafeKeyConfig(...)")
+        user_collator = kwargs.get("data_collator", args[2] if len(args) > 2 else None)
+        if user_collator is not None and not isinstance(user_collator, SafeKeyDataCollator):
+            raise ConfigError(f"SafeKeyTrainer needs a SafeKeyDataCollator (or none), got {type(user_collator).__name__}")
+        super().__init__(*args, **kwargs)
+        cfg = self.args
+        if not isinstance(self.data_collator, SafeKeyDataCollator):
+            self.data_collator = SafeKeyDataCollator(
+                pad_token_id=self._tokenizer.pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple_of
+            )
+        self.data_collator.emit_qmm = cfg.safekey_qmm_weight > 0
+        if self._skip_prepare_dataset and self.train_dataset is not None:
+            from trl.data_utils import get_dataset_column_names
+
+            check_safekey_columns(get_dataset_column_names(self.train_dataset), "train")
+
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        text_config = base.config.get_text_config()
+        if cfg.safekey_qmm_weight > 0:
+            impl = getattr(base.config, "_attn_implementation", None) or "eager"
+            if impl not in _QMM_ATTN:
+                raise ConfigError(
+                    f"query-mask modelling needs a custom 4-D attention mask, which attn_implementation={impl!r} does not "
+                    f"take; load the model with attn_implementation='sdpa' or 'eager' (or set safekey_qmm_weight=0)"
+                )
+        hidden = int(text_config.hidden_size)
+        if heads is None:
+            heads = DualPathSafetyHead(hidden)
+            heads.reset_parameters(cfg.seed, float(getattr(text_config, "initializer_range", 0.02) or 0.02))
+        elif heads.hidden_size != hidden:
+            raise ConfigError(f"heads= has hidden size {heads.hidden_size}, the model {hidden}")
+        self.safekey_heads: DualPathSafetyHead = heads.to(device=self.args.device, dtype=torch.float32)
+        self._safekey_backbone: nn.Module = base.base_model
+        self._safekey_capture = False
+        self._safekey_hidden: torch.Tensor | None = None
+        self._safekey_backbone.register_forward_hook(self._capture_hidden)
+        self._safekey_steps_per_epoch: int | None = None
+        self.add_callback(_EpochCallback(self))
+
+    # -- data -------------------------------------------------------------------------------------------
+
+    def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, packing: bool, formatting_func: Any, dataset_name: str) -> Any:
+        from trl.data_utils import get_dataset_column_names
+
+        if formatting_func is not None:
+            raise ConfigError("SafeKeyTrainer does not take a formatting_func; give (prompt, response, label) records")
+        cols = get_dataset_column_names(dataset)
+        if cols is not None and "input_ids" not in cols:
+            a: SafeKeyConfig = args
+            dataset = prepare_safekey_dataset(
+                dataset, self._tokenizer, max_length=a.max_length, prompt_key=a.safekey_prompt_key,
+                response_key=a.safekey_response_key, label_key=a.safekey_label_key,
+                max_u_sentences=a.safekey_max_u_sentences, overlap_threshold=a.safekey_overlap_threshold,
+            )
+            cols = get_dataset_column_names(dataset)
+        check_safekey_columns(cols, dataset_name)
+        if args.max_length is not None and hasattr(dataset, "__len__"):
+            longest = max((len(x) for x in dataset["input_ids"]), default=0)
+            if longest > args.max_length:
+                raise ConfigError(
+                    f"the {dataset_name} data set has rows of {longest} tokens, more than max_length={args.max_length}; "
+                    "prepare it with prepare_safekey_dataset(..., max_length=max_length)"
+                )
+        if args.shuffle_dataset:
+            dataset = dataset.shuffle(seed=args.seed)
+        return dataset
+
+    def _set_signature_columns_if_needed(self) -> None:
+        if self._signature_columns is None:
+            self._signature_columns = ["input_ids", "labels", *SAFEKEY_COLUMNS]
+
+    # -- optimiser, saving ------------------------------------------------------------------------------
+
+    def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+        opt = super().create_optimizer(model)
+        raw = getattr(opt, "optimizer", opt)
+        present = {id(p) for g in raw.param_groups for p in g["params"]}
+        heads = self.safekey_heads
+        if self.args.safekey_head_weight > 0 and not any(id(p) in present for p in heads.parameters()):
+            lr = self.args.safekey_head_learning_rate
+            lr = self.args.learning_rate if lr is None else lr
+            weights = [heads.u_head.weight, heads.xu_head.weight]
+            biases = [heads.u_head.bias, heads.xu_head.bias]
+            raw.add_param_group({"params": weights, "weight_decay": self.args.weight_decay, "lr": lr})
+            raw.add_param_group({"params": biases, "weight_decay": 0.0, "lr": lr})
+            raw.register_step_pre_hook(self._sync_head_grads)
+        return opt
+
+    def _sync_head_grads(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """Average the heads' gradients over processes (they sit outside DDP) and clip them."""
+        grads = [p.grad for p in self.safekey_heads.parameters() if p.grad is not None]
+        if not grads:
+            return
+        if self.accelerator.num_processes > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            torch.distributed.all_reduce(flat)
+            flat /= self.accelerator.num_processes
+            i = 0
+            for g in grads:
+                g.copy_(flat[i : i + g.numel()].view_as(g))
+                i += g.numel()
+        if self.args.max_grad_norm is not None and self.args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(list(self.safekey_heads.parameters()), self.args.max_grad_norm)
+
+    def save_safekey_heads(self, path: str | os.PathLike[str] | None = None) -> Path:
+        """Write the heads as `safekey_heads.safetensors` into `path` (default: `output_dir`)."""
+        return self.safekey_heads.save(self.args.output_dir if path is None else path)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if (self.args.safekey_save_heads or _internal_call) and self.args.should_save:
+            self.save_safekey_heads(output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        p = Path(resume_from_checkpoint) / HEADS_FILE
+        if p.is_file():
+            loaded = DualPathSafetyHead.load(p)
+            self.safekey_heads.load_state_dict(loaded.state_dict())
+        else:
+            logger.warning("SafeKey: %s has no %s; the heads start afresh", resume_from_checkpoint, HEADS_FILE)
+
+    # -- loss -------------------------------------------------------------------------------------------
+
+    def _capture_hidden(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._safekey_capture and self._safekey_hidden is None:  # the first (gradient-carrying) pass
+            h = getattr(output, "last_hidden_state", None)
+            self._safekey_hidden = h if h is not None else output[0]
+
+    def safekey_aux_active(self) -> bool:
+        """Are the auxiliary losses in the training loss at the current step (see `safekey_last_k_epochs`)?"""
+        k = self.args.safekey_last_k_epochs
+        spe = self._safekey_steps_per_epoch
+        if k is None or spe is None or self.state.max_steps <= 0:
+            return True
+        start = max(0, self.state.max_steps - math.ceil(k * spe - 1e-9))
+        return self.state.global_step >= start
+
+    def _loss_is_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
+        """Mirror of `Trainer.training_step`: is the returned loss already normalised over the whole
+        accumulated step (so that `training_step` will not divide it by the accumulation steps)?"""
+        if self.loss_is_scaled_for_ga is not None:
+            return bool(self.loss_is_scaled_for_ga)
+        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
+
+    def qmm_forward(self, model: nn.Module, inputs: dict[str, Any], *, logits: bool = False) -> Any:
+        """The query-masked forward pass. `logits=False`: TRL's fused LM head scored on the K tokens
+        (returns its output; `log_probs` is zero off K). `logits=True`: the model's plain forward
+        (full logits, for inspection)."""
+        mask = inputs["qmm_attention_mask"]
+        unwrapped = self.accelerator.unwrap_model(model)
+        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        if getattr(base.config, "_attn_implementation", "eager") != "sdpa":
+            dtype = base.dtype if base.dtype.is_floating_point else torch.float32
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        kw = dict(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=inputs["qmm_position_ids"], use_cache=False)
+        if logits:
+            return model(**kw)
+        k_labels = inputs["input_ids"].masked_fill(~inputs["safekey_k_mask"], -100)
+        return model(**kw, labels=k_labels, fused_lm_head=True)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        extras = {k: inputs.pop(k) for k in list(inputs) if k.startswith(("safekey_", "qmm_"))}
+        if "safekey_u_span" not in extras:
+            raise ConfigError("SafeKeyTrainer got a batch without SafeKey fields; use SafeKeyDataCollator")
+        cfg = self.args
+        mode = "train" if self.model.training else "eval"
+        train = mode == "train" and torch.is_grad_enabled()
+        active = self.safekey_aux_active() if mode == "train" else True
+        use_head = active and cfg.safekey_head_weight > 0
+        use_qmm = active and cfg.safekey_qmm_weight > 0 and "qmm_attention_mask" in extras
+
+        self._safekey_capture = use_head
+        self._safekey_hidden = None
+        try:
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        finally:
+            self._safekey_capture = False
+        loss, outputs = result if return_outputs else (result, None)
+        hidden, self._safekey_hidden = self._safekey_hidden, None
+        steps = max(1, int(getattr(self, "current_gradient_accumulation_steps", 1) or 1)) if train else 1
+        scale = 1.0 / steps if train and self._loss_is_scaled_for_ga(num_items_in_batch) else 1.0
+
+        metrics: dict[str, torch.Tensor] = {"safekey/sft_loss": loss.detach().float() / (scale if train else 1.0)}
+        if mode == "train":
+            metrics["safekey/aux_active"] = torch.tensor(float(active), device=loss.device)
+        if use_head:
+            if hidden is None:
+                raise RuntimeError("SafeKey: the final hidden states were not captured (unsupported model wrapper)")
+            h = hidden.detach() if cfg.safekey_detach_head_inputs else hidden
+            with torch.autocast(device_type=h.device.type, enabled=False):
+                head_logits = self.safekey_heads(h, extras["safekey_u_span"])
+                head_loss = DualPathSafetyHead.loss(head_logits, extras["safekey_labels"])
+            if train:
+                loss = loss + (cfg.safekey_head_weight * scale) * head_loss.to(loss.dtype)
+            with torch.no_grad():
+                y = extras["safekey_labels"].to(head_logits.device)[:, None] >= 0.5
+                correct = ((torch.sigmoid(head_logits) > cfg.safekey_head_theta) == y).float().mean(0)
+                metrics["safekey/head_loss"] = head_loss.detach().float()
+                metrics["safekey/head_accuracy"] = correct.mean()
+                metrics["safekey/head_accuracy_u"] = correct[0]
+                metrics["safekey/head_accuracy_xu"] = correct[1]
+        if use_qmm:
+            q_out = self.qmm_forward(model, {**inputs, **extras})
+            n_k = q_out.label_mask.sum()
+            qmm_loss = -q_out.log_probs.sum() / n_k.clamp(min=1)
+            if train:
+                loss = loss + (cfg.safekey_qmm_weight * scale) * qmm_loss.to(loss.dtype)
+            metrics["safekey/qmm_loss"] = qmm_loss.detach().float()
+        for key, val in metrics.items():
+            v = self.accelerator.gather_for_metrics(val.reshape(1)).float().mean().item()
+            self._metrics[mode][key].append(v)
+        return (loss, outputs) if return_outputs else loss
+
+    def safekey_summary(self) -> dict[str, Any]:
+        """The last logged values of the SafeKey metrics (for scripts)."""
+        out: dict[str, Any] = {}
+        for h in self.state.log_history:
+            for k, v in h.items():
+                if k.startswith("safekey/"):
+                    out[k] = v
+        return json.loads(json.dumps(out))
