@@ -174,7 +174,7 @@ def split_sentences(text: str, start: int = 0, end: int | None = None) -> list[t
     spans: list[tuple[int, int]] = []
     s = start
     for m in _SENTENCE_END.finditer(text, start, end):
-        if m.group().startswith(".") and m.group() == "." and _is_abbreviation(text, s, m.start()):
+        if m.group() == "." and _is_abbreviation(text, s, m.start()):
             continue
         e = m.end()
         _append_trimmed(text, s, e, spans)
@@ -184,7 +184,7 @@ def split_sentences(text: str, start: int = 0, end: int | None = None) -> list[t
 
 
 def _is_abbreviation(text: str, sent_start: int, dot: int) -> bool:
-    w = re.search(r"([A-Za-z](?:\.[A-Za-z])*)$", text[sent_start:dot])
+    w = re.search(r"([A-Za-z]+(?:\.[A-Za-z]+)*)$", text[sent_start:dot])
     return bool(w) and w.group(1).lower() in _ABBREVIATIONS  # type: ignore[union-attr]
 
 
