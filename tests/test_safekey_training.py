@@ -311,3 +311,28 @@ def test_config_and_trainer_errors(tok: Any, dataset: Any, tmp_path: Path) -> No
     row = {**dataset[0], "safekey_k_end": 10_000}
     with pytest.raises(ConfigError, match="batch example 0: SafeKey spans"):
         tr.data_collator([row])
+
+
+def test_lora_bf16_gradient_checkpointing(tok: Any, dataset: Any, tmp_path: Path) -> None:
+    """PEFT LoRA, bf16 autocast, gradient checkpointing: the heads see the final hidden states through
+    the PEFT wrapper, stay float32, train, and never enter the adapter."""
+    from peft import LoraConfig
+    from safetensors import safe_open
+
+    from hf_safety_merge.training import SafeKeyConfig, SafeKeyTrainer
+
+    args = train_args(SafeKeyConfig, tmp_path / "lora", safekey_last_k_epochs=None, bf16=True, gradient_checkpointing=True,
+                      max_steps=3)
+    peft_cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    tr = SafeKeyTrainer(model=tiny_model(tok), args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_cfg)
+    init = {k: v.clone() for k, v in tr.safekey_heads.state_dict().items()}
+    tr.train()
+    for key in ("safekey/head_loss", "safekey/qmm_loss", "loss"):
+        vals = _logged(tr, key)
+        assert len(vals) == 3 and all(math.isfinite(v) for v in vals), key
+    assert all(p.dtype == torch.float32 for p in tr.safekey_heads.parameters())
+    assert any(not torch.equal(init[k], v) for k, v in tr.safekey_heads.state_dict().items())
+    tr.save_model(str(tmp_path / "adapter"))
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all("lora_" in k for k in keys)
