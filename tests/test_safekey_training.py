@@ -135,21 +135,34 @@ def test_qmm_cannot_see_query_and_no_nan(tok: Any, dataset: Any, tmp_path: Path,
         fused_a = trainer.qmm_forward(model, batch)
         fused_b = trainer.qmm_forward(model, other)
     assert torch.isfinite(a).all() and torch.isfinite(b_).all()  # query rows, response rows and padding rows
+    k_end = [int(batch["safekey_k_mask"][r].nonzero().max()) + 1 for r in range(2)]
+    assert a.shape[1] == max(k_end)  # the pass stops at the batch's last K token (later tokens cannot matter)
     for r in range(2):
         k = batch["safekey_k_mask"][r].nonzero().flatten()
         pred = k - 1  # logits at t predict token t + 1
         torch.testing.assert_close(a[r, pred], b_[r, pred], atol=1e-5, rtol=0)
         # every position after the query is blind to it, not only K
-        length = int(batch["attention_mask"][r].sum())
-        torch.testing.assert_close(a[r, q[r] : length], b_[r, q[r] : length], atol=1e-5, rtol=0)
+        torch.testing.assert_close(a[r, q[r] :], b_[r, q[r] :], atol=1e-5, rtol=0)
         # ... while the ordinary forward does see the query
         assert (plain_a[r, pred] - plain_b[r, pred]).abs().max() > 1e-3
-    km = batch["safekey_k_mask"][:, 1:]
+    km = batch["safekey_k_mask"][:, 1 : max(k_end)]
     assert bool(fused_a.label_mask.eq(km).all())
     torch.testing.assert_close(fused_a.log_probs, fused_b.log_probs, atol=1e-5, rtol=0)
     assert torch.isfinite(fused_a.log_probs).all()
     # the positions are the unchanged 0..T-1
     assert torch.equal(batch["qmm_position_ids"][1], torch.arange(mask.shape[-1]))
+    # compact mode: only the tokens after the query, at their positions: the same K log-probs
+    with torch.no_grad():
+        compact = trainer.qmm_forward(model, batch, mode="compact")
+    for r in range(2):
+        masked_k = fused_a.log_probs[r][fused_a.label_mask[r]]
+        compact_k = compact.log_probs[r][compact.label_mask[r]]
+        assert masked_k.numel() == int(batch["safekey_k_mask"][r].sum()) and masked_k.shape == compact_k.shape
+        torch.testing.assert_close(compact_k, masked_k, atol=1e-5, rtol=1e-5)
+    # without the collator's mask the trainer builds the same one
+    with torch.no_grad():
+        rebuilt = trainer.qmm_forward(model, {k: v for k, v in batch.items() if not k.startswith("qmm_")})
+    torch.testing.assert_close(rebuilt.log_probs, fused_a.log_probs, atol=0, rtol=0)
 
 
 def test_training_with_aux_losses_and_heads(tok: Any, dataset: Any, tmp_path: Path) -> None:
@@ -247,6 +260,21 @@ def test_gradient_accumulation_keeps_weights_per_step(tok: Any, dataset: Any, tm
         torch.testing.assert_close(b.safekey_heads.state_dict()[k], v, rtol=1e-4, atol=1e-6)
 
 
+def test_compact_qmm_trains_like_masked(tok: Any, dataset: Any, tmp_path: Path) -> None:
+    from hf_safety_merge.training import SafeKeyConfig, SafeKeyTrainer
+
+    runs = {}
+    for mode in ("masked", "compact"):
+        args = train_args(SafeKeyConfig, tmp_path / mode, max_steps=3, safekey_last_k_epochs=None, safekey_qmm_mode=mode,
+                          safekey_qmm_weight=1.0)
+        runs[mode] = SafeKeyTrainer(model=tiny_model(tok), args=args, train_dataset=dataset, processing_class=tok)
+        runs[mode].train()
+    assert "qmm_attention_mask" not in runs["compact"].data_collator([dataset[0]])  # no T x T mask to build
+    for key in ("loss", "safekey/qmm_loss"):
+        m, c = _logged(runs["masked"], key), _logged(runs["compact"], key)
+        assert len(m) == 3 and c == pytest.approx(m, rel=1e-4), key
+
+
 def test_raw_records_and_detach(tok: Any, tmp_path: Path) -> None:
     """Raw (prompt, response, label) records are prepared by the trainer; detached head inputs leave
     the model's gradient from the head loss at zero."""
@@ -288,6 +316,8 @@ def test_config_and_trainer_errors(tok: Any, dataset: Any, tmp_path: Path) -> No
         train_args(SafeKeyConfig, tmp_path, safekey_head_theta=1.5)
     with pytest.raises(ConfigError, match="safekey_last_k_epochs"):
         train_args(SafeKeyConfig, tmp_path, safekey_last_k_epochs=0)
+    with pytest.raises(ConfigError, match=r"safekey_qmm_mode 'compac' .*did you mean 'compact'"):
+        train_args(SafeKeyConfig, tmp_path, safekey_qmm_mode="compac")
     with pytest.raises(ConfigError, match="packing"):
         train_args(SafeKeyConfig, tmp_path, packing=True)
     with pytest.raises(ConfigError, match="needs a SafeKeyConfig"):
@@ -322,7 +352,7 @@ def test_lora_bf16_gradient_checkpointing(tok: Any, dataset: Any, tmp_path: Path
     from hf_safety_merge.training import SafeKeyConfig, SafeKeyTrainer
 
     args = train_args(SafeKeyConfig, tmp_path / "lora", safekey_last_k_epochs=None, bf16=True, gradient_checkpointing=True,
-                      max_steps=3)
+                      max_steps=3, safekey_qmm_mode="compact")
     peft_cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     tr = SafeKeyTrainer(model=tiny_model(tok), args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_cfg)
     init = {k: v.clone() for k, v in tr.safekey_heads.state_dict().items()}

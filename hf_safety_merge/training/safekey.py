@@ -42,7 +42,7 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 from .safekey_data import (
     SAFEKEY_COLUMNS,
     CharSpans,
@@ -72,6 +72,7 @@ __all__ = [
 
 HEADS_FILE = "safekey_heads.safetensors"
 _QMM_ATTN = ("sdpa", "eager")
+QMM_MODES = ("masked", "compact")
 
 
 @dataclass
@@ -92,6 +93,13 @@ class SafeKeyConfig(SFTConfig):
         safekey_qmm_weight (`float`, defaults to `0.2`):
             Weight of the query-mask modelling loss (cross-entropy on K with the query hidden from
             attention). `0` skips the second forward pass.
+        safekey_qmm_mode (`str`, defaults to `"masked"`):
+            How the query-masked pass runs. `"masked"`: the sequence (up to the batch's last K token)
+            with the collator's 4-D mask, under which no token after the query attends to a query
+            token (needs `attn_implementation="sdpa"` or `"eager"`). `"compact"`: only the tokens
+            from the end of the query to the end of K, at their original positions with a causal
+            mask; every one of them sees exactly what it sees under the 4-D mask, so the K logits are
+            the same (tested to 1e-5), at a fraction of the cost, with any attention kernel.
 
         > Schedule
 
@@ -131,6 +139,10 @@ class SafeKeyConfig(SFTConfig):
 
     safekey_head_weight: float = field(default=0.2, metadata={"help": "Weight of the dual-path safety head loss."})
     safekey_qmm_weight: float = field(default=0.2, metadata={"help": "Weight of the query-mask modelling loss (CE on K, query masked)."})
+    safekey_qmm_mode: str = field(
+        default="masked",
+        metadata={"help": "'masked': the full sequence with a 4-D mask hiding the query; 'compact': the same K logits from the tokens after the query only (cheaper).", "choices": list(QMM_MODES)},
+    )
     safekey_head_theta: float = field(default=0.5, metadata={"help": "Threshold on sigmoid(head logit) for the head accuracy."})
     safekey_last_k_epochs: float | None = field(
         default=2,
@@ -155,6 +167,8 @@ class SafeKeyConfig(SFTConfig):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.safekey_qmm_mode not in QMM_MODES:
+            raise ConfigError(f"safekey_qmm_mode {self.safekey_qmm_mode!r} is not one of {QMM_MODES}{did_you_mean(self.safekey_qmm_mode, QMM_MODES)}")
         if not 0.0 < self.safekey_head_theta < 1.0:
             raise ConfigError(f"safekey_head_theta must be in (0, 1), got {self.safekey_head_theta}")
         if self.safekey_last_k_epochs is not None and not self.safekey_last_k_epochs > 0:
@@ -374,7 +388,7 @@ class SafeKeyTrainer(SFTTrainer):
             self.data_collator = SafeKeyDataCollator(
                 pad_token_id=self._tokenizer.pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple_of
             )
-        self.data_collator.emit_qmm = cfg.safekey_qmm_weight > 0
+        self.data_collator.emit_qmm = cfg.safekey_qmm_weight > 0 and cfg.safekey_qmm_mode == "masked"
         if self._skip_prepare_dataset and self.train_dataset is not None:
             from trl.data_utils import get_dataset_column_names
 
@@ -383,12 +397,12 @@ class SafeKeyTrainer(SFTTrainer):
         unwrapped = self.accelerator.unwrap_model(self.model)
         base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
         text_config = base.config.get_text_config()
-        if cfg.safekey_qmm_weight > 0:
+        if cfg.safekey_qmm_weight > 0 and cfg.safekey_qmm_mode == "masked":
             impl = getattr(base.config, "_attn_implementation", None) or "eager"
             if impl not in _QMM_ATTN:
                 raise ConfigError(
                     f"query-mask modelling needs a custom 4-D attention mask, which attn_implementation={impl!r} does not "
-                    f"take; load the model with attn_implementation='sdpa' or 'eager' (or set safekey_qmm_weight=0)"
+                    f"take; load the model with attn_implementation='sdpa' or 'eager' (or use safekey_qmm_mode='compact', or safekey_qmm_weight=0)"
                 )
         hidden = int(text_config.hidden_size)
         if heads is None:
@@ -510,21 +524,54 @@ class SafeKeyTrainer(SFTTrainer):
             return bool(self.loss_is_scaled_for_ga)
         return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
 
-    def qmm_forward(self, model: nn.Module, inputs: dict[str, Any], *, logits: bool = False) -> Any:
-        """The query-masked forward pass. `logits=False`: TRL's fused LM head scored on the K tokens
-        (returns its output; `log_probs` is zero off K). `logits=True`: the model's plain forward
-        (full logits, for inspection)."""
-        mask = inputs["qmm_attention_mask"]
-        unwrapped = self.accelerator.unwrap_model(model)
-        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-        if getattr(base.config, "_attn_implementation", "eager") != "sdpa":
-            dtype = base.dtype if base.dtype.is_floating_point else torch.float32
-            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-        kw = dict(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=inputs["qmm_position_ids"], use_cache=False)
+    def qmm_forward(self, model: nn.Module, inputs: dict[str, Any], *, logits: bool = False, mode: str | None = None) -> Any:
+        """The query-masked forward pass over the tokens up to the batch's last K token (later tokens
+        cannot influence K: attention is causal).
+
+        `mode="masked"` (see `safekey_qmm_mode`): the same tokens at the same positions, with the 4-D
+        mask of :func:`qmm_attention_mask` (from the batch, else built here); sequence positions
+        `0 .. L-1`. `mode="compact"`: each row holds only its tokens from the end of the query to the
+        end of K, with their original `position_ids` and a causal mask: the same computation for every
+        token after the query, without the query. Row `r`, position `j` is token `query_len[r] + j`.
+
+        `logits=False`: TRL's fused LM head scoring the K tokens (its output; `log_probs` is zero off
+        K). `logits=True`: the model's plain forward (full logits, for inspection).
+        """
+        mode = mode or self.args.safekey_qmm_mode
+        ids = inputs["input_ids"]
+        k_mask = inputs["safekey_k_mask"].to(ids.device)
+        b, t = ids.shape
+        pos = torch.arange(t, device=ids.device)
+        k_end = torch.where(k_mask, pos[None] + 1, 0).max(1).values
+        if mode == "masked":
+            length = int(k_end.max())
+            mask = inputs.get("qmm_attention_mask")
+            if mask is None:
+                mask = qmm_attention_mask(inputs["safekey_query_len"], inputs["attention_mask"])
+            mask = mask[:, :, :length, :length].to(ids.device)
+            unwrapped = self.accelerator.unwrap_model(model)
+            base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+            if getattr(base.config, "_attn_implementation", "eager") != "sdpa":  # eager: an additive float mask
+                dtype = base.dtype if base.dtype.is_floating_point else torch.float32
+                mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+            position_ids = inputs.get("qmm_position_ids")
+            position_ids = pos[None].expand(b, t) if position_ids is None else position_ids.to(ids.device)
+            kw = dict(input_ids=ids[:, :length], attention_mask=mask, position_ids=position_ids[:, :length])
+            k = k_mask[:, :length]
+        elif mode == "compact":
+            q = inputs["safekey_query_len"].to(ids.device)
+            lengths = k_end - q
+            ar = torch.arange(int(lengths.max()), device=ids.device)
+            valid = ar[None] < lengths[:, None]
+            idx = (q[:, None] + ar[None]).clamp(max=t - 1)
+            pad = self._tokenizer.pad_token_id or 0
+            kw = dict(input_ids=ids.gather(1, idx).masked_fill(~valid, pad), attention_mask=valid.long(), position_ids=idx)
+            k = k_mask.gather(1, idx) & valid
+        else:
+            raise ConfigError(f"safekey_qmm_mode must be one of {QMM_MODES}, got {mode!r}")
         if logits:
-            return model(**kw)
-        k_labels = inputs["input_ids"].masked_fill(~inputs["safekey_k_mask"], -100)
-        return model(**kw, labels=k_labels, fused_lm_head=True)
+            return model(**kw, use_cache=False)
+        return model(**kw, labels=kw["input_ids"].masked_fill(~k, -100), fused_lm_head=True, use_cache=False)
 
     def compute_loss(
         self,
@@ -541,7 +588,7 @@ class SafeKeyTrainer(SFTTrainer):
         train = mode == "train" and torch.is_grad_enabled()
         active = self.safekey_aux_active() if mode == "train" else True
         use_head = active and cfg.safekey_head_weight > 0
-        use_qmm = active and cfg.safekey_qmm_weight > 0 and "qmm_attention_mask" in extras
+        use_qmm = active and cfg.safekey_qmm_weight > 0
 
         self._safekey_capture = use_head
         self._safekey_hidden = None
