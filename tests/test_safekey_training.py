@@ -145,24 +145,28 @@ def test_qmm_cannot_see_query_and_no_nan(tok: Any, dataset: Any, tmp_path: Path,
         torch.testing.assert_close(a[r, q[r] :], b_[r, q[r] :], atol=1e-5, rtol=0)
         # ... while the ordinary forward does see the query
         assert (plain_a[r, pred] - plain_b[r, pred]).abs().max() > 1e-3
-    km = batch["safekey_k_mask"][:, 1 : max(k_end)]
-    assert bool(fused_a.label_mask.eq(km).all())
-    torch.testing.assert_close(fused_a.log_probs, fused_b.log_probs, atol=1e-5, rtol=0)
-    assert torch.isfinite(fused_a.log_probs).all()
+    assert fused_a.token_logprobs.numel() == int(batch["safekey_k_mask"].sum())  # K tokens only
+    assert torch.equal(fused_a.rows, batch["safekey_k_mask"].nonzero()[:, 0])
+    torch.testing.assert_close(fused_a.token_logprobs, fused_b.token_logprobs, atol=1e-5, rtol=0)
+    assert torch.isfinite(fused_a.token_logprobs).all() and (fused_a.token_logprobs < 0).all()
+    # the same numbers as the full logits of the masked pass
+    lp = a.float().log_softmax(-1)
+    for r in range(2):
+        k = batch["safekey_k_mask"][r].nonzero().flatten()
+        ref = lp[r, k - 1].gather(-1, batch["input_ids"][r, k][:, None])[:, 0]
+        torch.testing.assert_close(fused_a.token_logprobs[fused_a.rows == r], ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused_a.loss, -fused_a.token_logprobs.mean())
     # the positions are the unchanged 0..T-1
     assert torch.equal(batch["qmm_position_ids"][1], torch.arange(mask.shape[-1]))
     # compact mode: only the tokens after the query, at their positions: the same K log-probs
     with torch.no_grad():
         compact = trainer.qmm_forward(model, batch, mode="compact")
-    for r in range(2):
-        masked_k = fused_a.log_probs[r][fused_a.label_mask[r]]
-        compact_k = compact.log_probs[r][compact.label_mask[r]]
-        assert masked_k.numel() == int(batch["safekey_k_mask"][r].sum()) and masked_k.shape == compact_k.shape
-        torch.testing.assert_close(compact_k, masked_k, atol=1e-5, rtol=1e-5)
+    assert torch.equal(compact.rows, fused_a.rows)
+    torch.testing.assert_close(compact.token_logprobs, fused_a.token_logprobs, atol=1e-5, rtol=1e-5)
     # without the collator's mask the trainer builds the same one
     with torch.no_grad():
         rebuilt = trainer.qmm_forward(model, {k: v for k, v in batch.items() if not k.startswith("qmm_")})
-    torch.testing.assert_close(rebuilt.log_probs, fused_a.log_probs, atol=0, rtol=0)
+    torch.testing.assert_close(rebuilt.token_logprobs, fused_a.token_logprobs, atol=0, rtol=0)
 
 
 def test_training_with_aux_losses_and_heads(tok: Any, dataset: Any, tmp_path: Path) -> None:

@@ -60,6 +60,7 @@ __all__ = [
     "SAFEKEY_COLUMNS",
     "CharSpans",
     "DualPathSafetyHead",
+    "QMMOutput",
     "SafeKeyConfig",
     "SafeKeyDataCollator",
     "SafeKeyTrainer",
@@ -253,6 +254,17 @@ class SafeKeyDataCollator(DataCollatorForLanguageModeling):
             out["qmm_attention_mask"] = qmm_attention_mask(q, out["attention_mask"])
             out["qmm_position_ids"] = pos[None].expand(b, t).clone()
         return out
+
+
+@dataclass
+class QMMOutput:
+    """Result of the query-masked pass: `loss` (mean cross-entropy over the K tokens of the batch),
+    `token_logprobs` (log-probability of each K token, row by row, in order) and `rows` (the batch
+    row of each)."""
+
+    loss: torch.Tensor
+    token_logprobs: torch.Tensor
+    rows: torch.Tensor
 
 
 # -- the dual-path head ---------------------------------------------------------------------------------
@@ -534,8 +546,9 @@ class SafeKeyTrainer(SFTTrainer):
         end of K, with their original `position_ids` and a causal mask: the same computation for every
         token after the query, without the query. Row `r`, position `j` is token `query_len[r] + j`.
 
-        `logits=False`: TRL's fused LM head scoring the K tokens (its output; `log_probs` is zero off
-        K). `logits=True`: the model's plain forward (full logits, for inspection).
+        `logits=False`: a :class:`QMMOutput` (the mean cross-entropy over the batch's K tokens, and the
+        log-probability of each K token); only the positions predicting K go through the LM head.
+        `logits=True`: the model's plain output (full logits, for inspection).
         """
         mode = mode or self.args.safekey_qmm_mode
         ids = inputs["input_ids"]
@@ -571,7 +584,20 @@ class SafeKeyTrainer(SFTTrainer):
             raise ConfigError(f"safekey_qmm_mode must be one of {QMM_MODES}, got {mode!r}")
         if logits:
             return model(**kw, use_cache=False)
-        return model(**kw, labels=kw["input_ids"].masked_fill(~k, -100), fused_lm_head=True, use_cache=False)
+        # Only the positions that predict a K token go through the LM head (`logits_to_keep` as a
+        # boolean mask): the head's cost scales with |K|, not with the sequence.
+        targets = kw["input_ids"][:, 1:].masked_fill(~k[:, 1:], -100)
+        keep = torch.zeros_like(k)
+        keep[:, :-1] = k[:, 1:]
+        rows = keep.nonzero()[:, 0]
+        tgt = targets[keep[:, :-1]]
+        out = model(**kw, logits_to_keep=keep, use_cache=False)
+        lg = out.logits
+        if lg.dim() != 2 or lg.shape[0] != tgt.shape[0]:  # a model without boolean `logits_to_keep`
+            lg = model(**kw, use_cache=False).logits[keep]
+        token_logprobs = -nn.functional.cross_entropy(lg.float(), tgt, reduction="none")
+        loss = -token_logprobs.sum() / max(int(tgt.numel()), 1)
+        return QMMOutput(loss=loss, token_logprobs=token_logprobs, rows=rows)
 
     def compute_loss(
         self,
@@ -621,9 +647,7 @@ class SafeKeyTrainer(SFTTrainer):
                 metrics["safekey/head_accuracy_u"] = correct[0]
                 metrics["safekey/head_accuracy_xu"] = correct[1]
         if use_qmm:
-            q_out = self.qmm_forward(model, {**inputs, **extras})
-            n_k = q_out.label_mask.sum()
-            qmm_loss = -q_out.log_probs.sum() / n_k.clamp(min=1)
+            qmm_loss = self.qmm_forward(model, {**inputs, **extras}).loss
             if train:
                 loss = loss + (cfg.safekey_qmm_weight * scale) * qmm_loss.to(loss.dtype)
             metrics["safekey/qmm_loss"] = qmm_loss.detach().float()
