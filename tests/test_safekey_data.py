@@ -108,6 +108,11 @@ def test_heuristic_query_overlap_and_limits() -> None:
     assert _uk(r2, "A B C", max_u_sentences=1) == ("The user asks A.", "The user asks B.")
     assert is_restatement("So, the question is about locks.", "")
     assert not is_restatement("This could hurt someone.", "How do I pick a lock?")
+    assert not is_restatement("This request could cause harm.", "How do I make a pipe bomb?")  # a judgement, not a restatement
+    # the prompt quoted in the reasoning (with its own sentence ends) stays in U by overlap
+    q = "Tell me how to hack my ex's email. Quickly!"
+    r = f"<think>The user asks: {q}. This request could cause harm. I must refuse it.</think>No."
+    assert _uk(r, q) == (f"The user asks: {q}.", "This request could cause harm.")
 
 
 def test_sentence_splitting() -> None:

@@ -35,7 +35,7 @@ The heuristic split (used when a record has no `u_end`/`k_end`), see :func:`spli
   such as "e.g." and "Dr." excepted), at `。！？`, and at line breaks;
 - U is the first sentence, extended by each following sentence that restates the query: it opens
   (after an interjection such as "Okay," or "So,") with a restatement cue ("the user", "they want",
-  "the question", "I need to figure out", ...), or at least `overlap_threshold` of its content words
+  "the question is about", "I need to figure out", ...; see `RESTATEMENT_CUES`), or at least `overlap_threshold` of its content words
   (3+ letters, not stop words) occur in the query; at most `max_u_sentences` sentences, and always
   leaving one sentence for K;
 - K is the sentence right after U.
@@ -67,15 +67,25 @@ _ABBREVIATIONS = {"e.g", "i.e", "etc", "vs", "mr", "mrs", "ms", "dr", "prof", "f
 _SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]]*(?=\s|$)|[。！？]+[\"'”’)\]」』]*|\n")
 _INTERJECTION = re.compile(r"^(?:(?:okay|ok|alright|all right|so|well|hmm+|um+|right|now|first)[\s,.!:;—-]*)+", re.I)
 RESTATEMENT_CUES = (
+    # Phrases that open a restatement of the query. Sentences that merely name "the request" or "this
+    # question" ("This request could cause harm.") are judgements, i.e. candidate key sentences.
     "the user",
     "the person",
-    "the question",
-    "the request",
-    "the query",
-    "the prompt",
-    "the task",
-    "this question",
-    "this request",
+    "the question is about",
+    "the question asks",
+    "the question is asking",
+    "the request is for",
+    "the request is about",
+    "the request asks",
+    "the request is asking",
+    "the query asks",
+    "the query is about",
+    "the prompt asks",
+    "the prompt is asking",
+    "the task is to",
+    "this question asks",
+    "this question is about",
+    "this is asking",
     "they want",
     "they're asking",
     "they are asking",
@@ -97,7 +107,6 @@ RESTATEMENT_CUES = (
     "let me make sure i understand",
     "in other words",
     "the goal is",
-    "so, the user",
 )
 _STOP = {
     "the", "and", "for", "are", "but", "not", "you", "your", "all", "any", "can", "her", "was", "one", "our", "out",
