@@ -105,6 +105,8 @@ def main(script_args: SafeKeyScriptArguments, training_args: Any, model_args: An
         "head_accuracy": series("safekey/head_accuracy"),
         "aux_active": series("safekey/aux_active"),
         "heads_saved": bool(training_args.safekey_save_heads),
+        # a fingerprint of the trained heads (identical on every process)
+        "heads_sq_norm": float(sum(p.detach().double().pow(2).sum() for p in trainer.safekey_heads.parameters())),
     }
     if trainer.accelerator.is_main_process:
         if script_args.summary_file:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +39,7 @@ def test_reference_config_parses(tmp_path: Path) -> None:
     assert model.attn_implementation == "sdpa" and script.dataset_name.endswith(".jsonl")
 
 
-def test_example_single_process(tmp_path: Path) -> None:
+def _setup(tmp_path: Path) -> tuple[Path, Path]:
     from hf_safety_merge.distill.testing import make_tiny_chat_model
 
     recs = [
@@ -50,22 +52,58 @@ def test_example_single_process(tmp_path: Path) -> None:
                                  hidden_size=32, intermediate_size=64, num_hidden_layers=2)
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return model, data
+
+
+def _config(model: Path, data: Path, path: Path, **over: Any) -> Path:
     cfg: dict[str, Any] = dict(
         model_name_or_path=str(model), dataset_name=str(data), safekey_last_k_epochs=1, safekey_save_heads=True,
         num_train_epochs=2, per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, save_strategy="no",
         report_to="none", max_length=128, use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True,
     )
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    out = tmp_path / "out"
+    cfg.update(over)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _run(cmd: list[str], cwd: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--config", str(tmp_path / "c.yaml"), "--output_dir", str(out),
-         "--summary_file", str(tmp_path / "s.json")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
+def test_example_single_process(tmp_path: Path) -> None:
+    model, data = _setup(tmp_path)
+    cfg = _config(model, data, tmp_path / "c.yaml")
+    out = tmp_path / "out"
+    _run([sys.executable, str(SCRIPT), "--config", str(cfg), "--output_dir", str(out), "--summary_file", str(tmp_path / "s.json")],
+         tmp_path)
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["steps"] == 4 and s["aux_active"] == [0, 0, 1, 1]  # 2 steps per epoch, the last epoch only
     assert len(s["head_loss"]) == len(s["qmm_loss"]) == 2
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == s
     assert (out / "model.safetensors").is_file() and (out / "safekey_heads.safetensors").is_file()
+
+
+@pytest.mark.skipif(shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None, reason="accelerate CLI not installed")
+def test_accelerate_two_processes_match_gradient_accumulation(tmp_path: Path) -> None:
+    """DDP over 2 CPU processes (gloo), batch 2 each, vs one process with batch 2 x 2 accumulation
+    steps: the same micro-batches, so the same losses, SafeKey metrics and trained heads (whose
+    gradients the trainer averages over processes itself: they are outside the DDP model)."""
+    model, data = _setup(tmp_path)
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    cfg1 = _config(model, data, one / "c.yaml", per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    _run([sys.executable, str(SCRIPT), "--config", str(cfg1), "--output_dir", str(one / "out"), "--summary_file", str(one / "s.json")], one)
+    cfg2 = _config(model, data, two / "c.yaml", per_device_train_batch_size=2)
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    _run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+          "--dynamo_backend", "no", "--main_process_port", "0", str(SCRIPT), "--config", str(cfg2), "--output_dir", str(two / "out"),
+          "--summary_file", str(two / "s.json")], two)
+    a = json.loads((one / "s.json").read_text())
+    b = json.loads((two / "s.json").read_text())
+    assert a["world_size"] == 1 and b["world_size"] == 2 and a["steps"] == b["steps"] == 4
+    for key in ("loss", "sft_loss", "head_loss", "qmm_loss", "aux_active"):
+        assert len(a[key]) == len(b[key]) > 0, key
+        assert b[key] == pytest.approx(a[key], rel=1e-5), key
+    assert b["heads_sq_norm"] == pytest.approx(a["heads_sq_norm"], rel=1e-6)
