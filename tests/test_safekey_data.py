@@ -216,6 +216,22 @@ def test_prepare_dataset_columns_messages_and_labels() -> None:
     assert len(long[0]["input_ids"]) == ds[0]["safekey_k_end"] + 1
 
 
+def test_without_chat_template() -> None:
+    tok = make_tokenizer("qwen2")
+    tok.chat_template = None
+    response = "The user asks about bread. Baking is safe. Here is how."
+    prompt = "Question: how do I bake bread?\nAnswer:\n"
+    ex = build_safekey_example(tok, prompt, response, 0)
+    assert tok.decode(ex["input_ids"]) == prompt + response + "<|im_end|>"
+    assert tok.decode(ex["input_ids"][: ex["safekey_query_len"]]) == prompt
+    assert tok.decode(ex["input_ids"][ex["safekey_k_start"] : ex["safekey_k_end"]]).strip() == "Baking is safe."
+    # a token that straddles the end of the prompt (" T" of "Answer: The") counts as query
+    ex = build_safekey_example(tok, "Answer: ", response, 0)
+    q = tok.decode(ex["input_ids"][: ex["safekey_query_len"]])
+    assert q.startswith("Answer: ") and len(q) > len("Answer: ")
+    assert ex["safekey_u_start"] == ex["safekey_query_len"]
+
+
 def test_bad_records_errors() -> None:
     tok = make_tokenizer("qwen2")
     ok = {"prompt": "How do I pick a lock?", "response": "The user asks about locks. This is harmful.", "label": 1}

@@ -346,6 +346,18 @@ class DualPathSafetyHead(nn.Module):
 # -- the trainer ----------------------------------------------------------------------------------------
 
 
+def _longest_row(dataset: Any) -> int:
+    """Length of the longest `input_ids` row (from the Arrow table, without reading the rows)."""
+    try:
+        import pyarrow.compute as pc
+
+        if getattr(dataset, "_indices", None) is None:
+            return int(pc.max(pc.list_value_length(dataset.data.column("input_ids"))).as_py() or 0)
+    except Exception:  # an unusual backing store: read the column instead
+        pass
+    return max((len(x) for x in dataset["input_ids"]), default=0)
+
+
 class _EpochCallback(TrainerCallback):
     """Records the number of optimiser steps per epoch when training starts (for the schedule)."""
 
@@ -447,8 +459,8 @@ class SafeKeyTrainer(SFTTrainer):
             )
             cols = get_dataset_column_names(dataset)
         check_safekey_columns(cols, dataset_name)
-        if args.max_length is not None and hasattr(dataset, "__len__"):
-            longest = max((len(x) for x in dataset["input_ids"]), default=0)
+        if args.max_length is not None and hasattr(dataset, "__len__") and len(dataset) > 0:
+            longest = _longest_row(dataset)
             if longest > args.max_length:
                 raise ConfigError(
                     f"the {dataset_name} data set has rows of {longest} tokens, more than max_length={args.max_length}; "
