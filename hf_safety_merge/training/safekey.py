@@ -389,9 +389,9 @@ class SafeKeyTrainer(SFTTrainer):
     :class:`DualPathSafetyHead` (e.g. loaded from an earlier run) instead of fresh ones.
 
     Logged metrics (through TRL's `_metrics`, averaged over the logging window, `eval_` prefixed in
-    evaluation): `safekey/head_loss`, `safekey/head_accuracy` (both heads; `_u` and `_xu` each),
-    `safekey/qmm_loss` and `safekey/aux_active` (1 when the auxiliary losses are in the training
-    loss). The evaluation loss is `L_SFT` alone (comparable to `SFTTrainer`); the auxiliary metrics
+    evaluation): `safekey/sft_loss`, `safekey/head_loss`, `safekey/head_accuracy` (both heads; `_u`
+    and `_xu` each), `safekey/qmm_loss` and `safekey/aux_active` (1 when the auxiliary losses are in
+    the training loss; TRL's `loss` is then the total). The evaluation loss is `L_SFT` alone (comparable to `SFTTrainer`); the auxiliary metrics
     are computed in evaluation whatever the schedule.
     """
 
