@@ -596,19 +596,21 @@ class SafeKeyTrainer(SFTTrainer):
             raise ConfigError(f"safekey_qmm_mode must be one of {QMM_MODES}, got {mode!r}")
         if logits:
             return model(**kw, use_cache=False)
-        # Only the positions that predict a K token go through the LM head (`logits_to_keep` as a
-        # boolean mask): the head's cost scales with |K|, not with the sequence.
-        targets = kw["input_ids"][:, 1:].masked_fill(~k[:, 1:], -100)
-        keep = torch.zeros_like(k)
-        keep[:, :-1] = k[:, 1:]
-        rows = keep.nonzero()[:, 0]
-        tgt = targets[keep[:, :-1]]
-        out = model(**kw, logits_to_keep=keep, use_cache=False)
+        # Only the positions that predict a K token (in some row) go through the LM head
+        # (`logits_to_keep` as positions): the head's cost scales with |K|, not with the sequence.
+        predicts_k = torch.zeros_like(k)
+        predicts_k[:, :-1] = k[:, 1:]
+        targets = torch.full_like(kw["input_ids"], -100)
+        targets[:, :-1] = kw["input_ids"][:, 1:]
+        positions = predicts_k.any(0).nonzero().flatten()
+        out = model(**kw, logits_to_keep=positions, use_cache=False)
         lg = out.logits
-        if lg.dim() != 2 or lg.shape[0] != tgt.shape[0]:  # a model without boolean `logits_to_keep`
-            lg = model(**kw, use_cache=False).logits[keep]
-        token_logprobs = -nn.functional.cross_entropy(lg.float(), tgt, reduction="none")
-        loss = -token_logprobs.sum() / max(int(tgt.numel()), 1)
+        if lg.dim() != 3 or lg.shape[1] != positions.numel():  # a model without `logits_to_keep`
+            lg = model(**kw, use_cache=False).logits[:, positions]
+        sel = predicts_k[:, positions]
+        rows = sel.nonzero()[:, 0]
+        token_logprobs = -nn.functional.cross_entropy(lg[sel].float(), targets[:, positions][sel], reduction="none")
+        loss = -token_logprobs.sum() / max(int(token_logprobs.numel()), 1)
         return QMMOutput(loss=loss, token_logprobs=token_logprobs, rows=rows)
 
     def compute_loss(
