@@ -46,7 +46,8 @@ FILLER = ("First, gather what you need and read the steps twice. Then work slowl
           "of what changed, so that the next attempt goes better than the last one. ")
 
 
-def records(n: int) -> list[dict[str, Any]]:
+def records(n: int, seq: int = 128) -> list[dict[str, Any]]:
+    """`n` reasoning records whose responses are long enough to fill `seq` tokens."""
     out = []
     for i in range(n):
         topic, harmful = TOPICS[i % len(TOPICS)]
@@ -54,7 +55,7 @@ def records(n: int) -> list[dict[str, Any]]:
         out.append({
             "prompt": f"Can you explain how to {topic}? Please be detailed (request {i}).",
             "response": f"<think>Okay, the user is asking how to {topic}. They want detailed steps. {key} "
-                        f"Let me think about the answer.</think>{FILLER * 12}",
+                        f"Let me think about the answer.</think>{FILLER * (seq // 30 + 2)}",
             "label": harmful,
         })
     return out
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_s)
         path = _model_path(a.model, tmp)
         tok = AutoTokenizer.from_pretrained(path)
-        data = prepare_safekey_dataset(records(a.steps * a.batch), tok, max_length=a.seq)
+        data = prepare_safekey_dataset(records(a.steps * a.batch, a.seq), tok, max_length=a.seq)
         lengths = {len(x) for x in data["input_ids"]}
         if lengths != {a.seq}:
             print(f"note: row lengths {sorted(lengths)[:5]}... are padded to {a.seq}", flush=True)

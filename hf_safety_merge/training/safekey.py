@@ -665,9 +665,11 @@ class SafeKeyTrainer(SFTTrainer):
             if train:
                 loss = loss + (cfg.safekey_qmm_weight * scale) * qmm_loss.to(loss.dtype)
             metrics["safekey/qmm_loss"] = qmm_loss.detach().float()
-        for key, val in metrics.items():
-            v = self.accelerator.gather_for_metrics(val.reshape(1)).float().mean().item()
-            self._metrics[mode][key].append(v)
+        if metrics:  # one gather and one device sync for all of them
+            stacked = torch.stack([v.reshape(()).float().to(loss.device) for v in metrics.values()])
+            values = self.accelerator.gather_for_metrics(stacked[None]).mean(0).tolist()
+            for key, v in zip(metrics, values, strict=True):
+                self._metrics[mode][key].append(v)
         return (loss, outputs) if return_outputs else loss
 
     def safekey_summary(self) -> dict[str, Any]:
