@@ -117,16 +117,24 @@ def test_qmm_cannot_see_query_and_no_nan(tok: Any, dataset: Any, tmp_path: Path,
     lengths = [len(x) for x in dataset["input_ids"]]
     short, long_ = lengths.index(min(lengths)), lengths.index(max(lengths))
     assert min(lengths) < max(lengths)  # a padded row in the batch
-    batch = _batch(trainer, dataset, [long_, short])
+    rows = [dataset[long_], dataset[short]]
+    batch = trainer.data_collator(rows)
     q = batch["safekey_query_len"]
-    other = {k: v.clone() for k, v in batch.items()}
+    # the same rows with other query tokens (same query lengths), collated afresh
     g = torch.Generator().manual_seed(1)
-    for b in range(2):
-        other["input_ids"][b, : q[b]] = torch.randint(0, len(tok), (int(q[b]),), generator=g)
+    changed = []
+    for row in rows:
+        n = row["safekey_query_len"]
+        changed.append({**row, "input_ids": torch.randint(0, len(tok), (n,), generator=g).tolist() + row["input_ids"][n:]})
+    other = trainer.data_collator(changed)
     assert not torch.equal(other["input_ids"], batch["input_ids"])
+    assert torch.equal(other["input_ids"][:, q.max():], batch["input_ids"][:, q.max():])
     mask = batch["qmm_attention_mask"]
     assert mask.shape == (2, 1, mask.shape[-1], mask.shape[-1]) and mask.dtype == torch.bool
     assert mask.any(-1).all()  # no fully masked row
+    for r in range(2):  # rows after the query never see a query key; query rows see theirs causally
+        assert not mask[r, 0, q[r] :, : q[r]].any()
+        assert torch.equal(mask[r, 0, : q[r], : q[r]], torch.ones(int(q[r]), int(q[r]), dtype=torch.bool).tril())
     with torch.no_grad():
         a = trainer.qmm_forward(model, batch, logits=True).logits
         b_ = trainer.qmm_forward(model, other, logits=True).logits
@@ -273,7 +281,7 @@ def test_compact_qmm_trains_like_masked(tok: Any, dataset: Any, tmp_path: Path) 
                           safekey_qmm_weight=1.0)
         runs[mode] = SafeKeyTrainer(model=tiny_model(tok), args=args, train_dataset=dataset, processing_class=tok)
         runs[mode].train()
-    assert "qmm_attention_mask" not in runs["compact"].data_collator([dataset[0]])  # no T x T mask to build
+    assert runs["compact"].data_collator([dataset[0]])["qmm_attention_mask"].dim() == 2  # no T x T mask to build
     for key in ("loss", "safekey/qmm_loss"):
         m, c = _logged(runs["masked"], key), _logged(runs["compact"], key)
         assert len(m) == 3 and c == pytest.approx(m, rel=1e-4), key

@@ -210,6 +210,64 @@ def qmm_attention_mask(query_len: torch.Tensor, attention_mask: torch.Tensor) ->
     return mask[:, None]
 
 
+def build_qmm_inputs(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    query_len: torch.Tensor,
+    k_mask: torch.Tensor,
+    mode: str = "masked",
+    pad_token_id: int = 0,
+) -> dict[str, torch.Tensor]:
+    """The inputs of the query-masked pass, cut at the batch's last K token (attention is causal:
+    later tokens cannot change K's logits).
+
+    - `mode="masked"`: `qmm_input_ids` = the tokens `0..L-1`, `qmm_attention_mask` = the 4-D boolean
+      mask of :func:`qmm_attention_mask`, `qmm_position_ids` = `0..L-1` (unchanged positions).
+    - `mode="compact"`: each row holds only its tokens from the end of the query to the end of K,
+      right padded; `qmm_position_ids` are their original positions and `qmm_attention_mask` is the
+      2-D padding mask (the model applies causality). Under the 4-D mask a token after the query
+      depends on nothing before the end of the query, so every kept token computes the same thing.
+
+    Both add `qmm_logit_positions` (the positions, shared by the batch, whose next token is a K
+    token in some row: the only ones sent through the LM head) and `qmm_targets` `(B, n)` (the K
+    token predicted at each of those positions, -100 elsewhere). Built on the CPU by the collator, so
+    that the training step needs no device synchronisation for them.
+    """
+    b, t = input_ids.shape
+    dev = input_ids.device
+    pos = torch.arange(t, device=dev)
+    k_mask = k_mask.to(dev).bool()
+    q = query_len.to(dev)
+    k_end = torch.where(k_mask, pos[None] + 1, 0).max(1).values
+    if mode == "masked":
+        length = int(k_end.max())
+        ids = input_ids[:, :length].contiguous()
+        out = {
+            "qmm_input_ids": ids,
+            "qmm_attention_mask": qmm_attention_mask(q, attention_mask[:, :length].to(dev)),
+            "qmm_position_ids": pos[None, :length].expand(b, length).contiguous(),
+        }
+        k = k_mask[:, :length]
+    elif mode == "compact":
+        lengths = k_end - q
+        ar = torch.arange(int(lengths.max()), device=dev)
+        valid = ar[None] < lengths[:, None]
+        idx = (q[:, None] + ar[None]).clamp(max=t - 1)
+        ids = input_ids.gather(1, idx).masked_fill(~valid, pad_token_id)
+        out = {"qmm_input_ids": ids, "qmm_attention_mask": valid.long(), "qmm_position_ids": idx}
+        k = k_mask.gather(1, idx) & valid
+    else:
+        raise ConfigError(f"safekey_qmm_mode must be one of {QMM_MODES}, got {mode!r}")
+    predicts_k = torch.zeros_like(k)
+    predicts_k[:, :-1] = k[:, 1:]
+    targets = torch.full_like(ids, -100)
+    targets[:, :-1] = ids[:, 1:]
+    positions = predicts_k.any(0).nonzero().flatten()
+    out["qmm_logit_positions"] = positions
+    out["qmm_targets"] = targets.masked_fill(~predicts_k, -100)[:, positions]
+    return out
+
+
 @dataclass
 class SafeKeyDataCollator(DataCollatorForLanguageModeling):
     """`SFTTrainer`'s collator (the same `input_ids` / `labels` / `attention_mask`, right padding),
@@ -220,10 +278,14 @@ class SafeKeyDataCollator(DataCollatorForLanguageModeling):
     - `safekey_query_len` `(B,)` long: number of query (prompt) tokens;
     - `safekey_labels` `(B,)` float: 1 harmful, 0 benign;
     - `qmm_attention_mask` `(B, 1, T, T)` bool (see :func:`qmm_attention_mask`) and
-      `qmm_position_ids` `(B, T)` long (the unchanged positions `0..T-1`), when `emit_qmm` is True.
+      `qmm_position_ids` (the unchanged positions), with `qmm_input_ids`, `qmm_logit_positions` and
+      `qmm_targets`: the inputs of the query-masked pass in `qmm_mode` (see :func:`build_qmm_inputs`;
+      in the `"masked"` mode the 4-D mask spans the tokens up to the batch's last K token), when
+      `emit_qmm` is True.
     """
 
     emit_qmm: bool = True
+    qmm_mode: str = "masked"
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         if self.padding_free:
@@ -251,20 +313,29 @@ class SafeKeyDataCollator(DataCollatorForLanguageModeling):
         out["safekey_query_len"] = q
         out["safekey_labels"] = torch.tensor([float(e["safekey_label"]) for e in examples], dtype=torch.float32)
         if self.emit_qmm:
-            out["qmm_attention_mask"] = qmm_attention_mask(q, out["attention_mask"])
-            out["qmm_position_ids"] = pos[None].expand(b, t).clone()
+            out.update(build_qmm_inputs(ids, out["attention_mask"], q, out["safekey_k_mask"], self.qmm_mode, self.pad_token_id))
         return out
 
 
 @dataclass
 class QMMOutput:
     """Result of the query-masked pass: `loss` (mean cross-entropy over the K tokens of the batch),
-    `token_logprobs` (log-probability of each K token, row by row, in order) and `rows` (the batch
-    row of each)."""
+    `logprobs` `(B, n)` (log-probability of the target at each kept position) and `targets`
+    `(B, n)` (-100 where a row has no K token there)."""
 
     loss: torch.Tensor
-    token_logprobs: torch.Tensor
-    rows: torch.Tensor
+    logprobs: torch.Tensor
+    targets: torch.Tensor
+
+    @property
+    def token_logprobs(self) -> torch.Tensor:
+        """The log-probability of each K token, row by row, in order."""
+        return self.logprobs[self.targets != -100]
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """The batch row of each entry of `token_logprobs`."""
+        return (self.targets != -100).nonzero()[:, 0]
 
 
 # -- the dual-path head ---------------------------------------------------------------------------------
@@ -412,7 +483,8 @@ class SafeKeyTrainer(SFTTrainer):
             self.data_collator = SafeKeyDataCollator(
                 pad_token_id=self._tokenizer.pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple_of
             )
-        self.data_collator.emit_qmm = cfg.safekey_qmm_weight > 0 and cfg.safekey_qmm_mode == "masked"
+        self.data_collator.emit_qmm = cfg.safekey_qmm_weight > 0
+        self.data_collator.qmm_mode = cfg.safekey_qmm_mode
         if self._skip_prepare_dataset and self.train_dataset is not None:
             from trl.data_utils import get_dataset_column_names
 
@@ -549,69 +621,37 @@ class SafeKeyTrainer(SFTTrainer):
         return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
 
     def qmm_forward(self, model: nn.Module, inputs: dict[str, Any], *, logits: bool = False, mode: str | None = None) -> Any:
-        """The query-masked forward pass over the tokens up to the batch's last K token (later tokens
-        cannot influence K: attention is causal).
+        """The query-masked forward pass (see :func:`build_qmm_inputs` for the two modes).
 
-        `mode="masked"` (see `safekey_qmm_mode`): the same tokens at the same positions, with the 4-D
-        mask of :func:`qmm_attention_mask` (from the batch, else built here); sequence positions
-        `0 .. L-1`. `mode="compact"`: each row holds only its tokens from the end of the query to the
-        end of K, with their original `position_ids` and a causal mask: the same computation for every
-        token after the query, without the query. Row `r`, position `j` is token `query_len[r] + j`.
-
-        `logits=False`: a :class:`QMMOutput` (the mean cross-entropy over the batch's K tokens, and the
-        log-probability of each K token); only the positions predicting K go through the LM head.
-        `logits=True`: the model's plain output (full logits, for inspection).
+        Uses the collator's `qmm_*` inputs when they are there and of the requested `mode` (default
+        `safekey_qmm_mode`), else builds them from the batch. `logits=False`: a :class:`QMMOutput`;
+        only the positions predicting K go through the LM head (`logits_to_keep`), and nothing waits
+        on the device. `logits=True`: the model's plain output on the QMM inputs (full logits, for
+        inspection; position `j` of row `r` is token `j`, or `query_len[r] + j` in compact mode).
         """
         mode = mode or self.args.safekey_qmm_mode
-        ids = inputs["input_ids"]
-        k_mask = inputs["safekey_k_mask"].to(ids.device)
-        b, t = ids.shape
-        pos = torch.arange(t, device=ids.device)
-        k_end = torch.where(k_mask, pos[None] + 1, 0).max(1).values
-        if mode == "masked":
-            length = int(k_end.max())
-            mask = inputs.get("qmm_attention_mask")
-            if mask is None:
-                mask = qmm_attention_mask(inputs["safekey_query_len"], inputs["attention_mask"])
-            mask = mask[:, :, :length, :length].to(ids.device)
+        collated = getattr(self.data_collator, "qmm_mode", None) == mode
+        if not (collated and "qmm_input_ids" in inputs):
+            inputs = {**inputs, **build_qmm_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["safekey_query_len"],
+                                                   inputs["safekey_k_mask"], mode, self._tokenizer.pad_token_id or 0)}
+        mask = inputs["qmm_attention_mask"]
+        if mask.dim() == 4:
             unwrapped = self.accelerator.unwrap_model(model)
             base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
             if getattr(base.config, "_attn_implementation", "eager") != "sdpa":  # eager: an additive float mask
                 dtype = base.dtype if base.dtype.is_floating_point else torch.float32
                 mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-            position_ids = inputs.get("qmm_position_ids")
-            position_ids = pos[None].expand(b, t) if position_ids is None else position_ids.to(ids.device)
-            kw = dict(input_ids=ids[:, :length], attention_mask=mask, position_ids=position_ids[:, :length])
-            k = k_mask[:, :length]
-        elif mode == "compact":
-            q = inputs["safekey_query_len"].to(ids.device)
-            lengths = k_end - q
-            ar = torch.arange(int(lengths.max()), device=ids.device)
-            valid = ar[None] < lengths[:, None]
-            idx = (q[:, None] + ar[None]).clamp(max=t - 1)
-            pad = self._tokenizer.pad_token_id or 0
-            kw = dict(input_ids=ids.gather(1, idx).masked_fill(~valid, pad), attention_mask=valid.long(), position_ids=idx)
-            k = k_mask.gather(1, idx) & valid
-        else:
-            raise ConfigError(f"safekey_qmm_mode must be one of {QMM_MODES}, got {mode!r}")
+        kw = dict(input_ids=inputs["qmm_input_ids"], attention_mask=mask, position_ids=inputs["qmm_position_ids"], use_cache=False)
         if logits:
-            return model(**kw, use_cache=False)
-        # Only the positions that predict a K token (in some row) go through the LM head
-        # (`logits_to_keep` as positions): the head's cost scales with |K|, not with the sequence.
-        predicts_k = torch.zeros_like(k)
-        predicts_k[:, :-1] = k[:, 1:]
-        targets = torch.full_like(kw["input_ids"], -100)
-        targets[:, :-1] = kw["input_ids"][:, 1:]
-        positions = predicts_k.any(0).nonzero().flatten()
-        out = model(**kw, logits_to_keep=positions, use_cache=False)
-        lg = out.logits
-        if lg.dim() != 3 or lg.shape[1] != positions.numel():  # a model without `logits_to_keep`
-            lg = model(**kw, use_cache=False).logits[:, positions]
-        sel = predicts_k[:, positions]
-        rows = sel.nonzero()[:, 0]
-        token_logprobs = -nn.functional.cross_entropy(lg[sel].float(), targets[:, positions][sel], reduction="none")
-        loss = -token_logprobs.sum() / max(int(token_logprobs.numel()), 1)
-        return QMMOutput(loss=loss, token_logprobs=token_logprobs, rows=rows)
+            return model(**kw)
+        positions, targets = inputs["qmm_logit_positions"], inputs["qmm_targets"]
+        lg = model(**kw, logits_to_keep=positions).logits
+        if lg.dim() != 3 or lg.shape[1] != positions.shape[0]:  # a model without `logits_to_keep`
+            lg = model(**kw).logits[:, positions]
+        nll = nn.functional.cross_entropy(lg.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none")
+        nll = nll.view(targets.shape)
+        loss = nll.sum() / (targets != -100).sum().clamp(min=1)
+        return QMMOutput(loss=loss, logprobs=-nll, targets=targets)
 
     def compute_loss(
         self,
@@ -630,6 +670,9 @@ class SafeKeyTrainer(SFTTrainer):
         use_head = active and cfg.safekey_head_weight > 0
         use_qmm = active and cfg.safekey_qmm_weight > 0
 
+        # The query-masked pass goes first: its kernels are queued before SFTTrainer's metrics wait
+        # on the device, and its (small) backward comes last, behind the main pass's.
+        qmm_loss = self.qmm_forward(model, {**inputs, **extras}).loss if use_qmm else None
         self._safekey_capture = use_head
         self._safekey_hidden = None
         try:
@@ -660,8 +703,7 @@ class SafeKeyTrainer(SFTTrainer):
                 metrics["safekey/head_accuracy"] = correct.mean()
                 metrics["safekey/head_accuracy_u"] = correct[0]
                 metrics["safekey/head_accuracy_xu"] = correct[1]
-        if use_qmm:
-            qmm_loss = self.qmm_forward(model, {**inputs, **extras}).loss
+        if qmm_loss is not None:
             if train:
                 loss = loss + (cfg.safekey_qmm_weight * scale) * qmm_loss.to(loss.dtype)
             metrics["safekey/qmm_loss"] = qmm_loss.detach().float()
