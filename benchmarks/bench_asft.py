@@ -12,6 +12,7 @@ SmolLM2-135M's unaligned base is not available offline here).
     python benchmarks/bench_asft.py                       # SmolLM2-135M-Instruct, q/v and all 7 projections
     python benchmarks/bench_asft.py --model tiny --steps 6 --repeats 1   # quick check
     python benchmarks/bench_asft.py --device cuda --bf16
+    python benchmarks/bench_asft.py --model path/with/config-and-tokenizer --random-init --device cuda
 
 Prints a table and writes `benchmarks/results/bench_asft[_<tag>].json`.
 """
@@ -113,7 +114,13 @@ def run_mode(mode: str, path: Path, data: Any, tok: Any, a: argparse.Namespace, 
 
     targets = TARGETS[a.targets]
     dtype = torch.bfloat16 if a.bf16 and a.device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if a.random_init:
+        from transformers import AutoConfig
+
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     common: dict[str, Any] = dict(
         output_dir=str(out), max_steps=a.steps, per_device_train_batch_size=a.batch, learning_rate=1e-4,
         lr_scheduler_type="constant", logging_steps=1000, save_strategy="no", report_to=[], seed=0,
@@ -189,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--tag", default="", help="suffix of the JSON file name")
+    p.add_argument("--random-init", action="store_true",
+                   help="random weights from the model folder's config.json (same shapes and step time; for machines without the weights)")
     a = p.parse_args(argv)
     import torch
     from transformers import AutoTokenizer

@@ -133,8 +133,9 @@ class StudyConfig:
         elif name == "demo":
             cfg = cls(
                 align_harmful=80, align_benign=96, task_train=144, harmful_fracs=(0.1,), distill_harmful=64,
-                distill_steps=12, methods=("enchtable_ffn", "resta", "safe_lora", "asft"), enchtable_betas=(0.1, 1.0),
-                merge_on_full=("enchtable_ffn", "resta"), merge_on_lora=("safe_lora",), eval_harmful=24,
+                distill_steps=12, methods=("enchtable_ffn", "resta", "asft"), enchtable_betas=(1.0,),
+                asft_settings=("1:safe_lora",), merge_on_full=("enchtable_ffn", "resta"), merge_on_lora=("resta",),
+                eval_harmful=24,
                 eval_benign=24, eval_task=24, attacks=("dan",), max_new_tokens=40,
             )
         else:
