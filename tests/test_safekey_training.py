@@ -112,7 +112,7 @@ def test_qmm_cannot_see_query_and_no_nan(tok: Any, dataset: Any, tmp_path: Path,
     from hf_safety_merge.training import SafeKeyConfig, SafeKeyTrainer
 
     model = tiny_model(tok, attn)
-    trainer = SafeKeyTrainer(model=model, args=train_args(SafeKeyConfig, tmp_path), train_dataset=dataset, processing_class=tok)
+    trainer = SafeKeyTrainer(model=model, args=train_args(SafeKeyConfig, tmp_path, safekey_qmm_mode="masked"), train_dataset=dataset, processing_class=tok)
     model.eval()
     lengths = [len(x) for x in dataset["input_ids"]]
     short, long_ = lengths.index(min(lengths)), lengths.index(max(lengths))

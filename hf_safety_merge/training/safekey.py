@@ -94,13 +94,15 @@ class SafeKeyConfig(SFTConfig):
         safekey_qmm_weight (`float`, defaults to `0.2`):
             Weight of the query-mask modelling loss (cross-entropy on K with the query hidden from
             attention). `0` skips the second forward pass.
-        safekey_qmm_mode (`str`, defaults to `"masked"`):
-            How the query-masked pass runs. `"masked"`: the sequence (up to the batch's last K token)
-            with the collator's 4-D mask, under which no token after the query attends to a query
-            token (needs `attn_implementation="sdpa"` or `"eager"`). `"compact"`: only the tokens
-            from the end of the query to the end of K, at their original positions with a causal
-            mask; every one of them sees exactly what it sees under the 4-D mask, so the K logits are
-            the same (tested to 1e-5), at a fraction of the cost, with any attention kernel.
+        safekey_qmm_mode (`str`, defaults to `"compact"`):
+            How the query-masked pass runs. `"masked"`: the paper's form, the sequence (up to the
+            batch's last K token) with the collator's 4-D mask, under which no token after the query
+            attends to a query token (needs `attn_implementation="sdpa"` or `"eager"`). `"compact"`
+            (default, an exact rewrite): only the tokens from the end of the query to the end of K,
+            at their original positions with a causal mask; every one of them sees exactly what it
+            sees under the 4-D mask, so the K logits and the loss are the same (tested to 1e-5), at
+            a fraction of the cost (1.04-1.10x an SFT step against 1.43-1.71x for `"masked"` on
+            SmolLM2-135M, 2 CPU cores), with any attention kernel.
 
         > Schedule
 
@@ -141,7 +143,7 @@ class SafeKeyConfig(SFTConfig):
     safekey_head_weight: float = field(default=0.2, metadata={"help": "Weight of the dual-path safety head loss."})
     safekey_qmm_weight: float = field(default=0.2, metadata={"help": "Weight of the query-mask modelling loss (CE on K, query masked)."})
     safekey_qmm_mode: str = field(
-        default="masked",
+        default="compact",
         metadata={"help": "'masked': the full sequence with a 4-D mask hiding the query; 'compact': the same K logits from the tokens after the query only (cheaper).", "choices": list(QMM_MODES)},
     )
     safekey_head_theta: float = field(default=0.5, metadata={"help": "Threshold on sigmoid(head logit) for the head accuracy."})
