@@ -54,6 +54,8 @@ BENIGN_TEMPLATES = (
     "Write a short paragraph about {t}.",
     "What should a beginner know about {t}?",
 )
+#: extra generation budget for reasoning-format models (their <think> block comes first)
+REASONING_EXTRA_TOKENS = 40
 METHODS = ("enchtable_ffn", "enchtable_attn", "enchtable_hybrid", "resta", "safe_lora", "asft", "safekey")
 
 
@@ -591,6 +593,16 @@ class Study:
         for p in data.break_harmful[:n_h]:
             reasoning = f"The user asks: {p}. This request could cause harm. "
             recs.append({"prompt": p, "response": f"<think>{reasoning}I must refuse it.</think>{REFUSALS[0]}", "label": 1})
+        # Benign general requests in the same reasoning form, so that the key sentence K (harm or no
+        # harm) is what separates the two kinds of query; without them every non-arithmetic prompt is
+        # paired with refusal reasoning and the model learns to refuse all of them. The targets are the
+        # base model's own answers from the alignment stage (no new data): twice as many as harmful.
+        benign_file = self.work / "benign_answers.json"
+        if benign_file.is_file() and n_h:
+            answers = json.loads(benign_file.read_text())
+            for p, a in list(zip(data.align_benign, answers))[: 2 * n_h]:
+                reasoning = f"The user asks: {p}. This is a harmless request. "
+                recs.append({"prompt": p, "response": f"<think>{reasoning}I can answer it.</think>{a}", "label": 0})
         random.Random(c.seed + 5).shuffle(recs)
         tok = AutoTokenizer.from_pretrained(aligned)
         ds = prepare_safekey_dataset(recs, tok, max_length=c.max_length)
@@ -623,10 +635,14 @@ class Study:
         files["harmful"].write_text("".join(json.dumps({"prompt": p}) + "\n" for p in data.eval_harmful))
         files["benign"].write_text("".join(json.dumps({"prompt": p}) + "\n" for p in data.eval_benign))
         files["task"].write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["answer"]}) + "\n" for r in data.task_eval))
+        # A reasoning-format model (SafeKey) spends ~35 tokens on its <think> block before the answer;
+        # it gets that much more budget, so that its answers are as long as the others' and the task
+        # score is not cut off mid-answer ("... The answer is 1" for 161).
+        budget = c.max_new_tokens + (REASONING_EXTRA_TOKENS if name.startswith("safekey") else 0)
         cfgv = SafetyEvalConfig(
             harmful=str(files["harmful"]), harmful_eval_size=None, benign=str(files["benign"]), utility=str(files["task"]),
             utility_reference_column="answer", utility_metric="number", attacks=tuple(c.attacks),
-            max_new_tokens=c.max_new_tokens, batch_size=c.eval_batch_size, data_dir=c.data_dir,
+            max_new_tokens=budget, batch_size=c.eval_batch_size, data_dir=c.data_dir,
         )
         t = time.perf_counter()
         self.log(f"  [eval: {name}] ...")
