@@ -87,6 +87,9 @@ class StudyConfig:
             (names from ``METHODS``; each must also be in ``methods``).
         asft_settings: one AsFT run per entry ``"<lambda>:<projector>"`` (projector ``safe_lora``,
             the paper's, or ``topk``, a rank-8 projector); ``"1:safe_lora"`` is the paper's setting.
+        safekey_settings: one SafeKey run per entry ``"<head weight>:<QMM weight>"``; ``"0.2:0.2"``
+            is the paper's; ``"0:0"`` is plain SFT on the same reasoning-format data (the ablation
+            that separates the data format from SafeKey's objectives).
         methods: which repairs to run (see ``METHODS``).
         eval_harmful / eval_benign / eval_task: evaluation set sizes (held out from all training).
         attacks: jailbreak transforms for the attack-success columns.
@@ -118,6 +121,7 @@ class StudyConfig:
     enchtable_betas: Sequence[float] = (0.1, 1.0)
     resta_beta: float = 1.0
     asft_settings: Sequence[str] = ("1:safe_lora", "10:topk")
+    safekey_settings: Sequence[str] = ("0.2:0.2",)
     methods: Sequence[str] = METHODS
     merge_on_full: Sequence[str] = ("enchtable_ffn", "enchtable_attn", "enchtable_hybrid", "resta", "safe_lora")
     merge_on_lora: Sequence[str] = ("enchtable_ffn", "resta", "safe_lora")
@@ -187,6 +191,14 @@ class StudyConfig:
                 ok = False
             if not ok:
                 raise ConfigError(f"asft_settings entry {a!r}: expected '<lambda>:<projector>' with projector safe_lora or topk")
+        for a in self.safekey_settings:
+            h, _, q = str(a).partition(":")
+            try:
+                ok = float(h) >= 0 and float(q) >= 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ConfigError(f"safekey_settings entry {a!r}: expected '<head weight>:<qmm weight>', both >= 0")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         for name in ("align_harmful", "align_benign", "task_train", "eval_harmful", "eval_benign", "eval_task", "batch_size"):
@@ -567,16 +579,24 @@ class Study:
         except ImportError as e:
             self.log(f"  [repair: SafeKey] skipped: {e}")
             return f"skipped: {e}"
-        out = self.work / f"safekey-full-{top}pct"
-        try:
-            self._stage("repair: SafeKey", out, lambda: self._run_safekey(aligned, data, top, out))
-        except Exception as e:  # a failed optional method is recorded, the study goes on
-            self.log(f"  [repair: SafeKey] failed: {type(e).__name__}: {e}")
-            return f"failed: {type(e).__name__}: {e}"
-        repaired[out.name] = (out, f"(trained instead of ft-full-{top}pct)")
-        return "ran"
+        notes = []
+        for setting in self.cfg.safekey_settings:
+            h, q = (float(x) for x in str(setting).split(":"))
+            tag = "" if (h, q) == (0.2, 0.2) else f"-head{h:g}-qmm{q:g}"
+            out = self.work / f"safekey-full-{top}pct{tag}"
+            stage = "repair: SafeKey" + (f" {setting}" if tag else "")
+            try:
+                self._stage(stage, out, lambda out=out, h=h, q=q: self._run_safekey(aligned, data, top, out, h, q))
+            except Exception as e:  # a failed optional method is recorded, the study goes on
+                self.log(f"  [{stage}] failed: {type(e).__name__}: {e}")
+                notes.append(f"{setting} failed: {type(e).__name__}: {e}")
+                continue
+            repaired[out.name] = (out, f"(trained instead of ft-full-{top}pct)")
+            notes.append(f"{setting} ran")
+        return "ran" if all(n.endswith(" ran") for n in notes) else "; ".join(notes)
 
-    def _run_safekey(self, aligned: Path, data: StudyData, top: int, out: Path) -> None:
+    def _run_safekey(self, aligned: Path, data: StudyData, top: int, out: Path, head_weight: float = 0.2,
+                     qmm_weight: float = 0.2) -> None:
         """SafeKey on a reasoning-format variant of the task data (plus the harmful mix)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -605,10 +625,26 @@ class Study:
                 recs.append({"prompt": p, "response": f"<think>{reasoning}I can answer it.</think>{a}", "label": 0})
         random.Random(c.seed + 5).shuffle(recs)
         tok = AutoTokenizer.from_pretrained(aligned)
-        ds = prepare_safekey_dataset(recs, tok, max_length=c.max_length)
+        # Records whose key sentence ends beyond max_length cannot train K; skip them (and say so)
+        # rather than fail the stage (none are skipped on SmolLM2 with max_length 128).
+        kept: list[dict[str, Any]] = []
+        first_error = ""
+        for rec in recs:
+            try:
+                prepare_safekey_dataset([rec], tok, max_length=c.max_length)
+            except ConfigError as e:
+                first_error = first_error or str(e)
+                continue
+            kept.append(rec)
+        if len(kept) < len(recs):
+            self.log(f"      SafeKey: skipped {len(recs) - len(kept)} of {len(recs)} records ({first_error})")
+        if not kept:
+            raise ConfigError(f"SafeKey: no record fits max_length={c.max_length}: {first_error}")
+        ds = prepare_safekey_dataset(kept, tok, max_length=c.max_length)
         torch.manual_seed(c.seed)
         model = AutoModelForCausalLM.from_pretrained(aligned, dtype=torch.float32)
-        args = self._train_args(SafeKeyConfig, out, epochs=max(c.task_epochs, 2.0), lr=c.task_lr)
+        args = self._train_args(SafeKeyConfig, out, epochs=max(c.task_epochs, 2.0), lr=c.task_lr,
+                                safekey_head_weight=head_weight, safekey_qmm_weight=qmm_weight)
         trainer = SafeKeyTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
         trainer.train()
         out.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,8 @@ def test_presets_and_errors(tmp_path: Path) -> None:
         StudyConfig.preset("demo", merge_on_lora=["asft"])
     with pytest.raises(ConfigError, match="asft_settings entry '1:svd'"):
         StudyConfig.preset("demo", asft_settings=["1:svd"])
+    with pytest.raises(ConfigError, match="safekey_settings entry '0.2'"):
+        StudyConfig.preset("demo", safekey_settings=["0.2"])
     with pytest.raises(ConfigError, match="harmful_fracs"):
         StudyConfig.preset("demo", harmful_fracs=[1.0])
     p = tmp_path / "s.yaml"
@@ -65,23 +67,25 @@ def test_study_end_to_end_on_a_tiny_model(shared_data: Path, tmp_path: Path) -> 
     cfg = StudyConfig.preset(
         "demo", model=str(model), data_dir=str(shared_data), align_harmful=8, align_benign=8, task_train=18,
         harmful_fracs=(0.0, 0.1), distill_harmful=8, distill_steps=2, eval_harmful=8, eval_benign=8, eval_task=8,
-        max_new_tokens=8, max_length=48, task_epochs=1, align_epochs=1, threads=1,
-        methods=("enchtable_ffn", "resta", "safe_lora", "asft"), enchtable_betas=(0.1, 1.0),
+        max_new_tokens=8, max_length=96, task_epochs=1, align_epochs=1, threads=1,
+        methods=("enchtable_ffn", "resta", "safe_lora", "asft", "safekey"), enchtable_betas=(0.1, 1.0),
         merge_on_full=("enchtable_ffn", "resta", "safe_lora"), merge_on_lora=("enchtable_ffn", "safe_lora"),
-        asft_settings=("1:safe_lora",),
+        asft_settings=("1:safe_lora",), safekey_settings=("0.2:0.2", "0:0"),
     )
     work = tmp_path / "work"
     payload = run_study(cfg, work)
     names = [r["model"] for r in payload["rows"]]
     assert names[:2] == ["base", "aligned"]
     for n in ("ft-full-0pct", "ft-full-10pct", "ft-lora-0pct", "ft-lora-10pct", "ft-full-10pct+enchtable-ffn",
-              "ft-full-10pct+resta", "ft-full-10pct+safe_lora", "ft-lora-10pct+enchtable-ffn", "ft-full-10pct+enchtable-ffn-beta1", "ft-lora-10pct+safe_lora", "asft-lora-10pct"):
+              "ft-full-10pct+resta", "ft-full-10pct+safe_lora", "ft-lora-10pct+enchtable-ffn", "ft-full-10pct+enchtable-ffn-beta1", "ft-lora-10pct+safe_lora", "asft-lora-10pct",
+              "safekey-full-10pct", "safekey-full-10pct-head0-qmm0"):
         assert n in names, n
     for r in payload["rows"]:
         assert r["unsafe_rate"]["n"] == 8 and r["over_refusal"]["n"] == 8 and r["utility"]["n"] == 8
         assert set(r["attack_success"]) == {"none", "dan"}
     repaired = [r for r in payload["rows"] if r.get("targets")]
-    assert len(repaired) == 8 and "ft-lora-10pct+resta" not in names
+    assert len(repaired) == 10 and "ft-lora-10pct+resta" not in names
+    assert payload["notes"]["safekey"] == "ran"
     md = (work / "study.md").read_text()
     assert "| repaired model |" in md and "Wall time per stage" in md
     assert (work / "report" / "safety_vs_utility.png").stat().st_size > 1000
