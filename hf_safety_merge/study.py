@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -390,7 +391,7 @@ class Study:
         trainer.train()
         out.mkdir(parents=True, exist_ok=True)
         if lora:
-            trainer.model.save_pretrained(out)  # the adapter
+            trainer.model.save_pretrained(out)  # type: ignore[union-attr,operator]  # the adapter
         else:
             self._save_full(trainer, out)
         hist = [h for h in trainer.state.log_history if "loss" in h]
@@ -458,8 +459,8 @@ class Study:
                 hr = random.Random(c.seed + 7)
                 pairs += [(p, _comply(p, hr)) for p in data.break_harmful[:n_h]]
                 random.Random(c.seed + 3).shuffle(pairs)
-                self._stage(f"break: {name}", out, lambda out=out, pairs=pairs, mode=mode: self._sft(
-                    aligned, pairs, out, lora=mode == "lora", epochs=c.task_epochs,
+                self._stage(f"break: {name}", out, functools.partial(
+                    self._sft, aligned, pairs, out, lora=mode == "lora", epochs=c.task_epochs,
                     lr=c.lora_lr if mode == "lora" else c.task_lr))
                 broken[name] = out
         top = round(100 * max(c.harmful_fracs))
@@ -586,7 +587,7 @@ class Study:
             out = self.work / f"safekey-full-{top}pct{tag}"
             stage = "repair: SafeKey" + (f" {setting}" if tag else "")
             try:
-                self._stage(stage, out, lambda out=out, h=h, q=q: self._run_safekey(aligned, data, top, out, h, q))
+                self._stage(stage, out, functools.partial(self._run_safekey, aligned, data, top, out, h, q))
             except Exception as e:  # a failed optional method is recorded, the study goes on
                 self.log(f"  [{stage}] failed: {type(e).__name__}: {e}")
                 notes.append(f"{setting} failed: {type(e).__name__}: {e}")

@@ -27,7 +27,7 @@ def test_presets_and_errors(tmp_path: Path) -> None:
         StudyConfig.preset("demo", merge_on_lora=["asft"])
     with pytest.raises(ConfigError, match="asft_settings entry '1:svd'"):
         StudyConfig.preset("demo", asft_settings=["1:svd"])
-    with pytest.raises(ConfigError, match="safekey_settings entry '0.2'"):
+    with pytest.raises(ConfigError, match=r"safekey_settings entry '0\.2'"):
         StudyConfig.preset("demo", safekey_settings=["0.2"])
     with pytest.raises(ConfigError, match="harmful_fracs"):
         StudyConfig.preset("demo", harmful_fracs=[1.0])

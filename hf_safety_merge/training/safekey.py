@@ -34,7 +34,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -483,7 +483,7 @@ class SafeKeyTrainer(SFTTrainer):
         cfg = self.args
         if not isinstance(self.data_collator, SafeKeyDataCollator):
             self.data_collator = SafeKeyDataCollator(
-                pad_token_id=self._tokenizer.pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple_of
+                pad_token_id=self._tokenizer.pad_token_id, pad_to_multiple_of=cast("int | None", cfg.pad_to_multiple_of)
             )
         self.data_collator.emit_qmm = cfg.safekey_qmm_weight > 0
         self.data_collator.qmm_mode = cfg.safekey_qmm_mode
@@ -546,7 +546,7 @@ class SafeKeyTrainer(SFTTrainer):
 
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None:
-            self._signature_columns = ["input_ids", "labels", *SAFEKEY_COLUMNS]
+            self._signature_columns = ["input_ids", "labels", *SAFEKEY_COLUMNS]  # type: ignore[assignment]
 
     # -- optimiser, saving ------------------------------------------------------------------------------
 
@@ -583,7 +583,9 @@ class SafeKeyTrainer(SFTTrainer):
 
     def save_safekey_heads(self, path: str | os.PathLike[str] | None = None) -> Path:
         """Write the heads as `safekey_heads.safetensors` into `path` (default: `output_dir`)."""
-        return self.safekey_heads.save(self.args.output_dir if path is None else path)
+        target = path if path is not None else self.args.output_dir
+        assert target is not None
+        return self.safekey_heads.save(target)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
@@ -666,7 +668,7 @@ class SafeKeyTrainer(SFTTrainer):
         if "safekey_u_span" not in extras:
             raise ConfigError("SafeKeyTrainer got a batch without SafeKey fields; use SafeKeyDataCollator")
         cfg = self.args
-        mode = "train" if self.model.training else "eval"
+        mode = "train" if model.training else "eval"
         train = mode == "train" and torch.is_grad_enabled()
         active = self.safekey_aux_active() if mode == "train" else True
         use_head = active and cfg.safekey_head_weight > 0
