@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the safety-transfer study, reduced (align -> break -> repair -> evaluate SmolLM2-135M-Instruct on the CPU)",
         description="Runs the reduced safety-transfer study (about 20 min on 2 CPU cores): safety-tunes the model, "
-        "breaks it with a fine-tune that mixes in harmful examples, repairs it with each method, evaluates every model "
+        "breaks it with a fine-tune that mixes in harmful examples, repairs it (EnchTable, RESTA, AsFT; --full adds the other methods), evaluates every model "
         "and prints the table. Stages are cached in --out, so a second run resumes.",
     )
     d.add_argument("--out", default="demo_output")
