@@ -244,13 +244,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Library errors print one line (`error: ...`, exit 2); Ctrl-C and SIGTERM
+    clean up (no temporary folder is left) and print one line (exit 130 / 143)."""
+    from .output import Interrupted, terminate_as_interrupt
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args))
+        with terminate_as_interrupt():
+            return int(args.func(args))
     except SafetyMergeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        signame = e.signame if isinstance(e, Interrupted) else "SIGINT"
+        print(f"interrupted ({signame}): stopped; temporary folders were removed and nothing half-written was kept",
+              file=sys.stderr)
+        return e.exit_code if isinstance(e, Interrupted) else 130
 
 
 if __name__ == "__main__":

@@ -5,16 +5,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import Field
 
 from .errors import ConfigError, did_you_mean
+from .validation import validate_dataclass
 
 CONFIG_NAME = "safety_merge_config.yaml"
 OUTPUT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: a non-empty string (a path, repo id or revision)
+_Ref = Annotated[str, Field(min_length=1)]
+_PATH_FIELDS = ("task_model", "safety_vector", "task_adapter", "task_reference", "output_dir")
 
 
 @dataclass
@@ -38,26 +44,30 @@ class SafetyMergeConfig:
         *_revision: Hub revisions (branch, tag or commit) of the inputs.
         allow_pickle: read legacy pickle `.bin` checkpoints (unsafe; off by default).
         overwrite: replace a non-empty `output_dir`.
+        allow_non_finite: pass NaN/Inf values in the inputs through to the output with a warning
+            instead of refusing the merge (off by default: no non-finite model is ever written
+            silently).
         push_to_hub / private / create_pr / commit_message: publish the result (see hub docs).
     """
 
-    task_model: str
-    safety_vector: str
-    task_adapter: str | None = None
-    task_reference: str | None = None
+    task_model: _Ref
+    safety_vector: _Ref
+    task_adapter: _Ref | None = None
+    task_reference: _Ref | None = None
     method: str = "enchtable"
     parameters: dict[str, Any] = field(default_factory=dict)
-    output_dir: str | None = None
-    dtype: str = "auto"
+    output_dir: _Ref | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_shard_size: str | int = "5GB"
     device: str = "cpu"
-    task_model_revision: str | None = None
-    task_adapter_revision: str | None = None
-    task_reference_revision: str | None = None
-    safety_vector_revision: str | None = None
+    task_model_revision: _Ref | None = None
+    task_adapter_revision: _Ref | None = None
+    task_reference_revision: _Ref | None = None
+    safety_vector_revision: _Ref | None = None
     allow_pickle: bool = False
     overwrite: bool = False
-    push_to_hub: str | None = None
+    allow_non_finite: bool = False
+    push_to_hub: _Ref | None = None
     private: bool = False
     create_pr: bool = False
     commit_message: str | None = None
@@ -67,17 +77,22 @@ class SafetyMergeConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
+        """Check every field by type and range (strictly: YAML `"false"` is not a boolean), then
+        the method and its parameters; raises `ConfigError` naming the field. Opens no file."""
         from .merge import build_method
 
+        for name in _PATH_FIELDS:  # pathlib.Path is welcome where a path is meant
+            v = getattr(self, name)
+            if isinstance(v, os.PathLike):
+                setattr(self, name, os.fspath(v))
         for name in ("task_model", "safety_vector"):
             v = getattr(self, name)
-            if not isinstance(v, str) or not v:
+            if v is None or v == "":
                 raise ConfigError(f"config field {name!r} is required (a local path or Hub repo id), got {v!r}")
-        if not isinstance(self.parameters, dict):
-            raise ConfigError(f"config field 'parameters' must be a mapping, got {type(self.parameters).__name__}")
-        if self.dtype not in OUTPUT_DTYPES:
+        if isinstance(self.dtype, str) and self.dtype not in OUTPUT_DTYPES:
             raise ConfigError(f"config field 'dtype' must be one of {OUTPUT_DTYPES}, got {self.dtype!r}{did_you_mean(str(self.dtype), OUTPUT_DTYPES)}")
-        if not (self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps"):
+        validate_dataclass(self, what="config field")
+        if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"config field 'device' must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         from .safetensors_stream import parse_size
 

@@ -47,7 +47,7 @@ def run_demo(out: Path, progress: bool = True) -> dict[str, dict[str, float]]:
     print("[4/4] loading the patched model with AutoModelForCausalLM and generating")
     model = AutoModelForCausalLM.from_pretrained(out / "patched-enchtable")
     ids = torch.tensor([[1, 5, 9, 42]])
-    gen = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)  # type: ignore[misc]
+    gen = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     print(f"      generated token ids: {gen[0].tolist()}")
     print("\n| method | seconds | alpha | w_mean | w_min |")
     print("| --- | --- | --- | --- | --- |")

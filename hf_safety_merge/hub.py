@@ -10,6 +10,7 @@ errors, logs or cards.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -71,29 +72,87 @@ def _redact(msg: str) -> str:
     return re.sub(r"hf_[A-Za-z0-9]{8,}", "hf_***", msg)
 
 
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.ENDPOINT)
+
+
+def _as_local_too(display: str) -> str:
+    """For a Hub failure on a name that could also be a mistyped local path: say both readings."""
+    ref = display.split("@", 1)[0]
+    if "/" in ref and not ref.startswith(("/", ".", "~")):
+        return f" ({ref} is not a local path either: no such folder {Path(ref).resolve()})"
+    return ""
+
+
 def _hub_call(display: str, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a huggingface_hub call; every failure becomes one readable library error that names
+    the repo, the endpoint and the likely cause (never a token)."""
+    import httpx
     from huggingface_hub.errors import (
         EntryNotFoundError,
+        GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
     try:
         return fn(*args, **kwargs)
+    except GatedRepoError as e:
+        raise CheckpointError(f"{display}: gated repo on {_endpoint()}; accept its terms on the Hub and set HF_TOKEN") from e
     except RepositoryNotFoundError as e:
-        raise CheckpointError(f"{display}: not a local path, and no such Hub repo (or no access: set HF_TOKEN)") from e
+        raise CheckpointError(
+            f"{display}: no such Hub repo on {_endpoint()} (wrong id, or private: set HF_TOKEN){_as_local_too(display)}"
+        ) from e
     except RevisionNotFoundError as e:
-        raise CheckpointError(f"{display}: revision not found on the Hub") from e
+        raise CheckpointError(f"{display}: revision not found on the Hub ({_endpoint()})") from e
     except EntryNotFoundError as e:
         raise CheckpointError(f"{display}: {what} not found in the repo") from e
-    except LocalEntryNotFoundError as e:
-        raise CheckpointError(f"{display}: {what} is not in the local HF cache and the Hub cannot be reached (offline?)") from e
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
+        raise CheckpointError(
+            f"{display}: {what} is not in the local HF cache and the Hub ({_endpoint()}) cannot be reached "
+            f"(offline, or HF_HUB_OFFLINE=1 with nothing cached){_as_local_too(display)}"
+        ) from e
     except HfHubHTTPError as e:
-        raise HubError(_redact(f"{display}: Hub request for {what} failed: {e}")) from e
-    except OSError as e:
-        raise HubError(_redact(f"{display}: network error while fetching {what}: {e}")) from e
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        cause = {401: "no or invalid token: set HF_TOKEN or run `hf auth login`",
+                 403: "the token has no write access to this repo"}.get(status or 0, "")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HubError(_redact(f"{display}: Hub request for {what} failed on {_endpoint()}"
+                               f"{' (' + cause + ')' if cause else ''}: {first}")) from e
+    except (httpx.HTTPError, OSError) as e:
+        raise HubError(_redact(
+            f"{display}: cannot reach the Hub at {_endpoint()} for {what} ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no answer'}); offline? "
+            f"Set HF_HUB_OFFLINE=1 to read from the local cache{_as_local_too(display)}"
+        )) from e
+
+
+def check_push_target(repo_id: str, *, token: str | None = None) -> None:
+    """Before a long merge: can `repo_id` be pushed to? (a token, and the Hub answers).
+
+    The repo need not exist (a push creates it). Raises `HubError` in one line otherwise.
+    """
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    if not is_repo_id(repo_id) or "/" not in repo_id:
+        raise HubError(f"push_to_hub {repo_id!r}: expected a Hub repo id like 'user/model-name'")
+    if _offline():
+        raise HubError(f"push to {repo_id}: HF_HUB_OFFLINE=1 is set, so nothing can be pushed; unset it or drop push_to_hub")
+    if not (token or get_token()):
+        raise HubError(f"push to {repo_id}: no Hub token; set HF_TOKEN or run `hf auth login` (nothing was merged yet)")
+    api = HfApi(token=token)
+
+    def probe() -> None:
+        with contextlib.suppress(RepositoryNotFoundError):  # the push creates it
+            api.repo_info(repo_id)
+
+    _hub_call(repo_id, "a push check", probe)
 
 
 class HubCheckpoint(TensorSource):
@@ -306,6 +365,7 @@ def push_folder(
     files = sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts)
     if not files:
         raise CheckpointError(f"{folder}: nothing to push (empty folder)")
+    check_push_target(repo_id, token=token)
     api = HfApi(token=token)
     _hub_call(repo_id, "create repo", api.create_repo, repo_id, private=private, exist_ok=True)
     ops = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p)) for p in files]
@@ -313,9 +373,10 @@ def push_folder(
     try:
         return api.create_commit(repo_id, operations=ops, commit_message=message, create_pr=create_pr, revision=revision)
     except Exception as e:  # network drop, HTTP error: nothing was committed
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "no answer"
         raise HubError(
             _redact(
-                f"push of {folder} to {repo_id} failed before the commit was made ({type(e).__name__}: {e}). "
+                f"push of {folder} to {repo_id} on {_endpoint()} failed before the commit was made ({type(e).__name__}: {first}). "
                 f"Nothing was committed: the repo is unchanged. Retry with `hf-safety-merge push {folder} {repo_id}`"
                 f"{' --create-pr' if create_pr else ''}; files already uploaded are not sent again."
             )

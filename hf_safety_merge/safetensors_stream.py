@@ -179,22 +179,35 @@ class OutputTensor:
 
 
 def parse_size(size: int | str) -> int:
-    """Parse '5GB', '500MB', '2GiB', '100KB' or an int (bytes)."""
+    """Parse '5GB', '500MB', '2GiB', '100KB' or an int (bytes); the size must be positive."""
+    if isinstance(size, bool) or not isinstance(size, int | str):
+        raise ValueError(f"cannot parse size {size!r}; expected e.g. '5GB', '500MB' or a number of bytes")
     if isinstance(size, int):
-        return size
-    s = size.strip().upper().replace(" ", "")
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
-             "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
-    for unit, mult in units.items():
-        if s.endswith(unit):
-            try:
-                return int(float(s[: -len(unit)]) * mult)
-            except ValueError:
+        value = size
+    else:
+        s = size.strip().upper().replace(" ", "")
+        units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+                 "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+        value = -1
+        for unit, mult in units.items():
+            if s.endswith(unit):
+                try:
+                    num = float(s[: -len(unit)])
+                except ValueError:
+                    break
+                if math.isfinite(num):
+                    value = int(num * mult)
                 break
-    try:
-        return int(s)
-    except ValueError as e:
-        raise ValueError(f"cannot parse size {size!r}; expected e.g. '5GB', '500MB' or bytes") from e
+        else:
+            try:
+                value = int(s)
+            except ValueError:
+                value = -1
+        if value == -1 and not s.lstrip("-").isdigit():
+            raise ValueError(f"cannot parse size {size!r}; expected e.g. '5GB', '500MB' or a number of bytes")
+    if value <= 0:
+        raise ValueError(f"size {size!r} must be positive")
+    return value
 
 
 def plan_shards(tensors: Sequence[OutputTensor], max_shard_size: int) -> list[list[OutputTensor]]:

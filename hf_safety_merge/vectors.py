@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +31,7 @@ from .checkpoints import (
 )
 from .errors import CheckpointError, ConfigError, NonFiniteError, PlanError, did_you_mean
 from .filters import TensorFilter
+from .output import AtomicDir, check_output_dir, terminate_as_interrupt
 from .safetensors_stream import TORCH_TO_TAG, OutputTensor, StreamingShardWriter
 
 VECTOR_PREFIX = "safety_vector"
@@ -72,6 +73,32 @@ class SafetyVectorConfig:
             if k not in known:
                 raise ConfigError(f"{source}: unknown field {k!r}{did_you_mean(k, known)}")
         return cls(**d)
+
+
+def _check_config_matches_files(cfg: SafetyVectorConfig, source: TensorSource, cfg_file: Path) -> None:
+    """The tensors `safety_vector_config.json` lists are exactly the tensors the files hold."""
+    listed, held = set(cfg.tensor_norms), set(source.keys())
+    if not listed and not cfg.num_tensors:
+        return  # a hand-written config without statistics: nothing to compare
+    missing, extra = sorted(listed - held), sorted(held - listed)
+    if missing or (listed and extra):
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} tensor(s) it lists are missing from the files: {_names(missing)}")
+        if extra:
+            parts.append(f"the files hold {len(extra)} tensor(s) it does not list: {_names(extra)}")
+        source.close()
+        raise CheckpointError(f"{cfg_file}: the safety vector's config and its safetensors files disagree: "
+                              f"{'; '.join(parts)}; the vector is incomplete or was edited: recompute it")
+    if not listed and cfg.num_tensors != len(held):
+        source.close()
+        raise CheckpointError(f"{cfg_file}: num_tensors is {cfg.num_tensors} but the files hold {len(held)} tensors; "
+                              "the vector is incomplete or was edited: recompute it")
+
+
+def _names(names: list[str], k: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:k])
+    return shown + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
 class SafetyVector:
@@ -147,6 +174,7 @@ class SafetyVector:
             raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from e
         if remote is None:
             source = SafetensorsCheckpoint.open(folder, prefix=VECTOR_PREFIX, display=display)
+        _check_config_matches_files(cfg, source, cfg_file)
         return cls(source, cfg)
 
     @classmethod
@@ -222,45 +250,44 @@ class SafetyVector:
         )
         out = Path(output_dir) if output_dir is not None else None
         if out is not None:
-            _check_output_dir(out, overwrite)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)) if out is not None else None
-        writer = (
-            StreamingShardWriter(tmp, [OutputTensor(n, tag, a_src.meta(n).shape) for n in names], max_shard_size, prefix=VECTOR_PREFIX)
-            if tmp is not None
-            else None
-        )
+            check_output_dir(out, overwrite, inputs=[str(aligned) if not isinstance(aligned, TensorSource) else None,
+                                                     str(reference) if not isinstance(reference, TensorSource) else None],
+                             hint="pass overwrite=True (CLI: --overwrite) to replace it")
         memory: dict[str, torch.Tensor] = {}
         sq_total = 0.0
+        specs = [OutputTensor(n, tag, a_src.meta(n).shape) for n in names]
         try:
-            for n in tqdm(names, desc="safety vector", unit="tensor", disable=not progress):
-                d = a_src.get(n).float() - r_src.get(n).float()
-                if not torch.isfinite(d).all():
-                    raise NonFiniteError(f"tensor {n!r}: aligned - reference has NaN/Inf (check {a_src.where(n)} and {r_src.where(n)})")
-                d = d.to(store)
-                sq = float(d.double().pow(2).sum())
-                sq_total += sq
-                cfg.tensor_norms[n] = math.sqrt(sq)
-                if writer is not None:
-                    writer.write(n, d)
-                else:
-                    memory[n] = d
-            cfg.num_tensors = len(names)
-            cfg.num_parameters = sum(a_src.meta(n).numel for n in names)
-            cfg.norm = math.sqrt(sq_total)
-            if writer is None:
-                return cls(InMemorySource(memory, display="<computed>"), cfg)
-            writer.close()
-            assert tmp is not None and out is not None
-            vec = cls(InMemorySource({}), cfg)
-            vec._write_meta(tmp)
-            _finalize_dir(tmp, out, overwrite)
-            tmp = None
+            with terminate_as_interrupt(), (AtomicDir(out, overwrite) if out is not None else nullcontext()) as atomic:
+                writer = StreamingShardWriter(atomic.path, specs, max_shard_size, prefix=VECTOR_PREFIX) if atomic else None
+                try:
+                    for n in tqdm(names, desc="safety vector", unit="tensor", disable=not progress):
+                        d = a_src.get(n).float() - r_src.get(n).float()
+                        if not torch.isfinite(d).all():
+                            raise NonFiniteError(f"tensor {n!r}: aligned - reference has NaN/Inf (check {a_src.where(n)} and {r_src.where(n)})")
+                        d = d.to(store)
+                        sq = float(d.double().pow(2).sum())
+                        sq_total += sq
+                        cfg.tensor_norms[n] = math.sqrt(sq)
+                        if writer is not None:
+                            writer.write(n, d)
+                        else:
+                            memory[n] = d
+                    cfg.num_tensors = len(names)
+                    cfg.num_parameters = sum(a_src.meta(n).numel for n in names)
+                    cfg.norm = math.sqrt(sq_total)
+                    if atomic is None:
+                        return cls(InMemorySource(memory, display="<computed>"), cfg)
+                    assert writer is not None and out is not None
+                    writer.close()
+                    writer = None
+                    cls(InMemorySource({}), cfg)._write_meta(atomic.path)
+                    atomic.commit()
+                finally:
+                    if writer is not None:
+                        writer.abort()
+            assert out is not None
             return cls.from_pretrained(out)
         finally:
-            if writer is not None:
-                writer.abort()
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
             if not isinstance(aligned, TensorSource):
                 a_src.close()
             if not isinstance(reference, TensorSource):
@@ -282,30 +309,27 @@ class SafetyVector:
         overwrite: bool = False,
     ) -> Path:
         """Write the vector (safetensors + config + card) to a folder, streaming tensor by tensor."""
-        out = Path(save_directory)
-        _check_output_dir(out, overwrite)
+        out = check_output_dir(save_directory, overwrite, hint="pass overwrite=True to replace it")
         store = _STORE_DTYPES[dtype] if dtype else None
         names = self.keys()
         specs = [
             OutputTensor(n, TORCH_TO_TAG[store] if store else self.meta(n).dtype, self.meta(n).shape) for n in names
         ]
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        writer = StreamingShardWriter(tmp, specs, max_shard_size, prefix=VECTOR_PREFIX)
-        try:
-            for n in names:
-                t = self[n]
-                writer.write(n, t.to(store) if store else t)
-            writer.close()
+        with terminate_as_interrupt(), AtomicDir(out, overwrite) as atomic:
+            writer = StreamingShardWriter(atomic.path, specs, max_shard_size, prefix=VECTOR_PREFIX)
+            try:
+                for n in names:
+                    t = self[n]
+                    writer.write(n, t.to(store) if store else t)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
             if dtype:
                 self.config.dtype = dtype
-            self._write_meta(tmp)
-            _finalize_dir(tmp, out, overwrite)
-        except BaseException:
-            writer.abort()
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            self._write_meta(atomic.path)
+            atomic.commit()
         return out
-
 
     def push_to_hub(
         self,
@@ -325,19 +349,3 @@ class SafetyVector:
             self.save_pretrained(folder, dtype=dtype)
             return push_folder(folder, repo_id, private=private, create_pr=create_pr, token=token,
                                commit_message=commit_message or "Upload safety vector with hf-safety-merge")
-
-
-def _check_output_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ConfigError(f"output folder {out} exists and is not empty; pass overwrite=True (CLI: --overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-
-def _finalize_dir(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Move a fully written temporary folder into place."""
-    if out.exists():
-        if out.is_dir():
-            shutil.rmtree(out)
-        else:
-            out.unlink()
-    os.replace(tmp, out)

@@ -30,11 +30,19 @@ def vec(llama_family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     return out
 
 
-def _edit_vector(vec: Path, dst: Path, fn) -> Path:  # type: ignore[no-untyped-def]
+def _edit_vector(vec: Path, dst: Path, fn, *, keep_config: bool = False) -> Path:  # type: ignore[no-untyped-def]
+    """Copy a vector and edit its tensors; the config's tensor list follows the edit unless
+    `keep_config` (then config and files disagree)."""
     shutil.copytree(vec, dst)
     t = load_file(dst / "safety_vector.safetensors")
     fn(t)
     save_file(t, dst / "safety_vector.safetensors", metadata={"format": "pt"})
+    if not keep_config:
+        cfg_file = dst / "safety_vector_config.json"
+        cfg = json.loads(cfg_file.read_text())
+        cfg["tensor_norms"] = {n: float(x.double().norm()) for n, x in t.items()}
+        cfg["num_tensors"] = len(t)
+        cfg_file.write_text(json.dumps(cfg))
     return dst
 
 
@@ -148,7 +156,7 @@ def test_unknown_method_and_parameter(llama_family: dict[str, Path], vec: Path, 
         _cfg(llama_family, vec, tmp_path / "o", method="enchtabel")
     with pytest.raises(ConfigError, match=r"unknown parameter 'lamda' for method 'enchtable'.*did you mean 'lam'"):
         _cfg(llama_family, vec, tmp_path / "o", parameters={"lamda": 3})
-    with pytest.raises(ConfigError, match="gamma must be in"):
+    with pytest.raises(ConfigError, match=r"parameter .gamma. = 2: must be less than or equal to 1"):
         _cfg(llama_family, vec, tmp_path / "o", parameters={"gamma": 2})
 
 

@@ -50,15 +50,24 @@ def build_method(name: str, parameters: dict[str, Any] | None = None) -> MergeMe
         p = cls.Params(**params)
     except TypeError as e:
         raise ConfigError(f"bad parameters for method {name!r}: {e}") from e
+    except ConfigError as e:
+        raise ConfigError(f"method {name!r}: {e}") from None
     return cls(p)
 
 
 @dataclasses.dataclass
 class MethodParams:
+    """A method's parameters: each field's annotation states its type and range (checked strictly
+    by `validate_dataclass`: YAML strings are not numbers or booleans, NaN/Inf are refused);
+    `validate` adds checks across fields."""
+
     def validate(self) -> None:
         pass
 
     def __post_init__(self) -> None:
+        from ..validation import validate_dataclass
+
+        validate_dataclass(self, what="parameter")
         self.validate()
 
 

@@ -9,10 +9,11 @@ the end so that a failed merge leaves nothing behind.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
-import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,7 +26,8 @@ from tqdm.auto import tqdm
 from ..checkpoints import LoraCheckpoint, SafetensorsCheckpoint, TensorSource, open_checkpoint
 from ..config import SafetyMergeConfig
 from ..errors import ConfigError, NonFiniteError, PlanError
-from ..hub import AUX_PATTERNS, resolve_checkpoint
+from ..hub import AUX_PATTERNS, check_push_target, resolve_checkpoint
+from ..output import AtomicDir, check_output_dir, terminate_as_interrupt
 from ..safetensors_stream import TORCH_TO_TAG, OutputTensor, StreamingShardWriter
 from ..vectors import SafetyVector
 from .base import MergeMethod, build_method
@@ -33,6 +35,7 @@ from .base import MergeMethod, build_method
 _OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _FLOAT_TAGS = {"F64", "F32", "F16", "BF16"}
 REPORT_NAME = "merge_report.json"
+logger = logging.getLogger("hf_safety_merge")
 
 
 @dataclass
@@ -246,22 +249,50 @@ def _copy_aux_files(task: TensorSource, cfg: SafetyMergeConfig, out: Path) -> li
     return copied
 
 
-def _delta_getter(vector: SafetyVector, device: torch.device) -> Any:
+def _is_finite(t: torch.Tensor) -> bool:
+    """True when every entry is finite. A sum is finite iff every entry is (barring overflow,
+    where the full check decides): one cheap pass instead of an isfinite mask per tensor."""
+    if not t.is_floating_point():
+        return True
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+class _FiniteGuard:
+    """Refuses non-finite values (NaN/Inf), or with `allow` passes them through with a warning."""
+
+    def __init__(self, allow: bool) -> None:
+        self.allow = allow
+        self.passed: list[str] = []
+
+    def fail(self, msg: str) -> None:
+        if not self.allow:
+            raise NonFiniteError(f"{msg}; nothing was written (set allow_non_finite: true to pass such values through)")
+        if msg not in self.passed:
+            self.passed.append(msg)
+            warnings.warn(f"{msg}; passed through (allow_non_finite)", stacklevel=3)
+
+    def culprit(self, name: str, checks: list[tuple[torch.Tensor | None, str]]) -> str:
+        for t, where in checks:
+            if t is not None and not _is_finite(t):
+                return f"{where} holds NaN/Inf values"
+        return ""
+
+
+def _delta_getter(vector: SafetyVector, device: torch.device, guard: _FiniteGuard) -> Any:
     def get_delta(name: str) -> torch.Tensor:
         d = vector[name].to(device, torch.float32)
-        # A sum is finite iff every entry is (barring overflow, where the full check decides);
-        # cheaper than materialising an isfinite mask of every tensor.
-        if not torch.isfinite(d.sum()) and not torch.isfinite(d).all():
-            raise NonFiniteError(
-                f"safety vector tensor {name!r} ({vector.source.where(name)}) holds NaN/Inf values; recompute the vector"
-            )
+        if not _is_finite(d):
+            guard.fail(f"safety vector tensor {name!r} ({vector.source.where(name)}) holds NaN/Inf values; recompute the vector")
         return d
 
     return get_delta
 
 
-def _global_pass(method: MergeMethod, plan: _Plan, taus: _TauSource, get_delta: Any, progress: bool) -> None:
-    """Pass 1: global statistics (norms for EnchTable's alpha, cosines for Safe LoRA)."""
+def _global_pass(method: MergeMethod, plan: _Plan, taus: _TauSource, get_delta: Any, progress: bool,
+                 guard: _FiniteGuard) -> None:
+    """Pass 1: global statistics (norms for EnchTable's alpha, cosines for Safe LoRA). A
+    non-finite tau is refused here, before anything is written (with `allow_non_finite`, it is
+    left out of the statistics)."""
     if not method.wants_global_pass():
         return
     names = plan.names if method.global_pass_all_tensors else [n for n in plan.names if n in plan.merged]
@@ -273,14 +304,31 @@ def _global_pass(method: MergeMethod, plan: _Plan, taus: _TauSource, get_delta: 
     for n, (theta, fetched, delta) in tqdm(_prefetch(names, load), total=len(names), desc=f"{method.name}: global pass",
                                             unit="tensor", disable=not progress):
         theta32 = theta.to(taus.device, torch.float32) if theta is not None else None
-        method.observe(n, taus.tau_from(theta32, fetched, n) if taus.ref is not None else None, delta)
+        tau = taus.tau_from(theta32, fetched, n) if taus.ref is not None else None
+        if tau is not None and not _is_finite(tau):
+            guard.fail(guard.culprit(n, [(theta, f"task model tensor {n!r} ({taus.task.where(n)})"),
+                                         (fetched, _fetched_where(taus, n))])
+                       or f"tau = task - reference of {n!r} overflows ({taus.task.where(n)})")
+            tau = None
+        if delta is not None and not _is_finite(delta):
+            delta = None  # reported by get_delta; only reached with allow_non_finite
+        method.observe(n, tau, delta)
     method.finish_global()
 
 
+def _fetched_where(taus: _TauSource, name: str) -> str:
+    if taus.lora_direct:
+        return f"the LoRA update of {name!r} ({taus.task.where(name)})"
+    assert taus.ref is not None
+    return f"reference tensor {name!r} ({taus.ref.where(name)})"
+
+
 def _merged_tensors(
-    method: MergeMethod, plan: _Plan, task: TensorSource, taus: _TauSource, get_delta: Any, device: torch.device, progress: bool
+    method: MergeMethod, plan: _Plan, task: TensorSource, taus: _TauSource, get_delta: Any, device: torch.device, progress: bool,
+    guard: _FiniteGuard,
 ) -> Iterator[tuple[str, OutputTensor, torch.Tensor]]:
-    """Pass 2: yield (name, output spec, merged tensor in the output dtype), one at a time."""
+    """Pass 2: yield (name, output spec, merged tensor in the output dtype), one at a time.
+    Every output tensor is checked finite before it is yielded (so before it is written)."""
     total = sum(o.nbytes for o in plan.outputs)
     specs = dict(zip(plan.names, plan.outputs))
 
@@ -303,8 +351,26 @@ def _merged_tensors(
                 method.theta_owned = fresh or theta32.data_ptr() != theta.data_ptr()
                 tau = taus.tau_from(theta32, fetched, n) if method.needs_reference else None
                 theta = method.merge_tensor(n, theta32, tau, delta)
-            yield n, spec, theta.to("cpu").to(_tag_dtype(spec.dtype))
+            out = theta.to("cpu").to(_tag_dtype(spec.dtype))
+            if not _is_finite(out):
+                guard.fail(_explain_non_finite(n, spec, task, taus, fetched, delta))
+            yield n, spec, out
             bar.update(spec.nbytes)
+
+
+def _explain_non_finite(name: str, spec: OutputTensor, task: TensorSource, taus: _TauSource,
+                        fetched: torch.Tensor | None, delta: torch.Tensor | None) -> str:
+    """Which input made output tensor `name` non-finite (the task tensor is re-read: the merge
+    may have updated its buffer in place)."""
+    checks: list[tuple[torch.Tensor | None, str]] = [(task.get(name), f"task model tensor {name!r} ({task.where(name)})")]
+    if fetched is not None:
+        checks.append((fetched, _fetched_where(taus, name)))
+    if delta is not None:
+        checks.append((delta, f"safety vector tensor {name!r}"))
+    return task_culprit if (task_culprit := _FiniteGuard(True).culprit(name, checks)) else (
+        f"merged tensor {name!r} is not finite in the output dtype {spec.dtype} (overflow; try dtype: float32 "
+        "or a smaller scale)"
+    )
 
 
 def _summary(method: MergeMethod) -> dict[str, Any]:
@@ -343,75 +409,75 @@ def merge(
     out_str = output_dir if output_dir is not None else config.output_dir
     if out_str is None:
         raise ConfigError("no output folder: set `output_dir` in the config or pass --out")
-    out = Path(out_str)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not config.overwrite:
-        raise ConfigError(f"output folder {out} exists and is not empty; set overwrite: true (CLI: --overwrite) to replace it")
+    # Everything that can be checked without reading a tensor is checked first.
+    out = check_output_dir(out_str, config.overwrite, inputs=_inputs(config))
     method = build_method(config.method, config.parameters)
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' requested but torch.cuda.is_available() is False")
+    if config.push_to_hub:
+        check_push_target(config.push_to_hub)
+    guard = _FiniteGuard(config.allow_non_finite)
 
-    task = _open_task(config)
-    ref: TensorSource | None = None
-    vector: SafetyVector | None = None
-    tmp: Path | None = None
-    writer: StreamingShardWriter | None = None
-    try:
-        ref = _open_reference(config, method, task)
-        vector = SafetyVector.from_pretrained(config.safety_vector, revision=config.safety_vector_revision)
-        plan = _validate_plan(config, method, task, ref, vector)
-        taus = _TauSource(task, ref, device)
-        get_delta = _delta_getter(vector, device)
-        _global_pass(method, plan, taus, get_delta, progress)
+    with terminate_as_interrupt():
+        task = _open_task(config)
+        ref: TensorSource | None = None
+        vector: SafetyVector | None = None
+        writer: StreamingShardWriter | None = None
+        try:
+            ref = _open_reference(config, method, task)
+            vector = SafetyVector.from_pretrained(config.safety_vector, revision=config.safety_vector_revision)
+            plan = _validate_plan(config, method, task, ref, vector)
+            taus = _TauSource(task, ref, device)
+            get_delta = _delta_getter(vector, device, guard)
+            _global_pass(method, plan, taus, get_delta, progress, guard)
+            with AtomicDir(out, config.overwrite) as atomic:
+                tmp = atomic.path
+                writer = StreamingShardWriter(tmp, plan.outputs, config.max_shard_size, prefix="model")
+                for n, _spec, theta in _merged_tensors(method, plan, task, taus, get_delta, device, progress, guard):
+                    writer.write(n, theta)
+                files = writer.close()
+                writer = None
+                files += _copy_aux_files(task, config, tmp)
+                summary = _summary(method)
+                if guard.passed:
+                    summary["non_finite_passed_through"] = len(guard.passed)
+                result = MergeResult(
+                    output_dir=out,
+                    method=method.name,
+                    summary=summary,
+                    tensors=method.report,
+                    num_tensors=len(plan.names),
+                    num_merged=len(plan.merged),
+                    seconds=time.perf_counter() - t0,
+                    files=files,
+                )
+                report = {
+                    "method": method.name,
+                    "parameters": _jsonable(vars(method.params)),
+                    "summary": _jsonable(summary),
+                    "non_finite": guard.passed,
+                    "tensors": _jsonable(method.report),
+                    "task_model": task.display,
+                    "task_reference": ref.display if ref is not None else None,
+                    "safety_vector": vector.source.display,
+                    "safety_vector_config": {k: v for k, v in vars(vector.config).items() if k != "tensor_norms"},
+                }
+                (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+                config.save_pretrained(tmp)
+                from ..cards import merged_model_card
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        writer = StreamingShardWriter(tmp, plan.outputs, config.max_shard_size, prefix="model")
-        for n, _spec, theta in _merged_tensors(method, plan, task, taus, get_delta, device, progress):
-            writer.write(n, theta)
-        files = writer.close()
-        files += _copy_aux_files(task, config, tmp)
-        summary = _summary(method)
-        result = MergeResult(
-            output_dir=out,
-            method=method.name,
-            summary=summary,
-            tensors=method.report,
-            num_tensors=len(plan.names),
-            num_merged=len(plan.merged),
-            seconds=time.perf_counter() - t0,
-            files=files,
-        )
-        report = {
-            "method": method.name,
-            "parameters": _jsonable(vars(method.params)),
-            "summary": _jsonable(summary),
-            "tensors": _jsonable(method.report),
-            "task_model": task.display,
-            "task_reference": ref.display if ref is not None else None,
-            "safety_vector": vector.source.display,
-            "safety_vector_config": {k: v for k, v in vars(vector.config).items() if k != "tensor_norms"},
-        }
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        config.save_pretrained(tmp)
-        from ..cards import merged_model_card
-
-        merged_model_card(config, result, task_display=task.display, vector=vector).save(tmp / "README.md")
-        result.files += [REPORT_NAME, "safety_merge_config.yaml", "README.md"]
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
-        tmp = None
-    finally:
-        if writer is not None:
-            writer.abort()
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        task.close()
-        if ref is not None and ref is not getattr(task, "base", None):
-            ref.close()
-        if vector is not None:
-            vector.close()
+                merged_model_card(config, result, task_display=task.display, vector=vector).save(tmp / "README.md")
+                result.files += [REPORT_NAME, "safety_merge_config.yaml", "README.md"]
+                atomic.commit()
+        finally:
+            if writer is not None:
+                writer.abort()
+            task.close()
+            if ref is not None and ref is not getattr(task, "base", None):
+                ref.close()
+            if vector is not None:
+                vector.close()
     if config.push_to_hub:
         from ..hub import push_folder
 
@@ -421,6 +487,10 @@ def merge(
         result.pr_url = getattr(info, "pr_url", None)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _inputs(config: SafetyMergeConfig) -> list[str | None]:
+    return [config.task_model, config.task_adapter, config.task_reference, config.safety_vector]
 
 
 def apply_safety_vector(
@@ -434,16 +504,24 @@ def apply_safety_vector(
     vector_revision: str | None = None,
     device: str = "cpu",
     progress: bool = True,
+    allow_non_finite: bool = False,
 ) -> MergeResult:
-    """Patch an in-memory transformers model with a safety vector, in place (no full copy).
+    """Patch an in-memory transformers model with a safety vector, in place.
 
     Runs exactly the computation of `merge` (same plan checks, same global pass, same
     per-tensor formulas and casts), so the result equals the on-disk merge bit for bit.
+    Atomic: every merged tensor is computed and checked (finite, right shape) before the first
+    one is copied into the model, so on any error the model is unchanged. This holds a copy of
+    the patched tensors (the safety vector's coverage) while it runs.
     """
     from ..checkpoints import InMemorySource
 
     t0 = time.perf_counter()
     m = build_method(method, parameters)
+    cfg = SafetyMergeConfig(task_model=getattr(model.config, "_name_or_path", None) or model.__class__.__name__,
+                            safety_vector="<in memory>" if isinstance(vector, SafetyVector) else vector,
+                            task_reference=task_reference, method=method, parameters=dict(parameters or {}),
+                            device=device, allow_non_finite=allow_non_finite)
     vec = vector if isinstance(vector, SafetyVector) else SafetyVector.from_pretrained(vector, revision=vector_revision)
     # The tensors a checkpoint would hold: state_dict minus tied duplicates (kept: first name).
     seen: dict[int, str] = {}
@@ -454,29 +532,35 @@ def apply_safety_vector(
             continue
         seen[ptr] = name
         tensors[name] = t
-    display = getattr(model.config, "_name_or_path", None) or model.__class__.__name__
-    task = InMemorySource(tensors, display=display, config=model.config.to_dict())
-    cfg = SafetyMergeConfig(task_model=task.display, safety_vector=vec.source.display, task_reference=task_reference,
-                            method=method, parameters=dict(parameters or {}), device=device)
+    task = InMemorySource(tensors, display=cfg.task_model, config=model.config.to_dict())
     ref = open_checkpoint(task_reference, revision=task_reference_revision) if (m.needs_reference and task_reference) else None
+    guard = _FiniteGuard(allow_non_finite)
+    staged: dict[str, torch.Tensor] = {}
     try:
         plan = _validate_plan(cfg, m, task, ref, vec)
         dev = torch.device(device)
         taus = _TauSource(task, ref, dev)
-        get_delta = _delta_getter(vec, dev)
-        _global_pass(m, plan, taus, get_delta, progress)
+        get_delta = _delta_getter(vec, dev, guard)
+        _global_pass(m, plan, taus, get_delta, progress, guard)
         merged_names = [n for n in plan.names if n in plan.merged]
         sub_plan = _Plan(names=merged_names, merged=plan.merged,
                          outputs=[o for o in plan.outputs if o.name in plan.merged])
         with torch.no_grad():
-            for n, _spec, theta in _merged_tensors(m, sub_plan, task, taus, get_delta, dev, progress):
+            for n, _spec, theta in _merged_tensors(m, sub_plan, task, taus, get_delta, dev, progress, guard):
+                staged[n] = theta.to(tensors[n].device, tensors[n].dtype)
+            # Everything is computed and checked: only now is the model touched.
+            for n, theta in staged.items():
                 tensors[n].copy_(theta)
     finally:
+        staged.clear()
         if ref is not None:
             ref.close()
         if not isinstance(vector, SafetyVector):
             vec.close()
-    return MergeResult(output_dir=Path("."), method=m.name, summary=_summary(m), tensors=m.report,
+    summary = _summary(m)
+    if guard.passed:
+        summary["non_finite_passed_through"] = len(guard.passed)
+    return MergeResult(output_dir=Path("."), method=m.name, summary=summary, tensors=m.report,
                        num_tensors=len(tensors), num_merged=len(plan.merged), seconds=time.perf_counter() - t0)
 
 

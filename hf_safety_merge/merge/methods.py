@@ -8,11 +8,13 @@ import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field
 
 from ..errors import ConfigError
+from ..validation import NonNegativeFloat, NonNegativeInt, UnitInterval
 from .base import MergeMethod, MethodParams, register
 
 # ===================================================================================== EnchTable
@@ -151,9 +153,10 @@ class EnchTableParams(MethodParams):
     """EnchTable's interference-aware merge (defaults from the paper and reference code).
 
     Attributes:
-        beta: coarse scale factor; `alpha = beta * ||tau|| / ||Delta_s||` (reference `ada_alpha`=0.1).
+        beta: coarse scale factor in (0, 100]; `alpha = beta * ||tau|| / ||Delta_s||` (reference
+            `ada_alpha` = 0.1).
         gamma: fraction of singular triplets kept per matrix, `r = floor(gamma * min(m, n))` (0.5).
-        lam: interference temperature, `w = exp(-lam * ||M||_1 / (2r)^2)` (200).
+        lam: interference temperature >= 0, `w = exp(-lam * ||M||_1 / (2r)^2)` (200).
         norm_scope: "all" (reference: ||tau|| over every tensor of the checkpoint, ||Delta_s|| over
             every tensor of the vector) or "vector" (both only over the tensors of the vector).
         fine: apply the per-matrix interference weight (False: coarse scaling only).
@@ -170,29 +173,15 @@ class EnchTableParams(MethodParams):
             intra-op threads better).
     """
 
-    beta: float = 0.1
-    gamma: float = 0.5
-    lam: float = 200.0
+    beta: Annotated[float, Field(gt=0, le=100)] = 0.1
+    gamma: UnitInterval = 0.5
+    lam: NonNegativeFloat = 200.0
     norm_scope: Literal["all", "vector"] = "all"
     fine: bool = True
     svd_dtype: Literal["float32", "float64"] = "float32"
     mask_null_triplets: bool = True
     backend: Literal["svd", "gram"] = "gram"
     parallel: bool | Literal["auto"] = "auto"
-
-    def validate(self) -> None:
-        if not 0 < self.gamma <= 1:
-            raise ConfigError(f"enchtable parameter gamma must be in (0, 1], got {self.gamma}")
-        if self.lam < 0:
-            raise ConfigError(f"enchtable parameter lam must be >= 0, got {self.lam}")
-        if self.norm_scope not in ("all", "vector"):
-            raise ConfigError(f"enchtable parameter norm_scope must be 'all' or 'vector', got {self.norm_scope!r}")
-        if self.parallel not in (True, False, "auto"):
-            raise ConfigError(f"enchtable parameter parallel must be true, false or 'auto', got {self.parallel!r}")
-        if self.backend not in ("svd", "gram"):
-            raise ConfigError(f"enchtable parameter backend must be 'svd' or 'gram', got {self.backend!r}")
-        if self.svd_dtype not in ("float32", "float64"):
-            raise ConfigError(f"enchtable parameter svd_dtype must be 'float32' or 'float64', got {self.svd_dtype!r}")
 
 
 @register
@@ -253,9 +242,13 @@ class EnchTable(MergeMethod):
 # ============================================================================ task arithmetic
 @dataclasses.dataclass
 class TaskArithmeticParams(MethodParams):
-    """RESTA: theta = theta_task + beta * Delta_s (Bhardwaj et al. 2024; their scripts use 1.0)."""
+    """RESTA: theta = theta_task + beta * Delta_s (Bhardwaj et al. 2024; their scripts use 1.0).
 
-    beta: float = 1.0
+    Attributes:
+        beta: the safety vector's scale, in (0, 10].
+    """
+
+    beta: Annotated[float, Field(gt=0, le=10)] = 1.0
 
 
 @register
@@ -299,14 +292,8 @@ class SafeLoraParams(MethodParams):
     """
 
     select: Literal["number", "threshold"] = "number"
-    threshold: float = 0.5
-    num_proj_layers: int = 10
-
-    def validate(self) -> None:
-        if self.select not in ("number", "threshold"):
-            raise ConfigError(f"safe_lora parameter select must be 'number' or 'threshold', got {self.select!r}")
-        if self.num_proj_layers < 0:
-            raise ConfigError("safe_lora parameter num_proj_layers must be >= 0")
+    threshold: Annotated[float, Field(ge=-1, le=1)] = 0.5
+    num_proj_layers: NonNegativeInt = 10
 
 
 @register
@@ -362,6 +349,11 @@ class SafeLora(MergeMethod):
 
 
 # ============================================================================== TIES and DARE
+def _check_weights(task_weight: float, safety_weight: float) -> None:
+    if safety_weight == 0:
+        raise ConfigError("parameter 'safety_weight' = 0: the merge would ignore the safety vector; use a value > 0")
+
+
 def _tensor_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + int.from_bytes(hashlib.sha256(name.encode()).digest()[:6], "little")) % (2**63)
 
@@ -374,14 +366,13 @@ class TiesParams(MethodParams):
     tensor, magnitude top-k), majority_sign_method ("total" or "frequency").
     """
 
-    task_weight: float = 1.0
-    safety_weight: float = 1.0
-    density: float = 0.5
+    task_weight: NonNegativeFloat = 1.0
+    safety_weight: NonNegativeFloat = 1.0
+    density: UnitInterval = 0.5
     majority_sign_method: Literal["total", "frequency"] = "total"
 
     def validate(self) -> None:
-        if not 0 < self.density <= 1:
-            raise ConfigError(f"density must be in (0, 1], got {self.density}")
+        _check_weights(self.task_weight, self.safety_weight)
 
 
 @register
@@ -405,16 +396,15 @@ class DareParams(MethodParams):
     `dare_ties`. `density` is the kept fraction; the random mask is seeded per tensor from
     `seed` and the tensor name, so a merge is reproducible."""
 
-    task_weight: float = 1.0
-    safety_weight: float = 1.0
-    density: float = 0.5
+    task_weight: NonNegativeFloat = 1.0
+    safety_weight: NonNegativeFloat = 1.0
+    density: UnitInterval = 0.5
     ties: bool = False
     majority_sign_method: Literal["total", "frequency"] = "total"
-    seed: int = 0
+    seed: NonNegativeInt = 0
 
     def validate(self) -> None:
-        if not 0 < self.density <= 1:
-            raise ConfigError(f"density must be in (0, 1], got {self.density}")
+        _check_weights(self.task_weight, self.safety_weight)
 
 
 @register
