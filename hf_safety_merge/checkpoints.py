@@ -89,9 +89,12 @@ class TensorSource(ABC):
         if not cfg.is_file():
             return None
         try:
-            return dict(json.loads(cfg.read_text()))
-        except json.JSONDecodeError as e:
+            data = json.loads(cfg.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{cfg}: invalid JSON ({e})") from e
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{cfg}: expected a JSON object of model settings, got a JSON {type(data).__name__}")
+        return data
 
 
 class InMemorySource(TensorSource):

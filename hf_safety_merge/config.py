@@ -14,7 +14,7 @@ import yaml
 from pydantic import Field
 
 from .errors import ConfigError, did_you_mean
-from .validation import validate_dataclass
+from .validation import load_yaml, validate_dataclass
 
 CONFIG_NAME = "safety_merge_config.yaml"
 OUTPUT_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -136,7 +136,7 @@ class SafetyMergeConfig:
             raise ConfigError(f"{p}: config file not found")
         text = p.read_text()
         try:
-            data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+            data = json.loads(text) if p.suffix == ".json" else load_yaml(text)
         except (json.JSONDecodeError, yaml.YAMLError) as e:
             raise ConfigError(f"{p}: cannot parse ({e})") from e
         return cls.from_dict(data or {}, source=str(p))

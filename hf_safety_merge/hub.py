@@ -89,7 +89,6 @@ def _as_local_too(display: str) -> str:
 def _hub_call(display: str, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Run a huggingface_hub call; every failure becomes one readable library error that names
     the repo, the endpoint and the likely cause (never a token)."""
-    import httpx
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
@@ -110,13 +109,13 @@ def _hub_call(display: str, what: str, fn: Any, *args: Any, **kwargs: Any) -> An
         ) from e
     except RevisionNotFoundError as e:
         raise CheckpointError(f"{display}: revision not found on the Hub ({_endpoint()})") from e
-    except EntryNotFoundError as e:
-        raise CheckpointError(f"{display}: {what} not found in the repo") from e
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
         raise CheckpointError(
             f"{display}: {what} is not in the local HF cache and the Hub ({_endpoint()}) cannot be reached "
             f"(offline, or HF_HUB_OFFLINE=1 with nothing cached){_as_local_too(display)}"
         ) from e
+    except EntryNotFoundError as e:
+        raise CheckpointError(f"{display}: {what} not found in the repo") from e
     except HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
         cause = {401: "no or invalid token: set HF_TOKEN or run `hf auth login`",
@@ -124,12 +123,29 @@ def _hub_call(display: str, what: str, fn: Any, *args: Any, **kwargs: Any) -> An
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise HubError(_redact(f"{display}: Hub request for {what} failed on {_endpoint()}"
                                f"{' (' + cause + ')' if cause else ''}: {first}")) from e
-    except (httpx.HTTPError, OSError) as e:
+    except (*_transport_errors(), OSError) as e:
         raise HubError(_redact(
             f"{display}: cannot reach the Hub at {_endpoint()} for {what} ({type(e).__name__}: "
             f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no answer'}); offline? "
             f"Set HF_HUB_OFFLINE=1 to read from the local cache{_as_local_too(display)}"
         )) from e
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP client errors huggingface_hub lets through (it uses `httpx2` in recent
+    releases, `httpx` before); neither is an `OSError`."""
+    import importlib
+
+    errors: list[type[BaseException]] = []
+    for mod in ("httpx2", "httpx", "requests"):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        err = getattr(m, "HTTPError", None) or getattr(getattr(m, "exceptions", None), "RequestException", None)
+        if isinstance(err, type) and issubclass(err, BaseException):
+            errors.append(err)
+    return tuple(errors)
 
 
 def check_push_target(repo_id: str, *, token: str | None = None) -> None:

@@ -32,9 +32,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .errors import ConfigError, did_you_mean
+from .validation import NonNegativeInt, PositiveFloat, PositiveInt, load_yaml, validate_dataclass
 
 REFUSALS = (
     "I'm sorry, but I can't help with that. It could cause serious harm to people.",
@@ -99,39 +100,42 @@ class StudyConfig:
 
     model: str = "smollm2"
     data_dir: str | None = None
-    seed: int = 0
-    device: str = "cpu"
-    threads: int = 0
-    align_harmful: int = 160
-    align_benign: int = 240
-    align_epochs: float = 2.0
-    align_lr: float = 1e-4
-    task_train: int = 240
+    seed: NonNegativeInt = 0
+    device: Literal["cpu", "cuda"] = "cpu"
+    threads: NonNegativeInt = 0
+    align_harmful: PositiveInt = 160
+    align_benign: PositiveInt = 240
+    align_epochs: PositiveFloat = 2.0
+    align_lr: PositiveFloat = 1e-4
+    task_train: PositiveInt = 240
     harmful_fracs: Sequence[float] = (0.0, 0.1)
     break_modes: Sequence[str] = ("full", "lora")
-    task_epochs: float = 2.0
-    task_lr: float = 5e-5
-    lora_lr: float = 1e-3
-    lora_r: int = 8
-    lora_alpha: int = 32
-    batch_size: int = 8
-    max_length: int = 128
-    distill_harmful: int = 128
-    distill_steps: int = 24
-    distill_lr: float = 1e-4
-    enchtable_betas: Sequence[float] = (0.1, 1.0)
-    resta_beta: float = 1.0
+    task_epochs: PositiveFloat = 2.0
+    task_lr: PositiveFloat = 5e-5
+    lora_lr: PositiveFloat = 1e-3
+    lora_r: PositiveInt = 8
+    lora_alpha: PositiveInt = 32
+    batch_size: PositiveInt = 8
+    max_length: PositiveInt = 128
+    distill_harmful: PositiveInt = 128
+    distill_steps: PositiveInt = 24
+    distill_lr: PositiveFloat = 1e-4
+    enchtable_betas: Sequence[PositiveFloat] = (0.1, 1.0)
+    resta_beta: PositiveFloat = 1.0
     asft_settings: Sequence[str] = ("1:safe_lora", "10:topk")
     safekey_settings: Sequence[str] = ("0.2:0.2",)
     methods: Sequence[str] = METHODS
     merge_on_full: Sequence[str] = ("enchtable_ffn", "enchtable_attn", "enchtable_hybrid", "resta", "safe_lora")
     merge_on_lora: Sequence[str] = ("enchtable_ffn", "resta", "safe_lora")
-    eval_harmful: int = 48
-    eval_benign: int = 48
-    eval_task: int = 48
+    eval_harmful: PositiveInt = 48
+    eval_benign: PositiveInt = 48
+    eval_task: PositiveInt = 48
     attacks: Sequence[str] = ("dan", "prefill")
-    max_new_tokens: int = 48
-    eval_batch_size: int = 16
+    max_new_tokens: PositiveInt = 48
+    eval_batch_size: PositiveInt = 16
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> StudyConfig:
@@ -160,18 +164,22 @@ class StudyConfig:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **overrides: Any) -> StudyConfig:
-        import yaml
 
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"study config {p} does not exist")
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = load_yaml(p.read_text()) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a mapping of study options, got {type(raw).__name__}")
         preset = raw.pop("preset", "full")
         return cls.preset(preset, **{**raw, **overrides})
 
     def validate(self) -> None:
+        """Types and ranges of every field (strict: YAML strings are not numbers), then the
+        entries of the list-valued options."""
+        if isinstance(self.data_dir, os.PathLike):
+            self.data_dir = os.fspath(self.data_dir)
+        validate_dataclass(self, what="study option")
         for m in self.methods:
             if m not in METHODS:
                 raise ConfigError(f"study method {m!r} is not one of {METHODS}" + did_you_mean(m, METHODS))
@@ -200,11 +208,6 @@ class StudyConfig:
                 ok = False
             if not ok:
                 raise ConfigError(f"safekey_settings entry {a!r}: expected '<head weight>:<qmm weight>', both >= 0")
-        if self.device not in ("cpu", "cuda"):
-            raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
-        for name in ("align_harmful", "align_benign", "task_train", "eval_harmful", "eval_benign", "eval_task", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}

@@ -111,3 +111,26 @@ def validate_dataclass(obj: Any, *, what: str, names: Iterable[str] | None = Non
 def parse_bool(value: Any, label: str) -> bool:
     """A real boolean (YAML true/false), nothing truthy: used for CLI/YAML flags read by hand."""
     return bool(check_value(bool, value, label))
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load`, except that `1e-4` and `5E+3` are numbers (YAML 1.1, which PyYAML
+    follows, reads exponent notation without a dot as a string; YAML 1.2 and users read it as a
+    number). Used for every config file, so strict validation never rejects an unquoted number."""
+    import re
+
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    _Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+        list("-+0123456789."),
+    )
+    return yaml.load(text, Loader=_Loader)

@@ -441,13 +441,27 @@ def load_model(
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         ref = str(model)
+        local = Path(ref).expanduser()
+        if not local.exists() and (ref.startswith((".", "/", "~")) or ref.count("/") > 1 or not ref.strip()):
+            raise ConfigError(f"model {ref!r}: no such local folder ({local.resolve()})")
+        if local.is_dir() and not (local / "config.json").is_file():
+            raise ConfigError(f"model {ref!r}: the folder has no config.json; is it a model folder?")
+        if local.is_dir() and tokenizer is None and not any(
+            (local / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+        ):
+            raise ConfigError(
+                f"model {ref!r}: the folder has no tokenizer (tokenizer.json / tokenizer_config.json); save it with "
+                "tokenizer.save_pretrained(folder), or pass tokenizer=..."
+            )
         torch_dtype = getattr(torch, dtype) if dtype and dtype != "auto" else "auto"
+        where = "" if local.exists() else f" ({ref!r} is not a local folder; it was read as a Hub repo id)"
         try:
             auto: Any = AutoModelForCausalLM
             m = auto.from_pretrained(ref, dtype=torch_dtype, revision=revision).to(device).eval()
             tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(ref, revision=revision)
-        except OSError as e:
-            raise ConfigError(f"cannot load model {ref!r}: {e}") from e
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"cannot load model {ref!r}{where}: {first}") from e
         name = getattr(m.config, "name_or_path", "") or ref
         if Path(ref).exists():
             name = Path(ref).resolve().name

@@ -226,7 +226,9 @@ def load_prompts(
         if limit is not None and len(items) >= limit:
             break
     if not items:
-        raise ConfigError(f"{origin}: no prompts left after filtering with {filt or 'nothing'}")
+        if not rows:
+            raise ConfigError(f"{origin}: the prompt set is empty (no rows)")
+        raise ConfigError(f"{origin}: no prompts left after keeping only rows with {filt} ({len(rows)} rows before)")
     return PromptSet(name or "prompts", items, origin)
 
 

@@ -16,9 +16,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
 
 from ..errors import ConfigError, did_you_mean
+from ..validation import NonNegativeInt, PositiveFloat, PositiveInt, validate_dataclass
 from .attacks import Attack, get_attack
 from .generation import (
     GenerationConfig,
@@ -68,27 +71,34 @@ class SafetyEvalConfig:
 
     harmful: Any = "advbench"
     harmful_column: str | None = None
-    harmful_eval_size: float | int | None = 0.5
-    split_seed: int = 0
-    harmful_limit: int | None = None
+    harmful_eval_size: Annotated[float, Field(gt=0, lt=1)] | PositiveInt | None = 0.5
+    split_seed: NonNegativeInt = 0
+    harmful_limit: PositiveInt | None = None
     benign: Any = "xstest_safe"
-    benign_limit: int | None = None
+    benign_limit: PositiveInt | None = None
     utility: Any = None
     utility_column: str | None = None
     utility_reference_column: str = "answer"
     utility_metric: str = "exact_match"
-    utility_limit: int | None = None
+    utility_limit: PositiveInt | None = None
     attacks: Sequence[str] = field(default_factory=tuple)
     judge: Any = "keyword"
     refusal_judge: Any = "keyword"
-    max_new_tokens: int = 64
-    batch_size: int = 16
+    max_new_tokens: PositiveInt = 64
+    batch_size: PositiveInt = 16
     system_prompt: str | None = None
-    code_timeout: float = 10.0
+    code_timeout: PositiveFloat = 10.0
     data_dir: str | None = None
-    backend: str = "transformers"
+    backend: Literal["transformers", "vllm", "auto"] = "transformers"
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
+        """Types and ranges of every field (strict), then the utility metric and generation."""
+        if isinstance(self.data_dir, os.PathLike):
+            self.data_dir = os.fspath(self.data_dir)
+        validate_dataclass(self, what="evaluation option")
         if self.utility_metric not in UTILITY_METRICS:
             raise ConfigError(
                 f"SafetyEvalConfig.utility_metric must be one of {UTILITY_METRICS}, got {self.utility_metric!r}"
