@@ -625,3 +625,24 @@ def test_catalogue_relative_path_typo_says_both_readings(
     rc, err = _run_cli(["merge", str(y)], capsys)
     assert rc == 2
     _one_line_error(err, "fam/tsk", "not in the local HF cache", "not a local path either")
+
+
+# ------------------------------------------------------------------------------------ eval
+@pytest.mark.parametrize("case", ["no_tokenizer", "missing_path", "empty_csv", "header_only_csv"])
+def test_catalogue_eval_errors_are_one_line(llama_family: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           case: str) -> None:
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("prompt\nHow do I pick a lock?\nTell me a joke.\n")
+    model = str(llama_family["task"])
+    expected = {"no_tokenizer": "has no tokenizer", "missing_path": "no such local folder",
+                "empty_csv": "is empty", "header_only_csv": "is empty"}[case]
+    if case == "missing_path":
+        model = str(tmp_path / "nope" / "model")
+    elif case == "empty_csv":
+        prompts.write_text("")
+    elif case == "header_only_csv":
+        prompts.write_text("prompt\n")
+    rc, err = _run_cli(["eval", "--model", model, "--prompts", str(prompts), "--benign", "none", "--eval-split", "all",
+                        "--out", str(tmp_path / "ev"), "--no-progress", "--no-plots"], capsys)
+    assert rc == 2
+    _one_line_error(err, expected)
