@@ -7,7 +7,8 @@
   Qwen2 with `use_sliding_window`, Gemma-2, Gemma-3), a conv layer (LFM2) and a linear-attention layer
   (Qwen3-Next); a custom 4-D mask (the earlier form) is shown to differ there, so the check has teeth;
 - `safekey_qmm_mode="auto"` picks compact only for those types; "compact" elsewhere is refused;
-- `safekey_head_theta` is the reference's weight between the two BCE terms.
+- `safekey_head_theta` is the reference's weight between the two BCE terms, and the heads read the
+  reference's hidden states (`output.hidden_states[-1]` of the SFT pass).
 """
 
 from __future__ import annotations
@@ -185,9 +186,16 @@ def test_trainer_passes_head_theta_to_the_loss(tmp_path: Any, tok_ds: tuple[Any,
     seen: list[float] = []
     orig = DualPathSafetyHead.loss
     monkeypatch.setattr(DualPathSafetyHead, "loss", staticmethod(lambda lg, y, theta=0.5: seen.append(theta) or orig(lg, y, theta)))
+    pooled_from: list[torch.Tensor] = []
+    tr.safekey_heads.register_forward_hook(lambda mod, args, out: pooled_from.append(args[0].detach()))
     tr.model.train()
-    tr.compute_loss(tr.model, tr._prepare_inputs(tr.data_collator([ds[0], ds[1]])))
+    batch = tr._prepare_inputs(tr.data_collator([ds[0], ds[1]]))
+    tr.compute_loss(tr.model, dict(batch))
     assert seen == [0.7]
+    # the heads read what the reference's read: `output.hidden_states[-1]` of the SFT forward
+    with torch.no_grad():
+        ref = tr.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    torch.testing.assert_close(pooled_from[0], ref.hidden_states[-1], atol=1e-6, rtol=0)
 
 
 def test_head_theta_is_the_reference_weight(tmp_path: Any) -> None:
