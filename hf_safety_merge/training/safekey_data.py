@@ -9,6 +9,9 @@ An input record is a (prompt, reasoning response, label) triple::
      # optional: explicit character offsets into `response` (otherwise a heuristic finds U and K)
      "u_end": 42, "k_end": 71, "u_start": 7, "k_start": 43}
 
+Rows in the reference's layout (SafeKey `data/train/sft_mix_2k.json`: `question`, `response`,
+`summary_end_idx`, `next_sentence_end_idx`, `source`) are accepted too (:func:`from_reference_record`).
+
 How an example is built:
 
 1. **Render.** With a chat template, the prompt is rendered with `add_generation_prompt=True` (the
@@ -18,6 +21,9 @@ How an example is built:
    follow it. Templates that rewrite the assistant turn (DeepSeek-R1's drops everything up to
    `</think>`) fail that test; the text is then `rendered prompt + response + eos_token`, which is
    what the model sees at generation time. Without a chat template: `prompt + response + eos`.
+   When the rendered prompt ends with `<think>` (the R1-distill generation prompt ends with
+   `<think>\\n`) and the response opens with `<think>` too, the response's `<think>` is left out, so
+   that the text holds one think block (:func:`think_overlap`; one warning per data set).
 2. **Tokenise once.** The full text goes through the (fast) tokenizer once, with
    `return_offsets_mapping=True` and `add_special_tokens=False` (the template already holds any BOS);
    pieces are never re-tokenised, so the ids are exactly those the model trains on.
@@ -33,11 +39,14 @@ The heuristic split (used when a record has no `u_end`/`k_end`), see :func:`spli
   DeepSeek-R1 templates whose generation prompt opens the think block), else the whole response;
 - it is split into sentences at `.`, `!`, `?`, `…` followed by white space (common abbreviations
   such as "e.g." and "Dr." excepted), at `。！？`, and at line breaks;
-- U is the first sentence, extended by each following sentence that restates the query: it opens
-  (after an interjection such as "Okay," or "So,") with a restatement cue ("the user", "they want",
-  "the question is about", "I need to figure out", ...; see `RESTATEMENT_CUES`), or at least `overlap_threshold` of its content words
-  (3+ letters, not stop words) occur in the query; at most `max_u_sentences` sentences, and always
-  leaving one sentence for K;
+- U is the first sentence, extended by each following sentence that restates the query and is not
+  a judgement (:func:`is_judgement`: a safety, legality or intent word the query does not hold,
+  speculation about the user's intent, a refusal). A restatement opens (after an interjection such
+  as "Okay," or "So,") with "the user" / "they" and a reporting verb ("the user is asking", "they
+  want") or another restatement cue ("the question is about", "I need to figure out", ...; see
+  `RESTATEMENT_CUES`), or at least `overlap_threshold` of its content words (3+ letters, not stop
+  words) occur in the query; at most `max_u_sentences` sentences, and always leaving one sentence
+  for K;
 - K is the sentence right after U.
 """
 
