@@ -1,9 +1,11 @@
 """Step time of `SafeKeyTrainer` vs plain `SFTTrainer` (same model, data, seed, optimiser, full fine-tuning).
 
-Modes: `sft` (plain `SFTTrainer`), `safekey` (head 0.2 + QMM 0.2 with the default 4-D query mask, the
-auxiliary losses on from the first step), `compact` (the same with `safekey_qmm_mode="compact"`: the
-QMM pass over the tokens after the query only), `head` (head only) and `qmm` (query-mask modelling
-only, 4-D mask), so that the cost of each part shows. The second forward pass of QMM (and its
+Modes: `sft` (plain `SFTTrainer`), `safekey` (head 0.2 + QMM 0.2 with `safekey_qmm_mode="masked"`,
+the reference's pass: a 2-D attention mask that is 0 on the query; the auxiliary losses on from the
+first step), `compact` (the same with `safekey_qmm_mode="compact"`: the QMM pass over the tokens after
+the query only), `head` (head only) and `qmm` (query-mask modelling only, masked), so that the cost of
+each part shows. (The numbers in docs/safekey.md for `safekey` and `qmm` were measured when the masked
+pass used a custom 4-D mask; re-timing the 2-D form is left for later.) The second forward pass of QMM (and its
 backward) is inherent to the method; the issue's target is a SafeKey step at most 1.6x an SFT step.
 The QMM pass runs up to the batch's last K token, so its cost grows with `query + U + K`, not with the
 (usually much longer) rest of the response: short `--seq` values are the worst case for the ratio.

@@ -70,7 +70,8 @@ def main(script_args: SafeKeyScriptArguments, training_args: Any, model_args: An
     model_init_kwargs = dict(
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
-        # query-mask modelling needs a 4-D attention mask: sdpa (default) or eager
+        # the query-masked pass gives the model a 2-D mask (0 on the query), as the reference does: any
+        # attention kernel takes it (tested with sdpa, the default here, and eager)
         attn_implementation=model_args.attn_implementation or "sdpa",
         dtype=model_args.dtype,
     )

@@ -37,6 +37,12 @@ def test_reference_config_parses(tmp_path: Path) -> None:
     assert cfg.weight_decay == 1e-4 and cfg.warmup_steps == 0.05 and cfg.lr_scheduler_type == "cosine"
     assert cfg.safekey_save_heads and not cfg.safekey_detach_head_inputs
     assert model.attn_implementation == "sdpa" and script.dataset_name.endswith(".jsonl")
+    # the reference's effective batch (2 per GPU x 8 accumulation steps x 8 GPUs), length, seed, and
+    # fp32 master weights with bf16 compute (DeepSpeed bf16)
+    assert cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps == 128
+    assert cfg.max_length == 8192 and cfg.seed == 2002 and cfg.gradient_checkpointing
+    assert model.dtype == "float32" and cfg.bf16
+    assert cfg.safekey_qmm_mode == "auto"
 
 
 def _setup(tmp_path: Path) -> tuple[Path, Path]:

@@ -109,6 +109,8 @@ def _batch(trainer: Any, dataset: Any, idx: list[int]) -> dict[str, Any]:
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_qmm_cannot_see_query_and_no_nan(tok: Any, dataset: Any, tmp_path: Path, attn: str) -> None:
+    """The masked pass is the reference's (2-D mask, 0 on the query): blind to the query, finite
+    everywhere, equal to the reference's call, and equal to the compact pass."""
     from hf_safety_merge.training import SafeKeyConfig, SafeKeyTrainer
 
     model = tiny_model(tok, attn)
@@ -130,11 +132,11 @@ def test_qmm_cannot_see_query_and_no_nan(tok: Any, dataset: Any, tmp_path: Path,
     assert not torch.equal(other["input_ids"], batch["input_ids"])
     assert torch.equal(other["input_ids"][:, q.max():], batch["input_ids"][:, q.max():])
     mask = batch["qmm_attention_mask"]
-    assert mask.shape == (2, 1, mask.shape[-1], mask.shape[-1]) and mask.dtype == torch.bool
-    assert mask.any(-1).all()  # no fully masked row
-    for r in range(2):  # rows after the query never see a query key; query rows see theirs causally
-        assert not mask[r, 0, q[r] :, : q[r]].any()
-        assert torch.equal(mask[r, 0, : q[r], : q[r]], torch.ones(int(q[r]), int(q[r]), dtype=torch.bool).tril())
+    n = mask.shape[-1]
+    assert mask.shape == (2, n) and mask.dtype == torch.long  # the reference's 2-D form
+    for r in range(2):  # 0 on every query token, the padding mask elsewhere
+        assert not mask[r, : q[r]].any()
+        assert torch.equal(mask[r, q[r] :], batch["attention_mask"][r, q[r] : n])
     with torch.no_grad():
         a = trainer.qmm_forward(model, batch, logits=True).logits
         b_ = trainer.qmm_forward(model, other, logits=True).logits
@@ -166,6 +168,10 @@ def test_qmm_cannot_see_query_and_no_nan(tok: Any, dataset: Any, tmp_path: Path,
     torch.testing.assert_close(fused_a.loss, -fused_a.token_logprobs.mean())
     # the positions are the unchanged 0..T-1
     assert torch.equal(batch["qmm_position_ids"][1], torch.arange(mask.shape[-1]))
+    # the reference's call (SafeKey train/sft.py): the same tokens and 2-D mask, no position ids
+    with torch.no_grad():
+        ref = model(input_ids=batch["input_ids"][:, :n], attention_mask=mask).logits
+    torch.testing.assert_close(a, ref, atol=1e-6, rtol=0)
     # compact mode: only the tokens after the query, at their positions: the same K log-probs
     with torch.no_grad():
         compact = trainer.qmm_forward(model, batch, mode="compact")

@@ -10,14 +10,18 @@ Loss per micro-batch, once the auxiliary losses are on (the last `safekey_last_k
 
 - `L_SFT`: exactly `SFTTrainer`'s loss (the same forward, the same normalisation).
 - `L_head` (dual-path safety head): two `Linear(hidden, 1)` heads read the final hidden states of
-  that same forward, mean-pooled over U and over X+U; `L_head = 0.5 BCE(U) + 0.5 BCE(X+U)` against
+  that same forward, mean-pooled over U and over X+U; `L_head = theta BCE(U) + (1 - theta) BCE(X+U)`
+  (`safekey_head_theta`, the reference's `--head_theta`, default 0.5) against
   the harmful (1) / benign (0) label. The heads live on the trainer: they are trained with the
   model (their own optimiser parameter groups) and never enter the model or its checkpoint
   (`save_safekey_heads` writes them beside it).
 - `L_QMM` (query-mask modelling): a second forward pass of the same tokens, at the same positions
-  (explicit `position_ids`), with a 4-D attention mask under which no token after the query can
-  attend to a query token; cross-entropy on the K tokens only. The model must then produce K from
-  its own understanding U.
+  (explicit `position_ids` `0..L-1`, what the model uses when none are given), with the reference's
+  2-D attention mask: 0 on every query token, so that no token can attend to the query (the model
+  builds its own causal, sliding-window, conv and linear-attention masks from it); cross-entropy on
+  the K tokens only. The model must then produce K from its own understanding U. `"compact"` mode
+  computes the same K log-probabilities from the tokens after the query alone, for the model types
+  where that is tested to be exact (:data:`COMPACT_EXACT_MODEL_TYPES`).
 
 Gradient accumulation: `L_SFT` is normalised over the whole optimiser step as `SFTTrainer` does; the
 auxiliary losses are per-micro-batch means, divided by the number of accumulation steps when
@@ -32,6 +36,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -48,6 +53,7 @@ from .safekey_data import (
     CharSpans,
     build_safekey_example,
     check_safekey_columns,
+    from_reference_record,
     parse_label,
     prepare_safekey_dataset,
     split_understanding_key,
@@ -56,6 +62,7 @@ from .safekey_data import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "COMPACT_EXACT_MODEL_TYPES",
     "HEADS_FILE",
     "SAFEKEY_COLUMNS",
     "CharSpans",
@@ -65,15 +72,41 @@ __all__ = [
     "SafeKeyDataCollator",
     "SafeKeyTrainer",
     "build_safekey_example",
+    "from_reference_record",
     "parse_label",
     "prepare_safekey_dataset",
     "qmm_attention_mask",
+    "resolve_qmm_mode",
     "split_understanding_key",
 ]
 
 HEADS_FILE = "safekey_heads.safetensors"
-_QMM_ATTN = ("sdpa", "eager")
-QMM_MODES = ("masked", "compact")
+QMM_MODES = ("auto", "masked", "compact")
+
+#: Model types (`config.model_type` of the text model) for which the "compact" QMM pass is tested to
+#: give the same K log-probabilities as the "masked" (reference) pass, to 1e-5 on tiny random models
+#: with sliding windows of 8, conv and linear-attention layers (tests/test_safekey_qmm.py checks every
+#: entry). Other model types use "masked" under `safekey_qmm_mode="auto"`, and refuse "compact".
+COMPACT_EXACT_MODEL_TYPES = frozenset({
+    "llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3", "olmo2", "smollm3", "granite", "lfm2",
+    "qwen3_next",
+})
+
+
+def resolve_qmm_mode(mode: str, model_type: str | None) -> str:
+    """`safekey_qmm_mode` for a model type: `"auto"` -> `"compact"` where it is tested exact (see
+    :data:`COMPACT_EXACT_MODEL_TYPES`), else `"masked"`; `"compact"` on another model type raises."""
+    if mode not in QMM_MODES:
+        raise ConfigError(f"safekey_qmm_mode must be one of {QMM_MODES}, got {mode!r}")
+    exact = model_type in COMPACT_EXACT_MODEL_TYPES
+    if mode == "auto":
+        return "compact" if exact else "masked"
+    if mode == "compact" and not exact:
+        raise ConfigError(
+            f"safekey_qmm_mode='compact' is not tested to equal the masked (reference) pass for model type {model_type!r}; "
+            f"use safekey_qmm_mode='masked' or 'auto' (tested: {', '.join(sorted(COMPACT_EXACT_MODEL_TYPES))})"
+        )
+    return mode
 
 
 @dataclass
@@ -89,20 +122,22 @@ class SafeKeyConfig(SFTConfig):
         > Loss weights
 
         safekey_head_weight (`float`, defaults to `0.2`):
-            Weight of the dual-path safety head loss `0.5 BCE(head_U) + 0.5 BCE(head_XU)`. `0`
+            Weight of the dual-path safety head loss `theta BCE(head_U) + (1 - theta) BCE(head_XU)`. `0`
             switches the heads off (they are then neither run nor trained).
         safekey_qmm_weight (`float`, defaults to `0.2`):
             Weight of the query-mask modelling loss (cross-entropy on K with the query hidden from
             attention). `0` skips the second forward pass.
-        safekey_qmm_mode (`str`, defaults to `"compact"`):
-            How the query-masked pass runs. `"masked"`: the paper's form, the sequence (up to the
-            batch's last K token) with the collator's 4-D mask, under which no token after the query
-            attends to a query token (needs `attn_implementation="sdpa"` or `"eager"`). `"compact"`
-            (default, an exact rewrite): only the tokens from the end of the query to the end of K,
-            at their original positions with a causal mask; every one of them sees exactly what it
-            sees under the 4-D mask, so the K logits and the loss are the same (tested to 1e-5), at
-            a fraction of the cost (1.04-1.10x an SFT step against 1.43-1.71x for `"masked"` on
-            SmolLM2-135M, 2 CPU cores), with any attention kernel.
+        safekey_qmm_mode (`str`, defaults to `"auto"`):
+            How the query-masked pass runs. `"masked"`: the reference's form (SafeKey `train/sft.py`):
+            the sequence (up to the batch's last K token) with a 2-D attention mask that is 0 on every
+            query token, at the positions `0..L-1`; any attention kernel. `"compact"`: only the tokens
+            from the end of the query to the end of K, at their original positions; every one of them
+            sees what it sees in the masked pass, so the K log-probabilities are the same (tested to
+            1e-5 per model type, :data:`COMPACT_EXACT_MODEL_TYPES`: full, sliding-window, conv and
+            linear-attention layers), at a fraction of the cost (1.04-1.10x an SFT step against
+            1.43-1.71x for `"masked"` on SmolLM2-135M, 2 CPU cores, measured with the earlier 4-D
+            form of `"masked"`). Refused for other model types. `"auto"` (default): `"compact"` for
+            those model types, `"masked"` otherwise.
 
         > Schedule
 
@@ -117,8 +152,13 @@ class SafeKeyConfig(SFTConfig):
         > Heads
 
         safekey_head_theta (`float`, defaults to `0.5`):
+            The reference's `--head_theta` (SafeKey `train/sft.py`): the weight between the two BCE
+            terms, `L_head = theta * BCE(head_U) + (1 - theta) * BCE(head_XU)`, in [0, 1]. (Until
+            this release `safekey_head_theta` was the accuracy threshold below; a value other than
+            0.5 warns about the change.)
+        safekey_head_accuracy_threshold (`float`, defaults to `0.5`):
             Decision threshold on `sigmoid(head logit)` for the logged head accuracy (harmful when
-            above).
+            above). Logging only: it does not enter the loss.
         safekey_detach_head_inputs (`bool`, defaults to `False`):
             Feed the heads detached hidden states: the heads then learn to read the model but the head
             loss no longer shapes the model's representations (the reference trains through them).
@@ -143,10 +183,18 @@ class SafeKeyConfig(SFTConfig):
     safekey_head_weight: float = field(default=0.2, metadata={"help": "Weight of the dual-path safety head loss."})
     safekey_qmm_weight: float = field(default=0.2, metadata={"help": "Weight of the query-mask modelling loss (CE on K, query masked)."})
     safekey_qmm_mode: str = field(
-        default="compact",
-        metadata={"help": "'masked': the full sequence with a 4-D mask hiding the query; 'compact': the same K logits from the tokens after the query only (cheaper).", "choices": list(QMM_MODES)},
+        default="auto",
+        metadata={"help": "'masked': the reference's pass (2-D attention mask, 0 on the query); 'compact': the same K log-probs "
+                  "from the tokens after the query only (cheaper; tested model types only); 'auto': compact where tested, "
+                  "else masked.", "choices": list(QMM_MODES)},
     )
-    safekey_head_theta: float = field(default=0.5, metadata={"help": "Threshold on sigmoid(head logit) for the head accuracy."})
+    safekey_head_theta: float = field(
+        default=0.5,
+        metadata={"help": "The reference's --head_theta: L_head = theta * BCE(head_U) + (1 - theta) * BCE(head_XU)."},
+    )
+    safekey_head_accuracy_threshold: float = field(
+        default=0.5, metadata={"help": "Threshold on sigmoid(head logit) for the logged head accuracy (not in the loss)."}
+    )
     safekey_last_k_epochs: float | None = field(
         default=2,
         metadata={"help": "Auxiliary losses on for the last k epochs only (the last k * steps_per_epoch steps); None: always."},
@@ -172,8 +220,22 @@ class SafeKeyConfig(SFTConfig):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}")
         if self.safekey_qmm_mode not in QMM_MODES:
             raise ConfigError(f"safekey_qmm_mode {self.safekey_qmm_mode!r} is not one of {QMM_MODES}{did_you_mean(self.safekey_qmm_mode, QMM_MODES)}")
-        if not 0.0 < self.safekey_head_theta < 1.0:
-            raise ConfigError(f"safekey_head_theta must be in (0, 1), got {self.safekey_head_theta}")
+        theta = self.safekey_head_theta
+        if not (isinstance(theta, (int, float)) and 0.0 <= theta <= 1.0):
+            raise ConfigError(
+                f"safekey_head_theta must be in [0, 1] (the reference's weight of BCE(head_U) against BCE(head_XU)), got {theta!r}; "
+                "the accuracy threshold is safekey_head_accuracy_threshold"
+            )
+        if theta != 0.5:
+            warnings.warn(
+                f"safekey_head_theta={theta} weights the head loss as in the reference (theta * BCE(head_U) + "
+                f"(1 - theta) * BCE(head_XU)); it was the accuracy threshold before, which is now "
+                "safekey_head_accuracy_threshold",
+                UserWarning,
+                stacklevel=3,
+            )
+        if not 0.0 < self.safekey_head_accuracy_threshold < 1.0:
+            raise ConfigError(f"safekey_head_accuracy_threshold must be in (0, 1), got {self.safekey_head_accuracy_threshold}")
         if self.safekey_last_k_epochs is not None and not self.safekey_last_k_epochs > 0:
             raise ConfigError(f"safekey_last_k_epochs must be > 0 (or None for always on), got {self.safekey_last_k_epochs}")
         if self.safekey_head_learning_rate is not None and not self.safekey_head_learning_rate >= 0:
@@ -195,21 +257,20 @@ class SafeKeyConfig(SFTConfig):
 
 
 def qmm_attention_mask(query_len: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Boolean 4-D mask `(batch, 1, T, T)`, True where query row `i` may attend to key `j`.
+    """The reference's query mask: the 2-D `attention_mask` `(batch, T)` with 0 on every query token
+    (`j < query_len`), so that no token may attend to the query.
 
-    Causal and padding-aware, and no token at or after the end of the query (`i >= query_len`) may
-    attend to a query token (`j < query_len`). Query rows keep their causal attention, and every row
-    may attend to itself, so no row is fully masked (no NaN in softmax, with any attention kernel).
+    Given to the model as its `attention_mask`, it goes through transformers' own mask building:
+    causal, sliding-window (Mistral, Gemma) and chunked masks, and the padding masks of conv (LFM2)
+    and linear-attention (Qwen3-Next) layers, all hide the query. (A custom 4-D mask would be passed
+    through unchanged: no sliding window, and conv / linear-attention layers would still read the
+    query.) Query rows attend to nothing, as left padding does; transformers' kernels return finite
+    values for such rows, and no later row reads them.
     """
     b, t = attention_mask.shape
     pos = torch.arange(t, device=attention_mask.device)
-    causal = pos[None, :, None] >= pos[None, None, :]  # (1, T, T): row i sees j <= i
-    keys = attention_mask.bool()[:, None, :]  # (B, 1, T)
-    q = query_len.to(attention_mask.device).view(b, 1, 1)
-    hidden_query = (pos[None, :, None] >= q) & (pos[None, None, :] < q)  # (B, T, T)
-    mask = causal & keys & ~hidden_query
-    mask = mask | torch.eye(t, dtype=torch.bool, device=attention_mask.device)[None]
-    return mask[:, None]
+    q = query_len.to(attention_mask.device).view(b, 1)
+    return attention_mask.long().masked_fill(pos[None] < q, 0)
 
 
 def build_qmm_inputs(
@@ -223,12 +284,16 @@ def build_qmm_inputs(
     """The inputs of the query-masked pass, cut at the batch's last K token (attention is causal:
     later tokens cannot change K's logits).
 
-    - `mode="masked"`: `qmm_input_ids` = the tokens `0..L-1`, `qmm_attention_mask` = the 4-D boolean
-      mask of :func:`qmm_attention_mask`, `qmm_position_ids` = `0..L-1` (unchanged positions).
+    - `mode="masked"` (the reference's form): `qmm_input_ids` = the tokens `0..L-1`,
+      `qmm_attention_mask` = the 2-D mask of :func:`qmm_attention_mask` (0 on the query and on
+      padding), `qmm_position_ids` = `0..L-1` (unchanged positions: what Llama, Qwen2 and the others
+      use when the reference passes none).
     - `mode="compact"`: each row holds only its tokens from the end of the query to the end of K,
       right padded; `qmm_position_ids` are their original positions and `qmm_attention_mask` is the
-      2-D padding mask (the model applies causality). Under the 4-D mask a token after the query
-      depends on nothing before the end of the query, so every kept token computes the same thing.
+      2-D padding mask (the model applies causality). In the masked pass a token after the query
+      depends on nothing before the end of the query, so every kept token computes the same thing
+      wherever a layer depends on positions only through `position_ids` and index differences (see
+      :data:`COMPACT_EXACT_MODEL_TYPES`).
 
     Both add `qmm_logit_positions` (the positions, shared by the batch, whose next token is a K
     token in some row: the only ones sent through the LM head) and `qmm_targets` `(B, n)` (the K
@@ -241,6 +306,8 @@ def build_qmm_inputs(
     k_mask = k_mask.to(dev).bool()
     q = query_len.to(dev)
     k_end = torch.where(k_mask, pos[None] + 1, 0).max(1).values
+    if mode == "auto":
+        raise ConfigError("build_qmm_inputs needs a resolved mode ('masked' or 'compact'); see resolve_qmm_mode")
     if mode == "masked":
         length = int(k_end.max())
         ids = input_ids[:, :length].contiguous()
@@ -259,7 +326,7 @@ def build_qmm_inputs(
         out = {"qmm_input_ids": ids, "qmm_attention_mask": valid.long(), "qmm_position_ids": idx}
         k = k_mask.gather(1, idx) & valid
     else:
-        raise ConfigError(f"safekey_qmm_mode must be one of {QMM_MODES}, got {mode!r}")
+        raise ConfigError(f"safekey_qmm_mode must be 'masked' or 'compact', got {mode!r}")
     predicts_k = torch.zeros_like(k)
     predicts_k[:, :-1] = k[:, 1:]
     targets = torch.full_like(ids, -100)
@@ -279,10 +346,10 @@ class SafeKeyDataCollator(DataCollatorForLanguageModeling):
     - `safekey_k_mask` `(B, T)` bool: the K tokens;
     - `safekey_query_len` `(B,)` long: number of query (prompt) tokens;
     - `safekey_labels` `(B,)` float: 1 harmful, 0 benign;
-    - `qmm_attention_mask` `(B, 1, T, T)` bool (see :func:`qmm_attention_mask`) and
+    - `qmm_attention_mask` `(B, L)` long (see :func:`qmm_attention_mask`) and
       `qmm_position_ids` (the unchanged positions), with `qmm_input_ids`, `qmm_logit_positions` and
-      `qmm_targets`: the inputs of the query-masked pass in `qmm_mode` (see :func:`build_qmm_inputs`;
-      in the `"masked"` mode the 4-D mask spans the tokens up to the batch's last K token), when
+      `qmm_targets`: the inputs of the query-masked pass in `qmm_mode` (`"masked"` or `"compact"`,
+      see :func:`build_qmm_inputs`; both span the tokens up to the batch's last K token), when
       `emit_qmm` is True.
     """
 
@@ -379,11 +446,12 @@ class DualPathSafetyHead(nn.Module):
         return torch.cat([self.u_head(pooled_u), self.xu_head(pooled_xu)], dim=-1)
 
     @staticmethod
-    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """`0.5 BCE(U) + 0.5 BCE(X+U)`, each averaged over the batch."""
+    def loss(logits: torch.Tensor, labels: torch.Tensor, theta: float = 0.5) -> torch.Tensor:
+        """`theta BCE(U) + (1 - theta) BCE(X+U)`, each averaged over the batch (the reference's
+        `head_theta * L_head_C + (1 - head_theta) * L_head_ctx`, default 0.5)."""
         y = labels.to(logits.dtype)[:, None].expand_as(logits)
         per_head = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(0)
-        return 0.5 * per_head[0] + 0.5 * per_head[1]
+        return theta * per_head[0] + (1.0 - theta) * per_head[1]
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write `safekey_heads.safetensors` into the folder `path` (or to `path` if it ends in `.safetensors`)."""
@@ -469,6 +537,8 @@ class SafeKeyTrainer(SFTTrainer):
     """
 
     args: SafeKeyConfig
+    #: the QMM mode in use: `safekey_qmm_mode` with "auto" resolved for the model (see :func:`resolve_qmm_mode`)
+    safekey_qmm_mode: str
 
     def __init__(self, *args: Any, heads: DualPathSafetyHead | None = None, **kwargs: Any) -> None:
         cfg = kwargs.get("args", args[1] if len(args) > 1 else None)
@@ -485,23 +555,22 @@ class SafeKeyTrainer(SFTTrainer):
             self.data_collator = SafeKeyDataCollator(
                 pad_token_id=self._tokenizer.pad_token_id, pad_to_multiple_of=cast("int | None", cfg.pad_to_multiple_of)
             )
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        text_config = base.config.get_text_config()
+        model_type = getattr(base.config, "model_type", None)  # the model that runs (a multimodal wrapper is not its text model)
+        if cfg.safekey_qmm_weight > 0:
+            self.safekey_qmm_mode = resolve_qmm_mode(cfg.safekey_qmm_mode, model_type)
+            logger.info("SafeKey: query-mask modelling in %r mode (model type %r)", self.safekey_qmm_mode, model_type)
+        else:  # no QMM pass: nothing to refuse
+            self.safekey_qmm_mode = "masked" if cfg.safekey_qmm_mode == "auto" else cfg.safekey_qmm_mode
         self.data_collator.emit_qmm = cfg.safekey_qmm_weight > 0
-        self.data_collator.qmm_mode = cfg.safekey_qmm_mode
+        self.data_collator.qmm_mode = self.safekey_qmm_mode
         if self._skip_prepare_dataset and self.train_dataset is not None:
             from trl.data_utils import get_dataset_column_names
 
             check_safekey_columns(get_dataset_column_names(self.train_dataset), "train")
 
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-        text_config = base.config.get_text_config()
-        if cfg.safekey_qmm_weight > 0 and cfg.safekey_qmm_mode == "masked":
-            impl = getattr(base.config, "_attn_implementation", None) or "eager"
-            if impl not in _QMM_ATTN:
-                raise ConfigError(
-                    f"query-mask modelling needs a custom 4-D attention mask, which attn_implementation={impl!r} does not "
-                    f"take; load the model with attn_implementation='sdpa' or 'eager' (or use safekey_qmm_mode='compact', or safekey_qmm_weight=0)"
-                )
         hidden = int(text_config.hidden_size)
         if heads is None:
             heads = DualPathSafetyHead(hidden)
@@ -627,24 +696,18 @@ class SafeKeyTrainer(SFTTrainer):
     def qmm_forward(self, model: nn.Module, inputs: dict[str, Any], *, logits: bool = False, mode: str | None = None) -> Any:
         """The query-masked forward pass (see :func:`build_qmm_inputs` for the two modes).
 
-        Uses the collator's `qmm_*` inputs when they are there and of the requested `mode` (default
-        `safekey_qmm_mode`), else builds them from the batch. `logits=False`: a :class:`QMMOutput`;
+        Uses the collator's `qmm_*` inputs when they are there and of the requested `mode` (default:
+        the trainer's resolved `safekey_qmm_mode`), else builds them from the batch. `logits=False`: a :class:`QMMOutput`;
         only the positions predicting K go through the LM head (`logits_to_keep`), and nothing waits
         on the device. `logits=True`: the model's plain output on the QMM inputs (full logits, for
         inspection; position `j` of row `r` is token `j`, or `query_len[r] + j` in compact mode).
         """
-        mode = mode or self.args.safekey_qmm_mode
+        mode = self.safekey_qmm_mode if mode in (None, "auto") else mode
         collated = getattr(self.data_collator, "qmm_mode", None) == mode
         if not (collated and "qmm_input_ids" in inputs):
             inputs = {**inputs, **build_qmm_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["safekey_query_len"],
                                                    inputs["safekey_k_mask"], mode, self._tokenizer.pad_token_id or 0)}
         mask = inputs["qmm_attention_mask"]
-        if mask.dim() == 4:
-            unwrapped = self.accelerator.unwrap_model(model)
-            base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-            if getattr(base.config, "_attn_implementation", "eager") != "sdpa":  # eager: an additive float mask
-                dtype = base.dtype if base.dtype.is_floating_point else torch.float32
-                mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
         kw = dict(input_ids=inputs["qmm_input_ids"], attention_mask=mask, position_ids=inputs["qmm_position_ids"], use_cache=False)
         if logits:
             return model(**kw)
@@ -697,12 +760,12 @@ class SafeKeyTrainer(SFTTrainer):
             h = hidden.detach() if cfg.safekey_detach_head_inputs else hidden
             with torch.autocast(device_type=h.device.type, enabled=False):
                 head_logits = self.safekey_heads(h, extras["safekey_u_span"])
-                head_loss = DualPathSafetyHead.loss(head_logits, extras["safekey_labels"])
+                head_loss = DualPathSafetyHead.loss(head_logits, extras["safekey_labels"], float(cfg.safekey_head_theta))
             if train:
                 loss = loss + (cfg.safekey_head_weight * scale) * head_loss.to(loss.dtype)
             with torch.no_grad():
                 y = extras["safekey_labels"].to(head_logits.device)[:, None] >= 0.5
-                correct = ((torch.sigmoid(head_logits) > cfg.safekey_head_theta) == y).float().mean(0)
+                correct = ((torch.sigmoid(head_logits) > cfg.safekey_head_accuracy_threshold) == y).float().mean(0)
                 metrics["safekey/head_loss"] = head_loss.detach().float()
                 metrics["safekey/head_accuracy"] = correct.mean()
                 metrics["safekey/head_accuracy_u"] = correct[0]

@@ -9,6 +9,9 @@ An input record is a (prompt, reasoning response, label) triple::
      # optional: explicit character offsets into `response` (otherwise a heuristic finds U and K)
      "u_end": 42, "k_end": 71, "u_start": 7, "k_start": 43}
 
+Rows in the reference's layout (SafeKey `data/train/sft_mix_2k.json`: `question`, `response`,
+`summary_end_idx`, `next_sentence_end_idx`, `source`) are accepted too (:func:`from_reference_record`).
+
 How an example is built:
 
 1. **Render.** With a chat template, the prompt is rendered with `add_generation_prompt=True` (the
@@ -18,6 +21,9 @@ How an example is built:
    follow it. Templates that rewrite the assistant turn (DeepSeek-R1's drops everything up to
    `</think>`) fail that test; the text is then `rendered prompt + response + eos_token`, which is
    what the model sees at generation time. Without a chat template: `prompt + response + eos`.
+   When the rendered prompt ends with `<think>` (the R1-distill generation prompt ends with
+   `<think>\\n`) and the response opens with `<think>` too, the response's `<think>` is left out, so
+   that the text holds one think block (:func:`think_overlap`; one warning per data set).
 2. **Tokenise once.** The full text goes through the (fast) tokenizer once, with
    `return_offsets_mapping=True` and `add_special_tokens=False` (the template already holds any BOS);
    pieces are never re-tokenised, so the ids are exactly those the model trains on.
@@ -33,22 +39,28 @@ The heuristic split (used when a record has no `u_end`/`k_end`), see :func:`spli
   DeepSeek-R1 templates whose generation prompt opens the think block), else the whole response;
 - it is split into sentences at `.`, `!`, `?`, `…` followed by white space (common abbreviations
   such as "e.g." and "Dr." excepted), at `。！？`, and at line breaks;
-- U is the first sentence, extended by each following sentence that restates the query: it opens
-  (after an interjection such as "Okay," or "So,") with a restatement cue ("the user", "they want",
-  "the question is about", "I need to figure out", ...; see `RESTATEMENT_CUES`), or at least `overlap_threshold` of its content words
-  (3+ letters, not stop words) occur in the query; at most `max_u_sentences` sentences, and always
-  leaving one sentence for K;
+- U is the first sentence, extended by each following sentence that restates the query and is not
+  a judgement (:func:`is_judgement`: a safety, legality or intent word the query does not hold,
+  speculation about the user's intent, a refusal). A restatement opens (after an interjection such
+  as "Okay," or "So,") with "the user" / "they" and a reporting verb ("the user is asking", "they
+  want") or another restatement cue ("the question is about", "I need to figure out", ...; see
+  `RESTATEMENT_CUES`), or at least `overlap_threshold` of its content words (3+ letters, not stop
+  words) occur in the query; at most `max_u_sentences` sentences, and always leaving one sentence
+  for K;
 - K is the sentence right after U.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 #: Columns that `prepare_safekey_dataset` adds next to `input_ids` / `labels`.
 SAFEKEY_COLUMNS = (
@@ -66,11 +78,24 @@ BENIGN_LABELS = {"benign", "safe", "0", "false", "no", "harmless"}
 _ABBREVIATIONS = {"e.g", "i.e", "etc", "vs", "mr", "mrs", "ms", "dr", "prof", "fig", "approx", "st", "no", "cf", "al"}
 _SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]]*(?=\s|$)|[。！？]+[\"'”’)\]」』]*|\n")
 _INTERJECTION = re.compile(r"^(?:(?:okay|ok|alright|all right|so|well|hmm+|um+|right|now|first)[\s,.!:;—-]*)+", re.I)
+#: Who the reasoning talks about when it restates the query ("The user ...", "They ...").
+_SUBJECT = r"(?:the user|the person|this person|the requester|they|he|she)"
+#: Verbs that report what that subject asks, wants or says: "The user is asking ...", "They want ...".
+_REPORT_VERB = (
+    r"(?:ask|asks|asking|asked|want|wants|wanting|wanted|request|requests|requesting|requested|need|needs|needing|"
+    r"needed|would like|'d like|like to know|looking for|is looking|seek|seeks|seeking|wonder|wonders|wondering|"
+    r"inquir\w*|enquir\w*|mention\w*|say|says|saying|said|write|writes|wrote|writing|provide\w*|share\w*|"
+    r"describe\w*|curious|interested|trying to (?:understand|learn|find out|figure out)|plan to|plans to|planning to)"
+)
+_SUBJECT_REPORT = re.compile(
+    rf"^{_SUBJECT}(?:'re|'s|'d|'ve| is| are| was| were| has| have| had| seems to be| appears to be)?"
+    rf"(?:\s+(?:also|now|just|specifically|basically|essentially|really|actually|clearly|probably|here))?\s+{_REPORT_VERB}\b"
+)
 RESTATEMENT_CUES = (
-    # Phrases that open a restatement of the query. Sentences that merely name "the request" or "this
-    # question" ("This request could cause harm.") are judgements, i.e. candidate key sentences.
-    "the user",
-    "the person",
+    # Phrases that open a restatement of the query. "The user" / "they" count only when a reporting
+    # verb follows ("The user is asking ...", "They want ..."; see `_SUBJECT_REPORT`): "The user might
+    # be planning to hurt someone." is a judgement about the user, i.e. a candidate key sentence. So
+    # are sentences that merely name "the request" or "this question" ("This request could cause harm.").
     "the question is about",
     "the question asks",
     "the question is asking",
@@ -86,13 +111,6 @@ RESTATEMENT_CUES = (
     "this question asks",
     "this question is about",
     "this is asking",
-    "they want",
-    "they're asking",
-    "they are asking",
-    "they ask",
-    "they need",
-    "they'd like",
-    "they would like",
     "i'm being asked",
     "i am being asked",
     "i've been asked",
@@ -108,6 +126,24 @@ RESTATEMENT_CUES = (
     "in other words",
     "the goal is",
 )
+#: Words that judge the request or the user (safety, legality, intent, refusal). A sentence with one
+#: of them that the query does not itself contain is a judgement, never a restatement: it can be K,
+#: never U, whatever its cue or overlap with the query.
+JUDGEMENT_WORDS = frozenset({
+    "harm", "harms", "harmful", "harmless", "harming", "dangerous", "danger", "dangers", "illegal", "illegally",
+    "unlawful", "legal", "legality", "unethical", "ethical", "ethics", "unsafe", "safe", "safety", "malicious",
+    "risky", "risk", "risks", "suspicious", "refuse", "refusal", "decline", "inappropriate", "appropriate",
+    "violate", "violates", "violation", "policy", "policies", "guidelines", "legitimate", "benign", "innocent",
+    "intent", "intention", "intentions", "motive", "motives", "nefarious", "criminal", "crime", "fraud", "fraudulent", "scam", "abuse", "misuse",
+    "exploit", "concerning", "alarming", "problematic", "prohibited", "forbidden", "allowed", "permissible",
+})
+#: Speculation about the user's intent ("might be planning", "could be trying"): a judgement.
+_SPECULATION = re.compile(
+    r"\b(?:might|may|could|probably|possibly|likely|perhaps|maybe)\s+(?:be\s+|have\s+|want\s+to\s+)?"
+    r"(?:planning|plotting|trying|intending|attempting|aiming|hoping|scheming|looking to|seeking to|going to|up to|"
+    r"use|misuse|exploit|hurt|harm|target)\b"
+)
+_REFUSAL = re.compile(r"\b(?:i|we)\s+(?:can't|cannot|can not|won't|will not|shouldn't|should not|must not|mustn't|must|should|need to|have to)\s+(?:refuse|decline|not\b|avoid|be careful)")
 _STOP = {
     "the", "and", "for", "are", "but", "not", "you", "your", "all", "any", "can", "her", "was", "one", "our", "out",
     "his", "has", "had", "how", "its", "let", "may", "who", "did", "get", "use", "way", "she", "him", "they", "them",
@@ -137,6 +173,7 @@ class RenderedExample:
     response_shift: int  # character c of the response is character c + response_shift of `text`
     response_start: int  # first character of the response as rendered (after any template trim)
     response_end: int
+    dropped: str = ""  # leading text of the response left out because the rendered prompt already ends with it
 
 
 # -- labels -------------------------------------------------------------------------------------------
@@ -210,10 +247,26 @@ def _content_words(text: str) -> set[str]:
     return {w for w in re.findall(r"\w+", text.lower()) if len(w) >= 3 and w not in _STOP and not w.isdigit()}
 
 
-def is_restatement(sentence: str, query: str, overlap_threshold: float = 0.5) -> bool:
-    """Does `sentence` restate the query (cue phrase, or content-word overlap with the query)?"""
+def is_judgement(sentence: str, query: str = "") -> bool:
+    """Does `sentence` judge the request or the user (a safety, legality or intent word the query
+    does not contain, speculation about the user's intent, or a refusal)? Such a sentence is never
+    part of U."""
     body = _INTERJECTION.sub("", sentence.strip()).lower()
-    if any(body.startswith(c) for c in RESTATEMENT_CUES):
+    words = set(re.findall(r"[a-z]+", body))
+    if (words & JUDGEMENT_WORDS) - set(re.findall(r"[a-z]+", query.lower())):
+        return True
+    return bool(_SPECULATION.search(body) or _REFUSAL.search(body))
+
+
+def is_restatement(sentence: str, query: str, overlap_threshold: float = 0.5) -> bool:
+    """Does `sentence` restate the query? Not if it is a judgement (:func:`is_judgement`); else if it
+    opens (after an interjection) with a restatement cue (`RESTATEMENT_CUES`, or "the user" / "they"
+    followed by a reporting verb: "The user is asking ...", "They want ..."), or at least
+    `overlap_threshold` of its content words occur in the query."""
+    if is_judgement(sentence, query):
+        return False
+    body = _INTERJECTION.sub("", sentence.strip()).lower()
+    if _SUBJECT_REPORT.match(body) or any(body.startswith(c) for c in RESTATEMENT_CUES):
         return True
     words = _content_words(sentence)
     if not words:
@@ -303,6 +356,26 @@ def _messages(prompt: Any, system_prompt: str | None, where: str) -> list[dict[s
     return msgs
 
 
+THINK_OPEN = "<think>"
+
+
+def think_overlap(prompt_text: str, response: str) -> int:
+    """Characters at the start of `response` that repeat the end of the rendered prompt: when the
+    prompt ends with `<think>` (plus white space), as DeepSeek-R1-distill generation prompts do
+    (`<｜Assistant｜><think>\\n`), and the response opens with `<think>` too (as STAR-1 rows do), the
+    response's `<think>` and the white space after it; else 0. Dropping them renders the think block
+    once, `<think>\\n{thinking}...`, as the reference's assistant turn does."""
+    if not prompt_text.rstrip().endswith(THINK_OPEN):
+        return 0
+    lead = len(response) - len(response.lstrip())
+    if not response.startswith(THINK_OPEN, lead):
+        return 0
+    end = lead + len(THINK_OPEN)
+    while end < len(response) and response[end].isspace():
+        end += 1
+    return end
+
+
 def render_example(
     tokenizer: Any,
     prompt: Any,
@@ -314,7 +387,12 @@ def render_example(
     system_prompt: str | None = None,
     where: str = "example",
 ) -> RenderedExample:
-    """The full training text of one example, with the end of the query and where the response lies."""
+    """The full training text of one example, with the end of the query and where the response lies.
+
+    When the rendered prompt ends with `<think>` and the response opens with it (see
+    :func:`think_overlap`), the response's `<think>` is left out (`dropped`), so that the text holds
+    one think block; character `c >= len(dropped)` of the response is still character
+    `c + response_shift` of the text."""
     template = chat_template or getattr(tokenizer, "chat_template", None)
     use = bool(template) if use_chat_template is None else use_chat_template
     eos = getattr(tokenizer, "eos_token", None) or ""
@@ -322,8 +400,10 @@ def render_example(
         if not isinstance(prompt, str):
             raise ConfigError(f"{where}: without a chat template the prompt must be a string")
         p = (system_prompt + "\n" if system_prompt else "") + prompt
-        text = p + response + (eos if not response.endswith(eos) else "")
-        return RenderedExample(text, len(p), len(p), len(p), len(p) + len(response))
+        d = think_overlap(p, response)
+        body = response[d:]
+        text = p + body + (eos if not body.endswith(eos) else "")
+        return RenderedExample(text, len(p), len(p) - d, len(p), len(p) + len(body), response[:d])
     if not template:
         raise ConfigError(f"{where}: use_chat_template=True but the tokenizer has no chat template (pass chat_template=)")
     msgs = _messages(prompt, system_prompt, where)
@@ -333,19 +413,21 @@ def render_example(
         [*msgs, {"role": "assistant", "content": response}], tokenize=False, chat_template=template, **kw
     )
     q = len(prompt_text)
+    d = think_overlap(prompt_text, response)
+    body, dropped = response[d:], response[:d]
     if full.startswith(prompt_text):
-        i = full.find(response, q)
+        i = full.find(body, q)
         if i >= 0:  # the response follows the prompt (possibly after template text such as '<think>\n')
-            return RenderedExample(full, q, i, i, i + len(response))
-        stripped = response.strip()
+            return RenderedExample(full, q, i - d, i, i + len(body), dropped)
+        stripped = body.strip()
         i = full.find(stripped, q) if stripped else -1
         if i >= 0:
-            lead = len(response) - len(response.lstrip())
-            return RenderedExample(full, q, i - lead, i, i + len(stripped))
+            lead = len(body) - len(body.lstrip())
+            return RenderedExample(full, q, i - lead - d, i, i + len(stripped), dropped)
     # The template rewrites the assistant turn (e.g. DeepSeek-R1 drops the reasoning): train on what
     # generation sees, the rendered prompt followed by the response.
-    text = prompt_text + response + (eos if eos and not response.endswith(eos) else "")
-    return RenderedExample(text, q, q, q, q + len(response))
+    text = prompt_text + body + (eos if eos and not body.endswith(eos) else "")
+    return RenderedExample(text, q, q - d, q, q + len(body), dropped)
 
 
 def _token_range(offsets: Sequence[tuple[int, int]], a: int, b: int) -> tuple[int, int]:
@@ -382,10 +464,14 @@ def build_safekey_example(
     chat_template_kwargs: Mapping[str, Any] | None = None,
     system_prompt: str | None = None,
     where: str = "example",
+    notes: list[str] | None = None,
 ) -> dict[str, Any]:
     """One training row: `input_ids`, `labels` (query tokens -100) and the SafeKey columns
     (`safekey_query_len`, `safekey_u_start`/`_u_end`, `safekey_k_start`/`_k_end` as token indices,
-    `safekey_label` as 0.0/1.0)."""
+    `safekey_label` as 0.0/1.0).
+
+    A response `<think>` that repeats the end of the rendered prompt is left out (see
+    :func:`think_overlap`); that is logged as a warning, or appended to `notes` when given."""
     if not isinstance(response, str) or not response.strip():
         raise ConfigError(f"{where}: 'response' must be a non-empty string")
     y = parse_label(label, where)
@@ -402,12 +488,21 @@ def build_safekey_example(
         tokenizer, prompt, response, use_chat_template=use_chat_template, chat_template=chat_template,
         chat_template_kwargs=chat_template_kwargs, system_prompt=system_prompt, where=where,
     )
+    if r.dropped:
+        note = (f"{where}: the rendered prompt already ends with {THINK_OPEN!r} and the response opens with it; "
+                f"the response's {r.dropped!r} is left out so that the text holds one think block")
+        if notes is None:
+            logger.warning(note)
+        else:
+            notes.append(note)
     # characters of the response -> characters of the full text
     ua, ub, ka, kb = (c + r.response_shift for c in (spans.u_start, spans.u_end, spans.k_start, spans.k_end))
     if ua < r.response_start or kb > r.response_end:
+        why = (f"the response's leading {r.dropped!r} is left out (the prompt ends with it)" if r.dropped and ua < r.response_start
+               else "the template trims white space around it")
         raise ConfigError(
             f"{where}: the U/K spans ({spans}) fall outside the response as the chat template renders it "
-            "(the template trims white space around it); move them inside the stripped response"
+            f"({why}); move them inside the rendered response"
         )
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError("SafeKey data preparation needs a fast tokenizer (return_offsets_mapping=True)")
@@ -445,6 +540,66 @@ def build_safekey_example(
     }
 
 
+#: `source` value of the benign rows of the reference's data (SafeKey `train/sft.py`: `unsafe` is 0 for
+#: `source == "4o_rewrite"`, 1 for every other source).
+REFERENCE_BENIGN_SOURCE = "4o_rewrite"
+
+
+def is_reference_record(rec: Mapping[str, Any]) -> bool:
+    """Is `rec` in the reference's data layout (`summary_end_idx` / `next_sentence_end_idx` offsets,
+    SafeKey `data/train/sft_mix_2k.json`) and without this library's own `u_end` / `k_end`?"""
+    return (rec.get("summary_end_idx") is not None and rec.get("next_sentence_end_idx") is not None
+            and rec.get("u_end") is None and rec.get("k_end") is None)
+
+
+def reference_response(response: str, where: str = "example") -> str:
+    """The reference's reformatted response, in whose characters its offsets are counted (SafeKey
+    `train/sft.py`, `get_response` with `think_flag=1`): `\\/` unescaped to `/`, white space
+    trimmed, the text between the first `<think>` and the next `</think>` (trimmed) as the thinking and
+    what follows (trimmed) as the answer, rendered `<think>\\n{thinking}\\n</think>\\n\\n{answer}`. Text
+    before `<think>` is dropped, as the reference's regular expression search does. Raises where the
+    response has no `<think>...</think>` (the reference then falls back to an empty thinking and
+    prints a warning; its offsets would then point into that fallback text)."""
+    r = response.replace("\\/", "/").strip()
+    o = r.find("<think>")
+    c = r.find("</think>", o + len("<think>")) if o >= 0 else -1
+    if o < 0 or c < 0:
+        raise ConfigError(f"{where}: a reference-layout response needs <think>...</think>, got {response[:80]!r}")
+    thinking = r[o + len("<think>") : c].strip()
+    answer = r[c + len("</think>") :].strip()
+    return f"<think>\n{thinking}\n</think>\n\n{answer}"
+
+
+def from_reference_record(rec: Mapping[str, Any], *, prompt_key: str = "prompt", label_key: str = "label",
+                          where: str = "example") -> dict[str, Any]:
+    """A record in the reference's layout -> this library's (prompt, response, label, offsets).
+
+    Reference fields (SafeKey `train/sft.py`, `data/train/sft_mix_2k.json`): `question`, `response`,
+    `summary_end_idx`, `next_sentence_end_idx` (character offsets into :func:`reference_response`:
+    U = `a[:summary_end_idx]`, K = `a[summary_end_idx:next_sentence_end_idx]`) and `source`. Here:
+    `response` = the reformatted response, `u_start` = its first thinking character (after
+    `<think>\\n`; the reference's U tokens also start right after the query, which ends with
+    `<think>\\n` under the R1 template), `u_end = k_start = summary_end_idx`,
+    `k_end = next_sentence_end_idx`; the prompt is `prompt_key` if present, else `question`; the label
+    is `label_key` if present, else the reference's rule (benign iff `source == "4o_rewrite"`).
+    """
+    prompt = rec.get(prompt_key) if rec.get(prompt_key) is not None else rec.get("question")
+    if prompt is None:
+        raise ConfigError(f"{where}: a reference-layout record needs 'question' (or {prompt_key!r}), has {sorted(rec)}")
+    if rec.get("response") is None:
+        raise ConfigError(f"{where}: a reference-layout record needs 'response', has {sorted(rec)}")
+    if rec.get(label_key) is not None:
+        label = rec[label_key]
+    elif rec.get("source") is not None:
+        label = 0 if rec["source"] == REFERENCE_BENIGN_SOURCE else 1
+    else:
+        raise ConfigError(f"{where}: a reference-layout record needs 'source' (or {label_key!r}), has {sorted(rec)}")
+    a = reference_response(str(rec["response"]), where)
+    s_end, n_end = rec["summary_end_idx"], rec["next_sentence_end_idx"]
+    return {"prompt": prompt, "response": a, "label": label, "u_start": len("<think>\n"), "u_end": s_end,
+            "k_start": s_end, "k_end": n_end}
+
+
 def prepare_safekey_dataset(
     records: Iterable[Mapping[str, Any]] | Any,
     tokenizer: Any,
@@ -467,16 +622,24 @@ def prepare_safekey_dataset(
     `records` is a list of dicts or a `datasets.Dataset` with `prompt_key` (a string or a list of
     chat messages), `response_key` and `label_key` columns, and optionally `u_end`/`k_end`
     (+ `u_start`/`k_start`) character offsets into the response; rows without them are split with
-    :func:`split_understanding_key`. Every error names the record (`record 3: ...`).
+    :func:`split_understanding_key`. Rows in the reference's layout (`question`, `response`,
+    `summary_end_idx`, `next_sentence_end_idx`, `source`) are read with :func:`from_reference_record`.
+    A response `<think>` that the rendered prompt already ends with is left out (one warning for the
+    data set, see :func:`think_overlap`). Every error names the record (`record 3: ...`).
     Columns out: `input_ids`, `labels` and :data:`SAFEKEY_COLUMNS` (plus `keep_columns`).
     """
     from datasets import Dataset
 
     rows = []
+    notes: list[str] = []
     for i, rec in enumerate(records):
         where = f"record {i}"
         if not isinstance(rec, Mapping):
             raise ConfigError(f"{where}: expected a mapping with {prompt_key!r}, {response_key!r}, {label_key!r}, got {type(rec).__name__}")
+        if is_reference_record(rec):
+            extra = {c: rec.get(c) for c in keep_columns}
+            rec = {**from_reference_record(rec, prompt_key=prompt_key, label_key=label_key, where=where), **extra}
+            rec = {**rec, prompt_key: rec["prompt"], response_key: rec["response"], label_key: rec["label"]}
         for key in (prompt_key, response_key, label_key):
             if key not in rec or (rec[key] is None and key != label_key):
                 raise ConfigError(f"{where}: missing {key!r} (has {sorted(rec)})")
@@ -485,7 +648,7 @@ def prepare_safekey_dataset(
             u_end=rec.get("u_end"), k_end=rec.get("k_end"), u_start=rec.get("u_start"), k_start=rec.get("k_start"),
             max_length=max_length, max_u_sentences=max_u_sentences, overlap_threshold=overlap_threshold,
             use_chat_template=use_chat_template, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs,
-            system_prompt=system_prompt, where=where,
+            system_prompt=system_prompt, where=where, notes=notes,
         )
         for c in keep_columns:
             row[c] = rec.get(c)
@@ -494,6 +657,12 @@ def prepare_safekey_dataset(
             progress(i + 1)
     if not rows:
         raise ConfigError("prepare_safekey_dataset: no records")
+    if notes:
+        logger.warning(
+            "SafeKey: in %d of %d records the response opens with %r, which the rendered prompt already ends with "
+            "(a DeepSeek-R1-style generation prompt); it is left out so that the text holds one think block (first: %s)",
+            len(notes), len(rows), THINK_OPEN, notes[0],
+        )
     return Dataset.from_list(rows)
 
 
