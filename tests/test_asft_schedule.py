@@ -98,6 +98,7 @@ def test_example_config_sets_the_reference_setup_explicitly() -> None:
     assert cfg.max_grad_norm == 0.0  # no gradient clipping in the reference loop
     assert cfg.learning_rate == 5e-5 and cfg.num_train_epochs == 10 and cfg.per_device_train_batch_size == 8
     assert cfg.gradient_accumulation_steps == 1 and cfg.seed == 42 and cfg.dataloader_drop_last is True
+    assert cfg.train_sampling_strategy == "sequential"  # DataLoader without a sampler: no shuffling
     assert cfg.asft_lambda == 1.0 and cfg.asft_projector == "safe_lora" and not cfg.asft_include_lora_scaling
     assert model.lora_r == 8 and model.lora_alpha == 32 and model.lora_dropout == 0.05
     assert sorted(model.lora_target_modules) == ["q_proj", "v_proj"]

@@ -73,7 +73,9 @@ class AsFTConfig(SFTConfig):
         asft_lambda (`float`, defaults to `1.0`):
             Weight of `sum_l ||(I - C_l) B_l A_l||_F^2` in the loss, per optimiser step
             (independent of gradient accumulation and of the number of processes). `0` trains
-            exactly like `SFTTrainer` (the penalty is still logged).
+            exactly like `SFTTrainer` (the penalty is still logged). The reference adds
+            `lambda * P` on every micro-batch, i.e. `G * lambda` per step with `G` accumulation
+            steps (its scripts use `G = 1`); pass `G * lambda` to reproduce that.
         asft_projector (`str`, defaults to `"safe_lora"`):
             `"safe_lora"`: `C = V V^T / ||V||_F` (the reference; not a projector), or `"topk"`:
             `C = U_k U_k^T` from the SVD of `V`, the projector on its top `asft_projector_rank`
