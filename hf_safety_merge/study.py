@@ -559,7 +559,9 @@ class Study:
                               trainer_cls=AsFTTrainer, config_cls=AsFTConfig,
                               args={"asft_lambda": lam, "asft_projector": proj, "asft_projector_rank": 8,
                                     "asft_base_model": str(base), "asft_aligned_model": str(aligned),
-                                    "asft_anchors_path": str(w / f"asft_anchors_{proj}.safetensors")})
+                                    "asft_anchors_path": str(w / f"asft_anchors_{proj}.safetensors"),
+                                    # a re-run that retrained the aligned model recomputes them
+                                    "asft_rebuild_stale_anchors": True})
 
                 self._stage(f"repair: AsFT {setting}", out, asft)
                 repaired[out.name] = (out, "(trained instead of " + (lora_ft.name if lora_ft else "LoRA") + ")")

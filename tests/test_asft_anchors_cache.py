@@ -78,6 +78,18 @@ def test_cache_reused_only_when_it_matches(setup: dict[str, Path], tmp_path: Pat
     # fewer modules than cached is fine: each anchor depends on its own module only
     _attach(setup, cache, targets=("q_proj",))
 
+    # the same folder retrained in place (new weight files): stale, refused
+    retrained = tmp_path / "retrained_base"
+    shutil.copytree(setup["base"], retrained)
+    built = tmp_path / "retrained.safetensors"
+    setup2 = {**setup, "retrained": retrained}
+    _attach(setup2, built, base="retrained")
+    from test_asft_training import TINY
+
+    save(perturb(make_tiny_model("llama", 0, **TINY), 0.3, 9), retrained)
+    with pytest.raises(ConfigError, match=r"as it was before its weight files changed \(model.safetensors\)"):
+        _attach(setup2, built, base="retrained")
+
     # rebuild on request: the cache now holds the other base's anchors
     rebuilt = _c(_attach(setup, cache, base="other_base", rebuild_stale=True))
     assert AlignmentAnchors.load(cache).meta["base"] == str(setup["other_base"])

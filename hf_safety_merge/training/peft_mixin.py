@@ -41,6 +41,7 @@ from .anchors import (
     Anchor,
     ProjectorKind,
     basin_components,
+    checkpoint_fingerprint,
     module_key,
     offbasin_penalty,
     parse_dtype,
@@ -177,7 +178,8 @@ def anchors_mismatch(
     that checkpoint: `None` means "not known here", e.g. anchors passed in without a base), the
     projector and its rank, and whether every LoRA target has an anchor (a cache covering more
     modules is fine: an anchor depends on its own module's weights only). Checkpoints compare equal
-    when the strings agree or they resolve to the same local folder.
+    when the strings agree or they resolve to the same local folder; a local checkpoint whose
+    weight files changed (size or modification time) since the anchors were built does not match.
     """
     meta = cached.meta
     for what, given, rev in (("aligned", aligned, aligned_revision), ("base", base, base_revision)):
@@ -187,6 +189,10 @@ def anchors_mismatch(
             return f"no recorded {what} model (the file does not say what it was computed from)"
         if not same_checkpoint(meta.get(what), meta.get(f"{what}_path"), given):
             return f"{what} model {meta.get(what)!r}, but this run's {what} model is {str(given)!r}"
+        recorded_files, files = meta.get(f"{what}_files"), checkpoint_fingerprint(given)
+        if recorded_files is not None and files is not None and recorded_files != files:
+            changed = sorted(set(recorded_files) ^ set(files) | {f for f in files if recorded_files.get(f) != files[f]})
+            return f"{what} model {str(given)!r} as it was before its weight files changed ({', '.join(changed[:3])})"
         if meta.get(f"{what}_revision") != rev:
             return f"{what} revision {meta.get(f'{what}_revision')!r}, but this run asks for {rev!r}"
     if projector is not None and cached.projector != projector:
