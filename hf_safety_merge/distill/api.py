@@ -36,6 +36,7 @@ class DistillResult:
             f"  data              : {s.get('dataset')} ({s.get('num_samples')} examples)",
             f"  variant           : {s.get('variant')} on layers [{s.get('layers', ['?', '?'])[0]}, {s.get('layers', ['?', '?'])[1]}) "
             f"of {s.get('num_layers')} ({s.get('num_blocks')} blocks, {s.get('trainable_parameters', 0):,} parameters)",
+            f"  form              : {s.get('variant_description', '?')}",
             f"  optimiser steps   : {s.get('steps')} ({s.get('epochs')} epochs, effective batch {s.get('effective_batch_size')}, lr {s.get('learning_rate')})",
             f"  training loss     : {loss.get('first', float('nan')):.4f} -> {loss.get('last', float('nan')):.4f} (min {loss.get('min', float('nan')):.4f})"
             if loss.get("num_logged")
