@@ -171,7 +171,7 @@ def worker(model_name: str, variant: str, mode: str, steps: int, batch: int, seq
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["tiny-llama", "smollm2-135m"], choices=["tiny-llama", "smollm2-135m"])
-    ap.add_argument("--variants", nargs="+", default=["ffn", "attn", "hybrid"])
+    ap.add_argument("--variants", nargs="+", default=["ffn", "attn_block", "attn_block_ffn"])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)

@@ -489,8 +489,11 @@ class Study:
             def distill(vec: Path = vec, variant: str = variant) -> None:
                 from .distill import distill_safety_vector
 
+                # the study's attention/hybrid vectors linearise the whole attention block (the
+                # extension variants; 'attn' now means the reference's plain projection fine-tuning)
                 res = distill_safety_vector(
-                    aligned, harm_file, vec, variant=variant, max_steps=c.distill_steps, learning_rate=c.distill_lr,
+                    aligned, harm_file, vec, variant={"attn": "attn_block", "hybrid": "attn_block_ffn"}.get(variant, variant),
+                    max_steps=c.distill_steps, learning_rate=c.distill_lr,
                     per_device_train_batch_size=c.batch_size, gradient_accumulation_steps=1, warmup=0.1,
                     max_length=c.max_length, overwrite=True, progress=True, seed=c.seed,
                     training_args={"use_cpu": c.device == "cpu"},
@@ -559,7 +562,9 @@ class Study:
                               trainer_cls=AsFTTrainer, config_cls=AsFTConfig,
                               args={"asft_lambda": lam, "asft_projector": proj, "asft_projector_rank": 8,
                                     "asft_base_model": str(base), "asft_aligned_model": str(aligned),
-                                    "asft_anchors_path": str(w / f"asft_anchors_{proj}.safetensors")})
+                                    "asft_anchors_path": str(w / f"asft_anchors_{proj}.safetensors"),
+                                    # a re-run that retrained the aligned model recomputes them
+                                    "asft_rebuild_stale_anchors": True})
 
                 self._stage(f"repair: AsFT {setting}", out, asft)
                 repaired[out.name] = (out, "(trained instead of " + (lora_ft.name if lora_ft else "LoRA") + ")")

@@ -124,7 +124,8 @@ def test_trainer_masks_prompt_tokens_and_trains_only_blocks(chat_models: dict[st
 
 
 # --------------------------------------------------------------------------- API + merge
-@pytest.mark.parametrize("arch,variant", [("llama", "ffn"), ("qwen2", "hybrid")])
+@pytest.mark.filterwarnings("ignore:distillation variant 'attn' follows:FutureWarning")
+@pytest.mark.parametrize("arch,variant", [("llama", "ffn"), ("qwen2", "attn_ffn")])
 def test_distill_api_vector_on_exact_tensors_and_merges(
     chat_models: dict[str, Path], harmful_jsonl: Path, tmp_path: Path, arch: str, variant: str
 ) -> None:
@@ -136,7 +137,7 @@ def test_distill_api_vector_on_exact_tensors_and_merges(
     )
     vec = SafetyVector.from_pretrained(tmp_path / "vec")
     a, h = _all_tensors(aligned), _all_tensors(tmp_path / "harmful")
-    want_mlp, want_attn = variant in ("ffn", "hybrid"), variant in ("attn", "hybrid")
+    want_mlp, want_attn = variant in ("ffn", "attn_ffn"), variant in ("attn", "attn_ffn")
     expected = {
         n for n in a
         if any(f"layers.{i}." in n for i in (1, 2)) and ((want_mlp and ".mlp." in n) or (want_attn and ".self_attn." in n))
@@ -245,12 +246,13 @@ def test_example_config_parses_with_trlparser(tmp_path: Path) -> None:
     finally:
         del sys.modules["distill_example"]
     parser = TrlParser((mod.ScriptArguments, DistillConfig))
-    script, cfg = parser.parse_args_and_config(
-        ["--config", str(root / "examples" / "distill_config.yaml"), "--output_dir", str(tmp_path / "run"),
-         "--distill_variant", "hybrid", "--distill_layers", "2", "6", "--use_cpu", "true"]
-    )
+    with pytest.warns(FutureWarning, match="now called 'attn_block_ffn'"):  # the old name still parses
+        script, cfg = parser.parse_args_and_config(
+            ["--config", str(root / "examples" / "distill_config.yaml"), "--output_dir", str(tmp_path / "run"),
+             "--distill_variant", "hybrid", "--distill_layers", "2", "6", "--use_cpu", "true"]
+        )
     assert script.aligned_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and script.max_samples == 1000
-    assert cfg.distill_variant == "hybrid" and cfg.distill_layers == [2, 6]
+    assert cfg.distill_variant == "attn_block_ffn" and cfg.distill_layers == [2, 6]
     assert cfg.learning_rate == 1e-5 and cfg.num_train_epochs == 4 and cfg.warmup_steps == 0.1
     assert cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps == 16
     assert str(cfg.lr_scheduler_type.value) == "cosine" and cfg.save_strategy.value == "no"
@@ -266,7 +268,7 @@ def test_activation_checkpointing_and_bf16(chat_models: dict[str, Path], tmp_pat
     vectors = {}
     for name, extra in (("plain", {}), ("ckpt", {"activation_checkpointing": True}), ("bf16", {"bf16": True})):
         args = DistillConfig(
-            output_dir=str(tmp_path / name), distill_variant="hybrid", distill_layers=[1, 3], max_steps=2,
+            output_dir=str(tmp_path / name), distill_variant="attn_block_ffn", distill_layers=[1, 3], max_steps=2,
             per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-3, use_cpu=True,
             disable_tqdm=True, **{"bf16": False, **extra},
         )

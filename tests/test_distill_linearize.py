@@ -1,11 +1,17 @@
-"""NTK linearisation of whole blocks: Taylor expansion, identity at theta0, trainable tensors."""
+"""NTK linearisation of whole blocks: Taylor expansion, identity at theta0, trainable tensors; the
+EnchTable reference's variants (`attn` = plain fine-tuning of the projections, `ffn` linearised)."""
 
 from __future__ import annotations
+
+import copy
+import warnings
 
 import pytest
 import torch
 
 from hf_safety_merge.distill.linearize import (
+    VARIANT_BLOCKS,
+    VARIANTS,
     LinearizedModule,
     delta_tensors,
     linearize_model,
@@ -127,8 +133,9 @@ def test_gradients_match_reverse_mode_reference() -> None:
         torch.testing.assert_close(g_theta[n], theta[n].grad, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.filterwarnings("ignore:distillation variant 'attn' follows:FutureWarning")
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("variant", ["ffn", "attn", "hybrid"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_whole_model_identity_and_trainable_tensors(arch: str, variant: str) -> None:
     model = make_tiny_model(arch, seed=0)  # default (sdpa) attention: the wrapper must cope
     ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -136,13 +143,14 @@ def test_whole_model_identity_and_trainable_tensors(arch: str, variant: str) -> 
         ref = model(ids, use_cache=False).logits
     names_before = list(model.state_dict())
     plan = linearize_model(model, variant, skip_layers=1)
+    attn_mode, mlp_mode = VARIANT_BLOCKS[variant]
+    assert len(plan.linearized_blocks) == 2 * ((attn_mode == "linearized") + (mlp_mode == "linearized"))
     assert plan.layers == (1, 3)
     assert list(model.state_dict()) == names_before  # names unchanged, theta0 not persisted
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-5)
 
-    want_attn = variant in ("attn", "hybrid")
-    want_mlp = variant in ("ffn", "hybrid")
+    want_attn, want_mlp = attn_mode is not None, mlp_mode is not None
     expected = {
         n
         for n, _ in model.named_parameters()
@@ -191,8 +199,121 @@ def test_layer_range_and_errors() -> None:
         linearize_model(model, "fnn")
     with pytest.raises(ConfigError, match="no MLP block"):
         linearize_model(model, "ffn", mlp_names=("feedforward",))
-    plan = linearize_model(model, "attn", layers=[3, 4])
-    assert plan.blocks == ["model.layers.3.self_attn"]
+    plan = linearize_model(model, "attn_block", layers=[3, 4])
+    assert plan.blocks == plan.linearized_blocks == ["model.layers.3.self_attn"]
     assert model.model.layers[3].self_attn.layer_idx == 3  # attributes fall through to the block
     with pytest.raises(ValueError, match="already linearised"):
         linearize_model(model, "ffn")
+
+
+# --------------------------------------------------------------------------- reference variants
+def _loss_and_grads(model: torch.nn.Module, ids: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, dict]:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    return loss.detach(), {n: model.get_parameter(n).grad.detach().clone() for n in names}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_reference_attn_variant_is_plain_finetuning_of_the_projections(arch: str) -> None:
+    """`attn` (the reference's ntk='attn', its shipped choice) is exactly plain fine-tuning of the
+    attention projections: same trainable tensors, bitwise the same loss and gradients as the
+    unwrapped model with only q/k/v/o trainable, at theta0 and away from it, and the optimiser
+    step gives the same weights."""
+    plain = make_tiny_model(arch, seed=0)
+    model = copy.deepcopy(plain)
+    ids = torch.randint(0, 1000, (2, 11), generator=torch.Generator().manual_seed(5))
+    with pytest.warns(FutureWarning, match="follows the EnchTable reference"):
+        plan = linearize_model(model, "attn")
+    assert plan.linearized_blocks == [] and len(plan.blocks) == 4
+    assert model.config.use_cache  # nothing linearised: the KV cache still works
+    proj = [n for n, _ in plain.named_parameters() if any(f"self_attn.{p}_proj." in n for p in "qkvo")]
+    assert set(plan.trainable) == set(proj)  # q/k/v/o weights (+ Qwen2's q/k/v biases), nothing else
+    if arch == "qwen2":
+        assert any(n.endswith("q_proj.bias") for n in proj)
+    for n, p in plain.named_parameters():
+        p.requires_grad_(n in proj)
+    opt_a = torch.optim.AdamW([plain.get_parameter(n) for n in proj], lr=1e-2)
+    opt_b = torch.optim.AdamW([model.get_parameter(n) for n in proj], lr=1e-2)
+    for _ in range(3):  # step 0 at theta0, then away from it
+        la, ga = _loss_and_grads(plain, ids, proj)
+        lb, gb = _loss_and_grads(model, ids, proj)
+        assert torch.equal(la, lb)
+        for n in proj:
+            assert torch.equal(ga[n], gb[n]), n
+        opt_a.step()
+        opt_b.step()
+    for n in proj:
+        assert torch.equal(plain.get_parameter(n), model.get_parameter(n)), n
+    # ... and the delta is what plain fine-tuning moved.
+    delta = delta_tensors(model, sign=-1.0)
+    assert set(delta) == set(proj) and all(float(t.abs().max()) > 0 for t in delta.values())
+
+
+def test_linearising_a_single_linear_is_the_linear_itself() -> None:
+    """Why the reference's `attn` mode is plain fine-tuning: its per-`nn.Linear` first-order
+    expansion W0 x + b0 + (W - W0) x + (b - b0) equals W x + b (up to float rounding), with the
+    same gradients, however far theta is from theta0."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8).double()
+    ref = copy.deepcopy(lin)
+    wrapped = LinearizedModule(lin)  # linearize=True: a real jvp, as the reference's LinearizedModel
+    with torch.no_grad():
+        for p, q in zip(wrapped.theta().values(), ref.parameters()):
+            step = torch.randn_like(p)  # far from theta0: a non-linear block would differ a lot
+            p.add_(step)
+            q.add_(step)
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    out, out_ref = wrapped(x), ref(x2)
+    torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
+    out.pow(2).sum().backward()
+    out_ref.pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-12, atol=1e-12)
+    for p, q in zip(wrapped.theta().values(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", ["ffn", "attn_ffn", "attn_block"])
+def test_linearised_variants_differ_from_plain_finetuning(variant: str) -> None:
+    """`ffn` (and the MLP of `attn_ffn`, and `attn_block`) really linearise: away from theta0 the
+    loss differs from the plain model's with the same weights, while at theta0 it is the same."""
+    plain = make_tiny_model("llama", seed=0)
+    model = copy.deepcopy(plain)
+    ids = torch.randint(0, 1000, (2, 11), generator=torch.Generator().manual_seed(5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        plan = linearize_model(model, variant)
+    assert plan.linearized_blocks
+    with torch.no_grad():
+        l0 = model(input_ids=ids, labels=ids, use_cache=False).loss
+        torch.testing.assert_close(l0, plain(input_ids=ids, labels=ids, use_cache=False).loss, rtol=1e-5, atol=1e-6)
+        g = torch.Generator().manual_seed(2)
+        for n in plan.trainable:
+            step = torch.randn(model.get_parameter(n).shape, generator=g) * 0.5 * model.get_parameter(n).abs().mean()
+            model.get_parameter(n).add_(step)
+            plain.get_parameter(n).add_(step)
+        l_lin = model(input_ids=ids, labels=ids, use_cache=False).loss
+        l_plain = plain(input_ids=ids, labels=ids, use_cache=False).loss
+    assert abs(float(l_lin) - float(l_plain)) > 1e-4
+
+
+def test_variant_names_and_deprecations() -> None:
+    from hf_safety_merge.distill.linearize import resolve_variant
+
+    assert resolve_variant("ffn") == "ffn"
+    with pytest.warns(FutureWarning, match="now called 'attn_block_ffn'"):
+        assert resolve_variant("hybrid") == "attn_block_ffn"
+    with pytest.warns(FutureWarning, match="now variant 'attn_block'"):
+        assert resolve_variant("attn") == "attn"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_variant("attn", warn_attn=False) == "attn"
+        assert resolve_variant("attn_block") == "attn_block"
+    with pytest.raises(ConfigError, match="did you mean 'attn_ffn'"):
+        resolve_variant("attn_fnn")
+    model = make_tiny_model("llama", seed=0)
+    with pytest.warns(FutureWarning):
+        plan = linearize_model(model, "hybrid", layers=[0, 1])
+    assert plan.variant == "attn_block_ffn" and len(plan.linearized_blocks) == 2

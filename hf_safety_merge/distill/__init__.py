@@ -7,7 +7,8 @@
   pair (logging, checkpointing, gradient accumulation, bf16, `accelerate launch`).
 - :class:`LinearizedModule`, :func:`linearize_model`, :func:`unlinearize_model`: the first-order
   Taylor expansion `f(x; theta0) + J f(x; theta0)(theta - theta0)` of whole blocks
-  (`torch.func.jvp` over `functional_call`).
+  (`torch.func.jvp` over `functional_call`); the variants `ffn` / `attn` / `attn_ffn` are the
+  EnchTable reference's, `attn_block` / `attn_block_ffn` extensions (see :data:`VARIANT_DESCRIPTIONS`).
 - :func:`load_harmful_qa`, :func:`generate_responses`: data in, surrogate harmful answers out.
 
 `DistillConfig`, `DistillTrainer` and `distill_safety_vector` need `trl`; they are imported lazily.
@@ -20,7 +21,10 @@ from typing import TYPE_CHECKING, Any
 from .data import generate_responses, load_harmful_qa, read_prompts
 from .linearize import (
     ATTN_NAMES,
+    DEPRECATED_VARIANTS,
     MLP_NAMES,
+    VARIANT_BLOCKS,
+    VARIANT_DESCRIPTIONS,
     VARIANTS,
     LinearizationPlan,
     LinearizedModule,
@@ -29,6 +33,7 @@ from .linearize import (
     linearize_model,
     linearized_modules,
     resolve_layer_range,
+    resolve_variant,
     theta0_nbytes,
     unlinearize_model,
 )
@@ -57,8 +62,11 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "ATTN_NAMES",
+    "DEPRECATED_VARIANTS",
     "MLP_NAMES",
     "VARIANTS",
+    "VARIANT_BLOCKS",
+    "VARIANT_DESCRIPTIONS",
     "DistillConfig",
     "DistillResult",
     "DistillTrainer",
@@ -74,6 +82,7 @@ __all__ = [
     "load_harmful_qa",
     "read_prompts",
     "resolve_layer_range",
+    "resolve_variant",
     "theta0_nbytes",
     "unlinearize_model",
 ]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .linearize import ATTN_NAMES, MLP_NAMES, VARIANTS
+from .linearize import ATTN_NAMES, MLP_NAMES, resolve_variant
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class DistillResult:
             f"  data              : {s.get('dataset')} ({s.get('num_samples')} examples)",
             f"  variant           : {s.get('variant')} on layers [{s.get('layers', ['?', '?'])[0]}, {s.get('layers', ['?', '?'])[1]}) "
             f"of {s.get('num_layers')} ({s.get('num_blocks')} blocks, {s.get('trainable_parameters', 0):,} parameters)",
+            f"  form              : {s.get('variant_description', '?')}",
             f"  optimiser steps   : {s.get('steps')} ({s.get('epochs')} epochs, effective batch {s.get('effective_batch_size')}, lr {s.get('learning_rate')})",
             f"  training loss     : {loss.get('first', float('nan')):.4f} -> {loss.get('last', float('nan')):.4f} (min {loss.get('min', float('nan')):.4f})"
             if loss.get("num_logged")
@@ -111,14 +112,19 @@ def distill_safety_vector(
         data: harmful QA: a CSV/JSONL/JSON/Parquet file, a `datasets` folder or Hub id, or a
             `datasets.Dataset` already in prompt-completion form.
         output_dir: where the vector folder is written (atomically); None keeps it in memory.
-        variant: "ffn", "attn" or "hybrid" (which blocks are linearised and trained).
+        variant: which blocks are trained and how: "ffn", "attn", "attn_ffn" (the EnchTable
+            reference's modes; "attn" is plain fine-tuning of the attention projections, as the
+            reference's per-Linear wrapping is), "attn_block", "attn_block_ffn" (extensions: whole
+            attention block linearised). See :mod:`hf_safety_merge.distill.linearize`.
         layers / skip_layers: `[start, end)`, or `N` for `[N, L - N)`.
         prompt_column / response_column / split / subset / data_revision / max_samples /
             system_prompt: see :func:`~hf_safety_merge.distill.load_harmful_qa`.
         learning_rate / num_train_epochs / max_steps / per_device_train_batch_size /
             gradient_accumulation_steps / warmup / lr_scheduler_type / max_length / bf16 / seed /
-            logging_steps: training hyperparameters (EnchTable reference defaults; `max_steps > 0`
-            overrides the epochs).
+            logging_steps: training hyperparameters (`max_steps > 0` overrides the epochs). lr,
+            schedule, warmup, epochs and the effective batch of 16 are the EnchTable reference's;
+            `max_length` 512 and fp32 differ from its cutoff 2048 and bf16 on purpose
+            (docs/distillation.md, "Reference settings").
         dtype: stored dtype of the vector ("float32", "bfloat16", "float16").
         attn_implementation: passed to `from_pretrained` (the default "sdpa" works: the linearised
             attention runs scaled-dot-product attention's math backend under forward-mode AD).
@@ -134,10 +140,7 @@ def distill_safety_vector(
     from .trainer import DistillConfig, DistillTrainer
 
     t_start = time.perf_counter()
-    if variant not in VARIANTS:
-        from ..errors import did_you_mean
-
-        raise ConfigError(f"variant {variant!r} is not one of {VARIANTS}{did_you_mean(str(variant), VARIANTS)}")
+    variant = resolve_variant(variant, warn_attn=False)
     out = Path(output_dir) if output_dir is not None else None
     if out is not None:
         _check_out(out, overwrite)

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError, did_you_mean
-from .linearize import VARIANTS
+from .linearize import DEPRECATED_VARIANTS, VARIANTS
 
 DISTILL_EPILOG = """examples:
   hf-safety-merge distill --aligned HuggingFaceTB/SmolLM2-135M-Instruct --data harmful.jsonl \\
@@ -28,7 +28,7 @@ prompt-only set with `hf-safety-merge distill-data`.
 A --config YAML holds the same keys as the long flags (underscores), e.g.
   aligned: ./aligned
   data: ./harmful.jsonl
-  variant: hybrid
+  variant: attn_ffn
   skip_layers: 2
   learning_rate: 1.0e-5
   num_train_epochs: 4
@@ -61,7 +61,10 @@ def add_distill_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--aligned", default=S, help="aligned model: local folder or Hub repo id")
     p.add_argument("--data", default=S, help="harmful QA: CSV/JSONL/JSON/Parquet file, datasets folder or Hub id")
     p.add_argument("--out", default=S, help="output folder of the safety vector")
-    p.add_argument("--variant", default=S, choices=VARIANTS, help="blocks to linearise and train (default ffn)")
+    p.add_argument("--variant", default=S, choices=(*VARIANTS, *DEPRECATED_VARIANTS),
+                   help="blocks to train: ffn | attn | attn_ffn (EnchTable reference modes; attn = plain fine-tuning "
+                   "of the attention projections) | attn_block | attn_block_ffn (whole attention block linearised; "
+                   "extensions) (default ffn)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--skip-layers", dest="skip_layers", type=int, default=S, metavar="N", help="train layers [N, L-N)")
     g.add_argument("--layers", type=int, nargs=2, default=S, metavar=("START", "END"), help="train layers [START, END)")
@@ -73,7 +76,7 @@ def add_distill_parser(subparsers: Any) -> argparse.ArgumentParser:
     d.add_argument("--data-revision", dest="data_revision", default=S)
     d.add_argument("--max-samples", dest="max_samples", type=int, default=S, help="seeded subset size (default 1000; 0 = all)")
     d.add_argument("--system-prompt", dest="system_prompt", default=S)
-    t = p.add_argument_group("training (EnchTable reference defaults)")
+    t = p.add_argument_group("training (EnchTable reference values except --max-length and precision)")
     t.add_argument("--learning-rate", "--lr", dest="learning_rate", type=float, default=S, help="default 1e-5")
     t.add_argument("--epochs", dest="num_train_epochs", type=float, default=S, help="default 4")
     t.add_argument("--max-steps", dest="max_steps", type=int, default=S, help="optimiser steps; overrides --epochs")
@@ -81,8 +84,8 @@ def add_distill_parser(subparsers: Any) -> argparse.ArgumentParser:
     t.add_argument("--grad-accum", dest="gradient_accumulation_steps", type=int, default=S, help="default 4 (4 x 4 = 16)")
     t.add_argument("--warmup", type=float, default=S, help="warmup fraction (<1) or steps (default 0.1)")
     t.add_argument("--scheduler", dest="lr_scheduler_type", default=S, help="default cosine")
-    t.add_argument("--max-length", dest="max_length", type=int, default=S, help="tokens per example (default 512)")
-    t.add_argument("--bf16", action="store_true", default=S, help="bf16 mixed precision")
+    t.add_argument("--max-length", dest="max_length", type=int, default=S, help="tokens per example (default 512; reference 2048)")
+    t.add_argument("--bf16", action="store_true", default=S, help="bf16 mixed precision (the reference's; default fp32)")
     t.add_argument("--seed", type=int, default=S)
     t.add_argument("--logging-steps", dest="logging_steps", type=float, default=S)
     t.add_argument("--attn-implementation", dest="attn_implementation", default=S, help="eager | sdpa (default: the model's)")

@@ -1,4 +1,4 @@
-"""NTK linearisation of whole transformer blocks with `torch.func`.
+"""NTK linearisation of transformer blocks with `torch.func`, and EnchTable's training variants.
 
 A :class:`LinearizedModule` wraps a block (a decoder layer's MLP, its attention module, or any
 `nn.Module`) and computes the first-order Taylor expansion of the block in its own parameters::
@@ -9,15 +9,31 @@ with one `torch.func.jvp` over `torch.func.functional_call`: the primal is evalu
 copy `theta0`, the tangent is `theta - theta0`. Gradients reach `theta` through the tangent (and
 the inputs `x` through both terms), so a plain optimiser on `theta` trains the linearised model.
 
-Linearising a single `nn.Linear` would be a no-op (it is already linear in its weight), so whole
-blocks are wrapped. The wrapper re-registers the wrapped block's children and parameters under
-their own names, so the model's parameter names and `state_dict` do not change: a linearised model
-saves and loads like the plain one, and `theta0` (one non-persistent buffer per trainable tensor)
-never reaches a checkpoint.
+The variants (:data:`VARIANTS`) follow the EnchTable reference code
+(`safety_distillation/LLaMA-Factory/src/llamafactory/train/sft/workflow.py` in AntCPLab/EnchTable,
+its `ntk` switch) under the reference's names:
+
+- ``"ffn"``: each MLP block linearised as a whole (reference `ntk='ffn'`);
+- ``"attn"``: the attention block's parameters trained *plainly* (reference `ntk='attn'`, its shipped
+  choice: it wraps each of q/k/v/o `nn.Linear` on its own, and a Linear is already linear in its
+  weight, so its first-order expansion is the Linear itself: plain fine-tuning of the projections);
+- ``"attn_ffn"``: both of the above (reference `ntk='attn_ffn'`);
+
+and two extensions that are *not* in the reference, named so:
+
+- ``"attn_block"``: the whole attention block (projections, RoPE, softmax) linearised;
+- ``"attn_block_ffn"``: whole attention block and MLP block, each linearised on its own
+  (``"hybrid"`` is its deprecated alias).
+
+The wrapper re-registers the wrapped block's children and parameters under their own names, so
+the model's parameter names and `state_dict` do not change: a linearised model saves and loads
+like the plain one, and `theta0` (one non-persistent buffer per trainable tensor) never reaches a
+checkpoint.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
@@ -30,8 +46,63 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import ConfigError, did_you_mean
 
-Variant = Literal["ffn", "attn", "hybrid"]
-VARIANTS: tuple[str, ...] = ("ffn", "attn", "hybrid")
+Variant = Literal["ffn", "attn", "attn_ffn", "attn_block", "attn_block_ffn"]
+#: The variants; the first three are the EnchTable reference's `ntk` modes, the last two extensions.
+VARIANTS: tuple[str, ...] = ("ffn", "attn", "attn_ffn", "attn_block", "attn_block_ffn")
+#: Old names still accepted (with a FutureWarning) and what they mean now.
+DEPRECATED_VARIANTS: dict[str, str] = {"hybrid": "attn_block_ffn"}
+#: Per variant: how the attention block and the MLP block are trained ("linearized", "plain" or None).
+VARIANT_BLOCKS: dict[str, tuple[str | None, str | None]] = {
+    "ffn": (None, "linearized"),
+    "attn": ("plain", None),
+    "attn_ffn": ("plain", "linearized"),
+    "attn_block": ("linearized", None),
+    "attn_block_ffn": ("linearized", "linearized"),
+}
+#: One line per variant (recorded in the vector's card).
+VARIANT_DESCRIPTIONS: dict[str, str] = {
+    "ffn": "MLP blocks NTK-linearised (EnchTable reference ntk='ffn')",
+    "attn": "attention projections fine-tuned plainly (EnchTable reference ntk='attn': a linearised "
+    "nn.Linear is the Linear itself)",
+    "attn_ffn": "attention projections fine-tuned plainly + MLP blocks NTK-linearised (EnchTable reference "
+    "ntk='attn_ffn')",
+    "attn_block": "whole attention blocks NTK-linearised (extension, not in the EnchTable reference)",
+    "attn_block_ffn": "whole attention blocks and MLP blocks NTK-linearised, each on its own (extension, not in "
+    "the EnchTable reference)",
+}
+
+
+def resolve_variant(variant: str, *, warn_attn: bool = True) -> str:
+    """The canonical variant name; unknown names are a :class:`ConfigError` (with a suggestion).
+
+    ``"hybrid"`` is the deprecated name of ``"attn_block_ffn"`` (FutureWarning). ``"attn"`` changed
+    meaning after 0.1.0: it now is the reference's ``ntk='attn'`` (plain fine-tuning of the attention
+    projections); the whole-block linearisation it used to mean is ``"attn_block"`` (FutureWarning,
+    so that an old config does not silently train something else; `warn_attn=False` leaves that
+    warning to a later call).
+    """
+    name = str(variant)
+    if name in DEPRECATED_VARIANTS:
+        new = DEPRECATED_VARIANTS[name]
+        warnings.warn(
+            f"distillation variant {name!r} is deprecated; it is now called {new!r} (whole attention block and MLP "
+            f"block, each NTK-linearised: an extension, not the EnchTable reference's 'attn_ffn')",
+            FutureWarning,
+            stacklevel=3,
+        )
+        return new
+    if name not in VARIANTS:
+        known = (*VARIANTS, *DEPRECATED_VARIANTS)
+        raise ConfigError(f"variant {name!r} is not one of {VARIANTS}{did_you_mean(name, known)}")
+    if name == "attn" and warn_attn:
+        warnings.warn(
+            "distillation variant 'attn' follows the EnchTable reference (ntk='attn'): plain fine-tuning of the "
+            "attention projections, nothing is linearised. In hf-safety-merge 0.1.0 it linearised the whole "
+            "attention block; that is now variant 'attn_block'.",
+            FutureWarning,
+            stacklevel=3,
+        )
+    return name
 
 #: Child names under which decoder layers keep their MLP / attention block, across architectures.
 MLP_NAMES: tuple[str, ...] = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
@@ -181,6 +252,8 @@ class LinearizationPlan:
     num_layers: int
     layers_path: str
     blocks: list[str] = field(default_factory=list)
+    #: the subset of `blocks` that runs NTK-linearised (the others train plainly)
+    linearized_blocks: list[str] = field(default_factory=list)
     trainable: list[str] = field(default_factory=list)
     num_trainable_parameters: int = 0
     num_total_parameters: int = 0
@@ -192,7 +265,9 @@ class LinearizationPlan:
             "layers": list(self.layers),
             "num_layers": self.num_layers,
             "layers_path": self.layers_path,
+            "description": VARIANT_DESCRIPTIONS.get(self.variant, self.variant),
             "blocks": list(self.blocks),
+            "num_linearized_blocks": len(self.linearized_blocks),
             "num_trainable_tensors": len(self.trainable),
             "num_trainable_parameters": self.num_trainable_parameters,
             "num_total_parameters": self.num_total_parameters,
@@ -202,7 +277,8 @@ class LinearizationPlan:
         """The equivalent :class:`~hf_safety_merge.filters.TensorFilter` (for the vector's card)."""
         from ..filters import TensorFilter
 
-        scope = {"ffn": "mlp", "attn": "attention", "hybrid": "attention+mlp"}[self.variant]
+        attn, mlp = VARIANT_BLOCKS[self.variant]
+        scope = "attention+mlp" if attn and mlp else ("attention" if attn else "mlp")
         return TensorFilter(scope=scope, layers=self.layers, min_ndim=1).to_dict()  # type: ignore[arg-type]
 
 
@@ -276,19 +352,21 @@ def linearize_model(
     """Wrap the chosen blocks of `model` in :class:`LinearizedModule`, in place.
 
     Every parameter of the model is frozen (`requires_grad=False`) except those of the wrapped
-    blocks. With `linearize=False` the same blocks are wrapped but evaluated plainly (ordinary
-    fine-tuning of the same tensors, for comparisons).
+    blocks. Blocks the variant trains plainly (the attention block of ``"attn"`` / ``"attn_ffn"``)
+    are wrapped with `linearize=False`: evaluated at `theta` exactly as the plain block (same
+    operations, so bitwise the same loss and gradients), the wrapper only keeping `theta0` for the
+    delta. With `linearize=False` every block is evaluated plainly (for comparisons).
 
     Args:
         model: a transformers causal LM (or any model with a list of decoder layers).
-        variant: "ffn" (the MLP block of each layer), "attn" (the attention block) or "hybrid"
-            (both, each linearised on its own).
+        variant: one of :data:`VARIANTS` (see the module docstring): ``"ffn"``, ``"attn"``,
+            ``"attn_ffn"`` (the EnchTable reference's modes), ``"attn_block"``,
+            ``"attn_block_ffn"`` (extensions; ``"hybrid"`` is a deprecated alias of the latter).
         layers: half-open range `[start, end)` of decoder layers to wrap (default: all).
         skip_layers: `N` wraps layers `[N, L - N)` (EnchTable's layer range); excludes `layers`.
         mlp_names / attn_names: child names under which a layer keeps its blocks.
     """
-    if variant not in VARIANTS:
-        raise ConfigError(f"variant {variant!r} is not one of {VARIANTS}{did_you_mean(str(variant), VARIANTS)}")
+    variant = resolve_variant(variant)
     if any(isinstance(m, LinearizedModule) for m in model.modules()):
         raise ValueError("model is already linearised; call unlinearize_model first")
     path, layer_list = find_decoder_layers(model)
@@ -296,22 +374,25 @@ def linearize_model(
     for p in model.parameters():
         p.requires_grad_(False)
     plan = LinearizationPlan(variant=variant, layers=(start, end), num_layers=len(layer_list), layers_path=path)
-    kinds: list[tuple[Sequence[str], str]] = []
-    if variant in ("attn", "hybrid"):
-        kinds.append((attn_names, "attention"))
-    if variant in ("ffn", "hybrid"):
-        kinds.append((mlp_names, "MLP"))
+    attn_mode, mlp_mode = VARIANT_BLOCKS[variant]
+    kinds: list[tuple[Sequence[str], str, bool]] = []
+    if attn_mode is not None:
+        kinds.append((attn_names, "attention", attn_mode == "linearized"))
+    if mlp_mode is not None:
+        kinds.append((mlp_names, "MLP", mlp_mode == "linearized"))
     for idx in range(start, end):
         layer = cast(nn.Module, layer_list[idx])
-        for names, what in kinds:
+        for names, what, lin in kinds:
             child_name, block = _child(layer, names, what, idx)
-            wrapper = LinearizedModule(block, linearize=linearize)
+            wrapper = LinearizedModule(block, linearize=linearize and lin)
             for t in wrapper.theta().values():
                 t.requires_grad_(True)
             setattr(layer, child_name, wrapper)
             plan.blocks.append(f"{path}.{idx}.{child_name}")
+            if wrapper.linearize:
+                plan.linearized_blocks.append(f"{path}.{idx}.{child_name}")
     cfg = getattr(model, "config", None)
-    if variant != "ffn" and cfg is not None:
+    if linearize and attn_mode == "linearized" and cfg is not None:
         # A linearised attention block cannot fill a KV cache: the model must not build one.
         plan.use_cache_was = getattr(cfg, "use_cache", None)
         cfg.use_cache = False

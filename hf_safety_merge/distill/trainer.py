@@ -20,15 +20,16 @@ import torch
 from transformers.trainer_utils import SaveStrategy, SchedulerType
 from trl import SFTConfig, SFTTrainer
 
-from ..errors import ConfigError, did_you_mean
+from ..errors import ConfigError
 from .linearize import (
     ATTN_NAMES,
     MLP_NAMES,
-    VARIANTS,
+    VARIANT_DESCRIPTIONS,
     LinearizationPlan,
     delta_tensors,
     linearize_model,
     linearized_modules,
+    resolve_variant,
     theta0_nbytes,
     unlinearize_model,
 )
@@ -39,14 +40,22 @@ logger = logging.getLogger(__name__)
 @dataclass
 class DistillConfig(SFTConfig):
     r"""
-    Configuration of the [`DistillTrainer`]: every [`~trl.SFTConfig`] field (with EnchTable's
-    reference defaults: lr 1e-5, cosine schedule, warmup 0.1, 4 epochs, 4 x 4 = 16 sequences per
-    optimiser step on one device), plus the linearisation. Parse it with `TrlParser`.
+    Configuration of the [`DistillTrainer`]: every [`~trl.SFTConfig`] field, plus the
+    linearisation. Parse it with `TrlParser`. Defaults that match the EnchTable reference scripts:
+    lr 1e-5, cosine schedule, warmup 0.1, 4 epochs, 16 sequences per optimiser step (4 x 4 on one
+    device). Defaults that differ, on purpose (see docs/distillation.md, "Reference settings"):
+    `max_length` 512 (reference cutoff 2048), fp32 (reference bf16), variant `"ffn"` on all
+    layers (reference: `"attn"` on all layers for Llama, `"attn_ffn"` on `[12, L-12)` for
+    Qwen/Mistral).
 
     Parameters:
         distill_variant (`str`, defaults to `"ffn"`):
-            Which blocks to linearise and train: `"ffn"` (each decoder layer's MLP block),
-            `"attn"` (its attention block) or `"hybrid"` (both, each linearised on its own).
+            Which blocks to train and how. The EnchTable reference's modes: `"ffn"` (each decoder
+            layer's MLP block, NTK-linearised), `"attn"` (the attention projections, fine-tuned
+            plainly: what the reference's per-`nn.Linear` wrapping amounts to), `"attn_ffn"`
+            (both). Extensions: `"attn_block"` (the whole attention block NTK-linearised) and
+            `"attn_block_ffn"` (attention and MLP blocks, each linearised on its own; `"hybrid"`
+            is its deprecated alias).
         distill_skip_layers (`int`, defaults to `0`):
             `N` trains layers `[N, L - N)` only (EnchTable's layer range).
         distill_layers (`list[int]`, *optional*):
@@ -55,7 +64,10 @@ class DistillConfig(SFTConfig):
             Child names under which a decoder layer keeps its MLP / attention block.
     """
 
-    distill_variant: str = field(default="ffn", metadata={"help": "Blocks to linearise: ffn, attn or hybrid."})
+    distill_variant: str = field(
+        default="ffn",
+        metadata={"help": "ffn | attn | attn_ffn (the EnchTable reference's modes) | attn_block | attn_block_ffn (extensions)."},
+    )
     distill_skip_layers: int = field(default=0, metadata={"help": "Train layers [N, L-N) only."})
     distill_layers: list[int] | None = field(
         default=None, metadata={"help": "Explicit layer range [start, end) (excludes distill_skip_layers)."}
@@ -67,7 +79,7 @@ class DistillConfig(SFTConfig):
         default_factory=lambda: list(ATTN_NAMES), metadata={"help": "Child names of a layer's attention block."}
     )
 
-    # EnchTable's reference hyperparameters.
+    # EnchTable's reference hyperparameters (max_length and precision differ on purpose).
     learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate (EnchTable: 1e-5)."})
     lr_scheduler_type: SchedulerType | str = field(default="cosine", metadata={"help": "LR schedule (EnchTable: cosine)."})
     warmup_steps: float = field(
@@ -76,7 +88,9 @@ class DistillConfig(SFTConfig):
     num_train_epochs: float = field(default=4.0, metadata={"help": "Epochs (EnchTable: 4)."})
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Sequences per device and micro-batch."})
     gradient_accumulation_steps: int = field(default=4, metadata={"help": "Micro-batches per optimiser step."})
-    max_length: int | None = field(default=512, metadata={"help": "Maximum tokens per example."})
+    max_length: int | None = field(
+        default=512, metadata={"help": "Maximum tokens per example (EnchTable's cutoff_len: 2048)."}
+    )
     gradient_checkpointing: bool | None = field(  # type: ignore[assignment]
         default=None, metadata={"help": "Deprecated alias of activation_checkpointing."})
     activation_checkpointing: bool | None = field(
@@ -89,10 +103,9 @@ class DistillConfig(SFTConfig):
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Loggers (none by default)."})  # noqa: RUF036
 
     def __post_init__(self) -> None:
-        if self.distill_variant not in VARIANTS:
-            raise ConfigError(
-                f"distill_variant {self.distill_variant!r} is not one of {VARIANTS}{did_you_mean(str(self.distill_variant), VARIANTS)}"
-            )
+        # canonical name ('hybrid' -> 'attn_block_ffn', with a FutureWarning); the warning about
+        # 'attn''s reference meaning comes from linearize_model
+        self.distill_variant = resolve_variant(self.distill_variant, warn_attn=False)
         if self.distill_layers is not None and self.distill_skip_layers:
             raise ConfigError("give either distill_layers or distill_skip_layers, not both")
         super().__post_init__()
@@ -188,6 +201,8 @@ class DistillTrainer(SFTTrainer):
         world = max(1, a.world_size)
         return {
             "variant": self.linearization.variant,
+            "variant_description": VARIANT_DESCRIPTIONS.get(self.linearization.variant, self.linearization.variant),
+            "num_linearized_blocks": len(self.linearization.linearized_blocks),
             "layers": list(self.linearization.layers),
             "num_layers": self.linearization.num_layers,
             "num_blocks": len(self.linearization.blocks),
@@ -221,7 +236,10 @@ class DistillTrainer(SFTTrainer):
             architecture=((getattr(cfg, "architectures", None) or [type(model).__name__])[0]),
             model_type=getattr(cfg, "model_type", None),
             aligned_model=self.aligned_name,
-            reference_model=f"<aligned model NTK-linearised and fine-tuned on {dataset or 'harmful data'}; not kept>",
+            reference_model=(
+                f"<aligned model fine-tuned on {dataset or 'harmful data'}, "
+                f"{VARIANT_DESCRIPTIONS.get(self.linearization.variant, self.linearization.variant)}; not kept>"
+            ),
             method=f"ntk_distilled:{self.linearization.variant}",
             tensor_filter=self.linearization.tensor_filter(),
             library_version=__version__,

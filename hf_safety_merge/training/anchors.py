@@ -61,6 +61,40 @@ def parse_dtype(name: str | torch.dtype, field_name: str = "anchor_dtype") -> to
     return _DTYPES[key]
 
 
+def _local_path(ref: str | os.PathLike[str] | None) -> str | None:
+    """The resolved absolute path of a local checkpoint reference, or None (a Hub id, or None)."""
+    if ref is None:
+        return None
+    p = Path(ref).expanduser()
+    return str(p.resolve()) if p.exists() else None
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def checkpoint_fingerprint(ref: str | os.PathLike[str] | None) -> dict[str, list[int]] | None:
+    """`{file: [size, mtime_ns]}` of a local checkpoint's weight files (None for a Hub id): cheap,
+    and it changes when a folder is retrained in place."""
+    path = _local_path(ref)
+    if path is None:
+        return None
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES))
+    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+
+
+def same_checkpoint(recorded: str | None, recorded_path: str | None, given: str | os.PathLike[str]) -> bool:
+    """Whether a checkpoint reference recorded in an anchors file names the `given` one: the same
+    string, or the same resolved local path."""
+    if recorded is not None and recorded == str(given):
+        return True
+    here = _local_path(given)
+    if here is None:
+        return False
+    there = recorded_path or _local_path(recorded)
+    return there is not None and there == here
+
+
 @dataclass
 class Anchor:
     """The alignment matrix `C` of one module, in its cheapest form for products `C @ B`.
@@ -319,6 +353,11 @@ class AlignmentAnchors(Mapping[str, Anchor]):
         meta = {
             "aligned": str(aligned),
             "base": str(base),
+            # resolved local paths (None for Hub ids), so that "./m" and "/abs/m" compare equal
+            "aligned_path": _local_path(aligned),
+            "base_path": _local_path(base),
+            "aligned_files": checkpoint_fingerprint(aligned),
+            "base_files": checkpoint_fingerprint(base),
             "aligned_revision": aligned_revision,
             "base_revision": base_revision,
             "dtype": str(out_dtype).removeprefix("torch."),

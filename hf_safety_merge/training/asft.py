@@ -17,6 +17,7 @@ all ranks).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,10 +48,17 @@ class AsFTConfig(SFTConfig):
         > Anchors (where `C_l` comes from)
 
         asft_anchors_path (`str`, *optional*):
-            A safetensors file of precomputed anchors (written by `AlignmentAnchors.save`), a folder
-            holding `asft_anchors.safetensors`, or a Hub repo id. If it names a local file that
-            does not exist yet, the anchors are computed from `asft_aligned_model` and
-            `asft_base_model` and cached there.
+            A safetensors file of anchors (written by `AlignmentAnchors.save`), a folder holding
+            `asft_anchors.safetensors`, or a Hub repo id. With `asft_base_model` set it is a local
+            cache: computed from `asft_aligned_model` and `asft_base_model` and written there if
+            absent (a missing file, or a folder, empty or not, without the anchors file), reused
+            only if its recorded aligned / base models, revisions, projector and modules match
+            this run (else an error naming the field, or a rebuild with
+            `asft_rebuild_stale_anchors`). Without `asft_base_model` the anchors are loaded as
+            given (checked against `asft_aligned_model` when that is set).
+        asft_rebuild_stale_anchors (`bool`, defaults to `False`):
+            Recompute (and overwrite) a cached anchors file that does not match this run, instead
+            of stopping with an error.
         asft_aligned_model (`str`, *optional*):
             The aligned (safety-tuned) checkpoint, local path or Hub id. Defaults to the model
             being fine-tuned (AsFT fine-tunes the aligned model itself).
@@ -65,7 +73,9 @@ class AsFTConfig(SFTConfig):
         asft_lambda (`float`, defaults to `1.0`):
             Weight of `sum_l ||(I - C_l) B_l A_l||_F^2` in the loss, per optimiser step
             (independent of gradient accumulation and of the number of processes). `0` trains
-            exactly like `SFTTrainer` (the penalty is still logged).
+            exactly like `SFTTrainer` (the penalty is still logged). The reference adds
+            `lambda * P` on every micro-batch, i.e. `G * lambda` per step with `G` accumulation
+            steps (its scripts use `G = 1`); pass `G * lambda` to reproduce that.
         asft_projector (`str`, defaults to `"safe_lora"`):
             `"safe_lora"`: `C = V V^T / ||V||_F` (the reference; not a projector), or `"topk"`:
             `C = U_k U_k^T` from the SVD of `V`, the projector on its top `asft_projector_rank`
@@ -83,11 +93,24 @@ class AsFTConfig(SFTConfig):
             autocast disabled, even in bf16 training).
         asft_strict (`bool`, defaults to `True`):
             A LoRA module without an anchor is an error; with `False` it is skipped with a warning.
+
+        > Schedule
+
+        asft_lr_decay_per_epoch (`float`, *optional*):
+            The AsFT reference's schedule: the learning rate is multiplied by this factor after
+            every epoch (`torch.optim.lr_scheduler.StepLR(step_size=1, gamma=...)` stepped once per
+            epoch in the reference's `train()`, gamma 0.85), constant within an epoch, no warmup.
+            When set it replaces `lr_scheduler_type` (and `warmup_steps`). Default: unset, the
+            `lr_scheduler_type` schedule of `SFTConfig`.
     """
 
     asft_anchors_path: str | None = field(
         default=None,
         metadata={"help": "Cached anchors: a safetensors file (written there if missing and computable), a folder or a Hub repo id."},
+    )
+    asft_rebuild_stale_anchors: bool = field(
+        default=False,
+        metadata={"help": "Recompute a cached anchors file that does not match this run (default: error)."},
     )
     asft_aligned_model: str | None = field(
         default=None,
@@ -118,6 +141,11 @@ class AsFTConfig(SFTConfig):
     )
     asft_anchor_dtype: str = field(default="float32", metadata={"help": "dtype of the anchors and of the penalty computation."})
     asft_strict: bool = field(default=True, metadata={"help": "Error when a LoRA module has no anchor (else skip it)."})
+    asft_lr_decay_per_epoch: float | None = field(
+        default=None,
+        metadata={"help": "Multiply the learning rate by this factor after every epoch (the AsFT reference's StepLR, "
+                  "gamma 0.85); replaces lr_scheduler_type and warmup."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -130,6 +158,8 @@ class AsFTConfig(SFTConfig):
         if not self.asft_lambda >= 0:
             raise ConfigError(f"asft_lambda must be >= 0, got {self.asft_lambda}")
         parse_dtype(self.asft_anchor_dtype, "asft_anchor_dtype")
+        if self.asft_lr_decay_per_epoch is not None and not 0 < self.asft_lr_decay_per_epoch <= 1:
+            raise ConfigError(f"asft_lr_decay_per_epoch must be in (0, 1], got {self.asft_lr_decay_per_epoch}")
         if isinstance(self.asft_target_modules, str):
             self.asft_target_modules = [m.strip() for m in self.asft_target_modules.split(",") if m.strip()]
 
@@ -170,12 +200,13 @@ class AsFTTrainer(SFTTrainer):
         anchors_arg: Any = anchors
         cache_path: str | None = None
         if anchors is None and cache is not None:
-            from pathlib import Path
-
-            if Path(cache).is_file() or Path(cache).is_dir() or cfg.asft_base_model is None:
-                anchors_arg = cache  # load (file, folder or Hub)
+            if cfg.asft_base_model is None:
+                anchors_arg = cache  # precomputed: a local file or folder, or a Hub repo
+                aligned = cfg.asft_aligned_model  # checked only against an aligned model named here
             else:
-                cache_path = cache  # compute, then cache there
+                # a local cache (file, or folder holding asft_anchors.safetensors, possibly empty):
+                # loaded when it matches this run, else rebuilt or refused (asft_rebuild_stale_anchors)
+                cache_path = cache
         # The main process computes (and caches) first; the others then read the cache.
         with self.accelerator.main_process_first():
             self.asft_anchors: AlignmentAnchors = resolve_anchors(
@@ -189,9 +220,35 @@ class AsFTTrainer(SFTTrainer):
                 dtype=cfg.asft_anchor_dtype,
                 aligned_revision=cfg.asft_aligned_revision,
                 base_revision=cfg.asft_base_revision,
+                on_mismatch="rebuild" if cfg.asft_rebuild_stale_anchors else "error",
+                rebuild_hint="set asft_rebuild_stale_anchors=true to recompute it",
             )
         self.asft_bindings: list[AnchorBinding] = bind_anchors(targets, self.asft_anchors, strict=cfg.asft_strict)
         logger.info("AsFT: anchored %s", lora_targets_summary(self.asft_bindings))
+
+    # -- the schedule -----------------------------------------------------------------------------
+
+    def set_initial_training_values(self, args: Any, dataloader: Any) -> Any:
+        values = super().set_initial_training_values(args, dataloader)
+        self._asft_steps_per_epoch = int(values[1])  # optimiser steps per epoch, as Trainer counts them
+        return values
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
+        gamma = self.args.asft_lr_decay_per_epoch
+        if gamma is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        per_epoch = getattr(self, "_asft_steps_per_epoch", None) or max(
+            1, math.ceil(num_training_steps / max(1.0, float(self.args.num_train_epochs)))
+        )
+        if self.args.get_warmup_steps(num_training_steps) > 0:
+            logger.warning("AsFT: asft_lr_decay_per_epoch is set: warmup_steps is ignored (the reference has no warmup)")
+        opt = optimizer if optimizer is not None else self.optimizer
+        assert opt is not None, "create_scheduler needs the optimizer (create_optimizer runs first)"
+        # The LR of optimiser step s (0-based) is lr * gamma ** (epoch of s): the same sequence as
+        # the reference's StepLR(step_size=1, gamma) stepped after each epoch.
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(gamma) ** (s // per_epoch))
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
 
     # -- the regulariser --------------------------------------------------------------------------
 

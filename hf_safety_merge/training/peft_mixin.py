@@ -29,20 +29,24 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
 from .anchors import (
+    DEFAULT_ANCHORS_FILENAME,
     AlignmentAnchors,
     Anchor,
     ProjectorKind,
     basin_components,
+    checkpoint_fingerprint,
     module_key,
     offbasin_penalty,
+    parse_dtype,
     resolve_key,
+    same_checkpoint,
 )
 
 logger = logging.getLogger(__name__)
@@ -157,6 +161,54 @@ def _default_aligned(model: nn.Module) -> str | None:
     return str(ref) if ref else None
 
 
+def anchors_mismatch(
+    cached: AlignmentAnchors,
+    targets: Sequence[LoraTarget],
+    *,
+    aligned: str | os.PathLike[str] | None = None,
+    base: str | os.PathLike[str] | None = None,
+    aligned_revision: str | None = None,
+    base_revision: str | None = None,
+    projector: ProjectorKind | None = None,
+    k: int | None = None,
+) -> str | None:
+    """What in `cached` does not match this run, as one phrase naming the field, or None.
+
+    Compared: the aligned and base checkpoints and their revisions (each only when this run names
+    that checkpoint: `None` means "not known here", e.g. anchors passed in without a base), the
+    projector and its rank, and whether every LoRA target has an anchor (a cache covering more
+    modules is fine: an anchor depends on its own module's weights only). Checkpoints compare equal
+    when the strings agree or they resolve to the same local folder; a local checkpoint whose
+    weight files changed (size or modification time) since the anchors were built does not match.
+    """
+    meta = cached.meta
+    for what, given, rev in (("aligned", aligned, aligned_revision), ("base", base, base_revision)):
+        if given is None:
+            continue
+        if what not in meta:  # not written by from_checkpoints: nothing to compare with
+            logger.warning("AsFT: the anchors file does not record its %s model; cannot check it against %s", what, given)
+            continue
+        if not same_checkpoint(meta.get(what), meta.get(f"{what}_path"), given):
+            return f"{what} model {meta.get(what)!r}, but this run's {what} model is {str(given)!r}"
+        recorded_files, files = meta.get(f"{what}_files"), checkpoint_fingerprint(given)
+        if recorded_files is not None and files is not None and recorded_files != files:
+            changed = sorted(set(recorded_files) ^ set(files) | {f for f in files if recorded_files.get(f) != files[f]})
+            return f"{what} model {str(given)!r} as it was before its weight files changed ({', '.join(changed[:3])})"
+        if meta.get(f"{what}_revision") != rev:
+            return f"{what} revision {meta.get(f'{what}_revision')!r}, but this run asks for {rev!r}"
+    if projector is not None and cached.projector != projector:
+        return f"projector {cached.projector!r}, but this run asks for {projector!r}"
+    if projector == "topk" and k is not None and cached.k != k:
+        return f"projector rank k={cached.k}, but this run asks for k={k}"
+    missing = [t.key for t in targets if cached.get_for(t.key) is None]
+    if missing:
+        return (
+            f"anchors for {len(cached)} modules, but not for {len(missing)} of this run's LoRA target modules "
+            f"(e.g. {missing[0]!r})"
+        )
+    return None
+
+
 def resolve_anchors(
     targets: Sequence[LoraTarget],
     *,
@@ -170,24 +222,56 @@ def resolve_anchors(
     aligned_revision: str | None = None,
     base_revision: str | None = None,
     device: str | torch.device = "cpu",
+    on_mismatch: Literal["error", "rebuild"] = "error",
+    rebuild_hint: str = "pass on_mismatch='rebuild'",
 ) -> AlignmentAnchors:
     """Get anchors for `targets`: given, loaded from `anchors` / an existing `cache_path`, or
-    streamed from the `aligned` and `base` checkpoints (then written to `cache_path` if given)."""
+    streamed from the `aligned` and `base` checkpoints (then written to `cache_path` if given).
+
+    `cache_path` is a safetensors file or a folder (which then holds `asft_anchors.safetensors`;
+    an existing empty folder is fine). A cached or given anchors file is checked against this run
+    (:func:`anchors_mismatch`: aligned / base checkpoints and revisions, projector, target
+    modules). On a mismatch a cache is rebuilt when `on_mismatch="rebuild"` (and the base is
+    known), otherwise a one-line :class:`ConfigError` names the field; `rebuild_hint` says how
+    to rebuild in the caller's terms.
+    """
     if isinstance(anchors, AlignmentAnchors):
         return anchors
+    want_dtype = parse_dtype(dtype)
+
+    def checked(loaded: AlignmentAnchors, where: str, can_rebuild: bool) -> AlignmentAnchors | None:
+        problem = anchors_mismatch(
+            loaded, targets, aligned=aligned, base=base, aligned_revision=aligned_revision,
+            base_revision=base_revision, projector=projector, k=k,
+        )
+        if problem is None:
+            if any(a.matrix.dtype != want_dtype for a in loaded.anchors.values()):
+                loaded.anchors = {n: a.to(dtype=want_dtype) for n, a in loaded.anchors.items()}
+            logger.info("AsFT: loaded %d alignment anchors from %s", len(loaded), where)
+            return loaded
+        if can_rebuild and on_mismatch == "rebuild":
+            logger.warning("AsFT: %s: stale alignment anchors (built with %s); rebuilding", where, problem)
+            return None
+        fix = f"delete it, point the cache elsewhere, or {rebuild_hint}" if can_rebuild else "use anchors built for this run"
+        raise ConfigError(f"{where}: the alignment anchors there were built with {problem}; {fix}")
+
     if anchors is not None:
-        return AlignmentAnchors.load(anchors, projector=projector, k=k)
-    if cache_path is not None and Path(cache_path).is_file():
-        cached = AlignmentAnchors.load(cache_path, projector=projector, k=k)
-        missing = [t.key for t in targets if cached.get_for(t.key) is None]
-        if not missing:
-            logger.info("AsFT: loaded %d alignment anchors from %s", len(cached), cache_path)
-            return cached
-        logger.warning("AsFT: %s lacks anchors for %d module(s) (e.g. %s); recomputing", cache_path, len(missing), missing[0])
+        got = checked(AlignmentAnchors.load(anchors), str(anchors), can_rebuild=False)
+        assert got is not None
+        return got
+    cache_file: Path | None = None
+    if cache_path is not None:
+        cp = Path(cache_path)
+        cache_file = cp / DEFAULT_ANCHORS_FILENAME if (cp.is_dir() or cp.suffix != ".safetensors") else cp
+        if cache_file.is_file():
+            got = checked(AlignmentAnchors.load(cache_file), str(cache_file), can_rebuild=base is not None)
+            if got is not None:
+                return got
     if base is None:
         raise ConfigError(
             "alignment anchors need either an anchors file (anchors / cache_path) or the base (unaligned) checkpoint "
             "`base` to compute V = W_aligned - W_base"
+            + (f" ({cache_file} does not exist yet)" if cache_file is not None else "")
         )
     if aligned is None:
         raise ConfigError("alignment anchors need the aligned checkpoint `aligned` (default: the model's own checkpoint, which is unknown here)")
@@ -203,8 +287,8 @@ def resolve_anchors(
         base_revision=base_revision,
         device=device,
     )
-    if cache_path is not None:
-        written = result.save(cache_path)
+    if cache_file is not None:
+        written = result.save(cache_file)
         logger.info("AsFT: wrote %d alignment anchors to %s", len(result), written)
     return result
 
@@ -276,6 +360,7 @@ class SafetyPeftMixin:
         strict: bool = True,
         aligned_revision: str | None = None,
         base_revision: str | None = None,
+        rebuild_stale: bool = False,
     ) -> list[str]:
         """Compute, load or take anchors for this model's LoRA modules and keep them attached.
 
@@ -283,7 +368,11 @@ class SafetyPeftMixin:
             anchors: an :class:`AlignmentAnchors`, or the path / Hub repo id of a cached file.
             aligned: the aligned checkpoint (default: the checkpoint this model was built from).
             base: the unaligned base checkpoint (needed unless anchors come from a file).
-            cache_path: a safetensors file: loaded if it exists, else written after computing.
+            cache_path: a safetensors file or a folder (holding `asft_anchors.safetensors`): loaded
+                if it exists and matches this call (aligned / base checkpoints and revisions,
+                projector, target modules), else written after computing.
+            rebuild_stale: recompute a cache that does not match (default: a one-line error
+                naming the mismatching field).
             projector / k: ``"safe_lora"`` (`V V^T / ||V||_F`) or ``"topk"`` (rank-`k` projector).
             target_modules: restrict to these LoRA modules (names, suffixes or regexes).
             adapter_name: which adapter's LoRA weights (default: the active adapters).
@@ -312,6 +401,8 @@ class SafetyPeftMixin:
             dtype=dtype,
             aligned_revision=aligned_revision,
             base_revision=base_revision,
+            on_mismatch="rebuild" if rebuild_stale else "error",
+            rebuild_hint="pass rebuild_stale=True",
         )
         self._safety_anchors = anc
         self._safety_bindings = bind_anchors(targets, anc, strict=strict)
