@@ -11,6 +11,7 @@ errors, logs or cards.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -99,6 +100,7 @@ def _hub_call(display: str, what: str, fn: Any, *args: Any, **kwargs: Any) -> An
         RevisionNotFoundError,
     )
 
+    network_errors: tuple[type[BaseException], ...] = (*_transport_errors(), OSError)
     try:
         return fn(*args, **kwargs)
     except GatedRepoError as e:
@@ -123,7 +125,7 @@ def _hub_call(display: str, what: str, fn: Any, *args: Any, **kwargs: Any) -> An
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise HubError(_redact(f"{display}: Hub request for {what} failed on {_endpoint()}"
                                f"{' (' + cause + ')' if cause else ''}: {first}")) from e
-    except (*_transport_errors(), OSError) as e:
+    except network_errors as e:
         raise HubError(_redact(
             f"{display}: cannot reach the Hub at {_endpoint()} for {what} ({type(e).__name__}: "
             f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no answer'}); offline? "
@@ -131,6 +133,7 @@ def _hub_call(display: str, what: str, fn: Any, *args: Any, **kwargs: Any) -> An
         )) from e
 
 
+@functools.cache
 def _transport_errors() -> tuple[type[BaseException], ...]:
     """The HTTP client errors huggingface_hub lets through (it uses `httpx2` in recent
     releases, `httpx` before); neither is an `OSError`."""

@@ -86,14 +86,23 @@ def check_value(annotation: Any, value: Any, label: str) -> Any:
         raise ConfigError(f"{label} = {_describe(value)}: {_expected(e)}") from None
 
 
-def validate_dataclass(obj: Any, *, what: str, names: Iterable[str] | None = None, skip: Iterable[str] = ()) -> None:
+def validate_dataclass(
+    obj: Any,
+    *,
+    what: str,
+    names: Iterable[str] | None = None,
+    skip: Iterable[str] = (),
+    overrides: dict[str, Any] | None = None,
+) -> None:
     """Check every field of a dataclass instance against its annotation (strict), in place.
 
     `what` prefixes the error ("config field", "enchtable parameter", ...); `names` restricts the
     check to these fields (e.g. a subclass's own fields), `skip` leaves some out (fields typed
-    `Any` are never checked). Converted values (an int given for a float field) are written back.
+    `Any` are never checked); `overrides` gives constrained annotations for fields whose declared
+    type must stay plain (argparse-parsed configs such as TRL's). Converted values (an int given
+    for a float field) are written back.
     """
-    hints = _hints_cached(type(obj))
+    hints = {**_hints_cached(type(obj)), **(overrides or {})}
     only = set(names) if names is not None else None
     skipped = set(skip)
     for f in dataclasses.fields(obj):

@@ -646,3 +646,28 @@ def test_catalogue_eval_errors_are_one_line(llama_family: dict[str, Path], tmp_p
                         "--out", str(tmp_path / "ev"), "--no-progress", "--no-plots"], capsys)
     assert rc == 2
     _one_line_error(err, expected)
+
+
+def test_catalogue_eval_study_and_distill_configs_are_typed() -> None:
+    from hf_safety_merge.distill.trainer import DistillConfig
+    from hf_safety_merge.eval.suite import SafetyEvalConfig
+    from hf_safety_merge.study import StudyConfig
+
+    with pytest.raises(ConfigError, match=r"evaluation option 'max_new_tokens' = 0: must be greater than 0"):
+        SafetyEvalConfig(max_new_tokens=0)
+    with pytest.raises(ConfigError, match=r"evaluation option 'harmful_eval_size' = 1.5"):
+        SafetyEvalConfig(harmful_eval_size=1.5)
+    with pytest.raises(ConfigError, match=r"evaluation option 'backend' = 'tf'"):
+        SafetyEvalConfig(backend="tf")
+    with pytest.raises(ConfigError, match=r"study option 'align_lr' = '1e-4' \(a quoted string"):
+        StudyConfig.preset("demo", align_lr="1e-4")
+    with pytest.raises(ConfigError, match=r"study option 'enchtable_betas' = \[0.1, -1\]: item 1 must be greater than 0"):
+        StudyConfig.preset("demo", enchtable_betas=[0.1, -1])
+    with pytest.raises(ConfigError, match=r"study option 'device' = 'gpu'"):
+        StudyConfig(device="gpu")
+    with pytest.raises(ConfigError, match=r"distill option 'distill_skip_layers' = -1"):
+        DistillConfig(output_dir="unused", bf16=False, distill_skip_layers=-1)
+    with pytest.raises(ConfigError, match=r"distill option 'learning_rate' = '1e-5' \(a quoted string"):
+        DistillConfig(output_dir="unused", bf16=False, learning_rate="1e-5")
+    with pytest.raises(ConfigError, match=r"distill option 'distill_layers' = \[5, 2\]"):
+        DistillConfig(output_dir="unused", bf16=False, distill_layers=[5, 2])

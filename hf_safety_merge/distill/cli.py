@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError, did_you_mean
+from ..validation import load_yaml
 from .linearize import DEPRECATED_VARIANTS, VARIANTS
 
 DISTILL_EPILOG = """examples:
@@ -127,7 +128,7 @@ def _load_config(path: str) -> dict[str, Any]:
     if not f.is_file():
         raise ConfigError(f"{f}: config file not found")
     try:
-        data = json.loads(f.read_text()) if f.suffix == ".json" else yaml.safe_load(f.read_text())
+        data = json.loads(f.read_text()) if f.suffix == ".json" else load_yaml(f.read_text())
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"{f}: cannot parse ({e})") from e
     if data is None:
@@ -149,7 +150,7 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--training-arg expects KEY=VALUE, got {item!r}")
-        extra[key.strip()] = yaml.safe_load(value)
+        extra[key.strip()] = load_yaml(value)
     opts["training_args"] = extra
     for req in ("aligned", "data", "out"):
         if not opts.get(req):

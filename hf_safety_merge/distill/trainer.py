@@ -21,6 +21,13 @@ from transformers.trainer_utils import SaveStrategy, SchedulerType
 from trl import SFTConfig, SFTTrainer
 
 from ..errors import ConfigError
+from ..validation import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    validate_dataclass,
+)
 from .linearize import (
     ATTN_NAMES,
     MLP_NAMES,
@@ -105,10 +112,29 @@ class DistillConfig(SFTConfig):
     def __post_init__(self) -> None:
         # canonical name ('hybrid' -> 'attn_block_ffn', with a FutureWarning); the warning about
         # 'attn''s reference meaning comes from linearize_model
+        validate_dataclass(self, what="distill option", names=_OWN_FIELDS, overrides=_CONSTRAINTS)
         self.distill_variant = resolve_variant(self.distill_variant, warn_attn=False)
+        if self.distill_layers is not None and (len(self.distill_layers) != 2 or self.distill_layers[0] >= self.distill_layers[1]):
+            raise ConfigError(f"distill option 'distill_layers' = {self.distill_layers!r}: expected [start, end) with start < end")
         if self.distill_layers is not None and self.distill_skip_layers:
             raise ConfigError("give either distill_layers or distill_skip_layers, not both")
         super().__post_init__()
+
+
+#: DistillConfig's own fields, checked strictly when it is built (the SFTConfig ones are TRL's)
+_OWN_FIELDS = ("distill_variant", "distill_skip_layers", "distill_layers", "distill_mlp_names", "distill_attn_names",
+               "learning_rate", "warmup_steps", "num_train_epochs", "per_device_train_batch_size",
+               "gradient_accumulation_steps", "max_length")
+_CONSTRAINTS: dict[str, Any] = {
+    "distill_skip_layers": NonNegativeInt,
+    "distill_layers": list[NonNegativeInt] | None,
+    "learning_rate": PositiveFloat,
+    "warmup_steps": NonNegativeFloat,
+    "num_train_epochs": PositiveFloat,
+    "per_device_train_batch_size": PositiveInt,
+    "gradient_accumulation_steps": PositiveInt,
+    "max_length": PositiveInt | None,
+}
 
 
 def loss_summary(log_history: list[dict[str, Any]], max_points: int = 20) -> dict[str, Any]:
