@@ -94,3 +94,20 @@ def test_gram_backend_and_threads_equal_the_reference_svd(shape: tuple[int, int]
     a, _ = interference_score(low, delta, backend="svd", svd_dtype=torch.float64)
     b, _ = interference_score(low, delta, backend="gram", parallel=parallel)
     assert a == pytest.approx(b, rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["svd", "gram"])
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48), (40, 40)])
+def test_interference_is_affine_in_alpha(backend: str, shape: tuple[int, int]) -> None:
+    """||M||_1 = alpha * a + b: one decomposition of (tau, Delta_s) gives w for every alpha,
+    equal to the engine's own score of (tau, alpha * Delta_s)."""
+    from hf_safety_merge.merge.methods import interference_score, interference_terms
+
+    g = torch.Generator().manual_seed(sum(shape))
+    tau = torch.randn(*shape, generator=g, dtype=torch.float64) * 0.01
+    delta = torch.randn(*shape, generator=g, dtype=torch.float64) * 0.02 + 0.3 * tau
+    terms = interference_terms(tau, delta, 0.5, torch.float64, True, backend)
+    for alpha in (0.05, 0.3, 1.0, 4.0):
+        w, info = interference_score(tau, delta * alpha, 0.5, 200.0, torch.float64, True, backend)
+        assert terms.weight(alpha, 200.0) == pytest.approx(w, rel=1e-9, abs=1e-12)
+        assert terms.score(alpha, 200.0) == pytest.approx(info["interference"], rel=1e-9)

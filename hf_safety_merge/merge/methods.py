@@ -105,10 +105,54 @@ def interference_score(
 
     Returns (w, diagnostics).
     """
+    terms = interference_terms(tau, delta, gamma, svd_dtype, mask_null_triplets, backend, parallel)
+    if terms.rank <= 0:
+        return 1.0, {"interference": 0.0, "rank": 0}
+    score = terms.score(1.0, lam)
+    return math.exp(-score), {"interference": score, "rank": terms.rank}
+
+
+@dataclasses.dataclass(frozen=True)
+class InterferenceTerms:
+    """The two entrywise L1 norms of EnchTable's block-diagonal interference matrix.
+
+    For `delta` scaled by alpha, the singular vectors are alpha's-independent and the singular
+    values scale by alpha, so `||M||_1 = alpha * a + b` with `a = ||P S2 Q^T||_1` (S2 of the
+    unscaled delta) and `b = ||P^T S1 Q||_1`: one decomposition gives w(alpha) for every alpha
+    (used by calibration; tested against `interference_score`).
+    """
+
+    a: float
+    b: float
+    rank: int
+
+    def score(self, alpha: float, lam: float) -> float:
+        """I = lam * (alpha a + b) / (2r)^2."""
+        if self.rank <= 0:
+            return 0.0
+        return lam * (alpha * self.a + self.b) / float((2 * self.rank) ** 2)
+
+    def weight(self, alpha: float, lam: float) -> float:
+        """w = exp(-I)."""
+        return math.exp(-self.score(alpha, lam))
+
+
+def interference_terms(
+    tau: torch.Tensor,
+    delta: torch.Tensor,
+    gamma: float = 0.5,
+    svd_dtype: torch.dtype = torch.float32,
+    mask_null_triplets: bool = True,
+    backend: str = "svd",
+    parallel: bool = False,
+) -> InterferenceTerms:
+    """The (a, b) terms of `interference_score` for one matrix (see `InterferenceTerms`);
+    `interference_score(tau, alpha * delta)` is `exp(-lam (a + b) / (2r)^2)` of
+    `interference_terms(tau, alpha * delta)`, computed by exactly these operations."""
     m, n = tau.shape
     r = math.floor(gamma * min(m, n))
     if r <= 0:
-        return 1.0, {"interference": 0.0, "rank": 0}
+        return InterferenceTerms(0.0, 0.0, 0)
     if backend == "gram" and m < n:
         tau, delta, m, n = tau.T, delta.T, n, m
     if backend == "svd":
@@ -143,9 +187,7 @@ def interference_score(
     q = (v1 * k1f[:, None]) @ (v2 * k2f[:, None]).T  # V1r V2r^T (masked)
     block1 = (p * s2) @ q.T  # P S2 Q^T
     block2 = (p.T * s1) @ q  # P^T S1 Q
-    l1 = float(block1.abs().sum() + block2.abs().sum())
-    score = lam * l1 / float((2 * r) ** 2)
-    return math.exp(-score), {"interference": score, "rank": r}
+    return InterferenceTerms(a=float(block1.abs().sum()), b=float(block2.abs().sum()), rank=r)
 
 
 @dataclasses.dataclass
