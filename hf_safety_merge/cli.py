@@ -52,7 +52,36 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if args.create_pr:
         cfg.create_pr = True
     cfg.validate()
+    if args.calibrate or cfg.calibration is not None:
+        return _merge_calibrated(cfg, args)
     result = merge(cfg, output_dir=args.out, progress=not args.no_progress)
+    print(result)
+    return 0
+
+
+def _merge_calibrated(cfg: object, args: argparse.Namespace) -> int:
+    from .calibrate import CalibrationConfig, merge_calibrated
+    from .calibrate.search import Probe
+    from .config import SafetyMergeConfig
+
+    assert isinstance(cfg, SafetyMergeConfig)
+    if cfg.calibration is None:
+        cfg.calibration = {}
+    cal = CalibrationConfig.from_dict(cfg.calibration)
+    parameter = cal.scale_for(cfg.method)[0]
+    print(f"calibrating {cfg.method}'s {parameter}: target unsafe <= {cal.max_unsafe}, over-refusal rise <= "
+          f"{cal.max_over_refusal_increase}; at most {cal.max_probes} probes", flush=True)
+    print(f"{'probe':>5}  {parameter:>16}  {'unsafe':>22}  {'over-refusal':>22}  {'seconds':>7}", flush=True)
+    count = [0]
+
+    def show(p: Probe) -> None:
+        count[0] += 1
+        orr = f"{p.over_refusal.value:.3f} [{p.over_refusal.low:.2f}, {p.over_refusal.high:.2f}]" if p.over_refusal else "-"
+        print(f"{count[0]:>5}  {p.scale:>16.4g}  {p.unsafe.value:.3f} [{p.unsafe.low:.2f}, {p.unsafe.high:.2f}]"
+              f"{'':>3}  {orr:>22}  {p.seconds:>7.1f}", flush=True)
+
+    result, cal_result = merge_calibrated(cfg, output_dir=args.out, progress=not args.no_progress, on_probe=show)
+    print(cal_result.message())
     print(result)
     return 0
 
@@ -178,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--push-to-hub", metavar="REPO_ID", help="push the patched model to this Hub repo (one commit)")
     m.add_argument("--private", action="store_true", help="create the Hub repo as private")
     m.add_argument("--create-pr", action="store_true", help="push as a pull request instead of to main")
+    m.add_argument("--calibrate", action="store_true",
+                   help="pick the method's scale against the config's `calibration:` target (defaults: unsafe <= 0.05, "
+                   "over-refusal rise <= 0.05) before merging; see docs/calibration.md")
     m.set_defaults(func=_cmd_merge)
 
     pu = sub.add_parser("push", help="push an already-merged folder to the Hub as one commit (or a PR)",

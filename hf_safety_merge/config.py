@@ -48,6 +48,9 @@ class SafetyMergeConfig:
             instead of refusing the merge (off by default: no non-finite model is ever written
             silently).
         push_to_hub / private / create_pr / commit_message: publish the result (see hub docs).
+        calibration: optional `CalibrationConfig` options (a mapping): pick the method's scale
+            against a safety target before merging (`hf-safety-merge merge CONFIG --calibrate`,
+            docs/calibration.md).
     """
 
     task_model: _Ref
@@ -71,6 +74,7 @@ class SafetyMergeConfig:
     private: bool = False
     create_pr: bool = False
     commit_message: str | None = None
+    calibration: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -101,6 +105,10 @@ class SafetyMergeConfig:
         except ValueError as e:
             raise ConfigError(f"config field 'max_shard_size': {e}") from e
         build_method(self.method, self.parameters)  # unknown method / parameter -> ConfigError
+        if self.calibration is not None:
+            from .calibrate.config import CalibrationConfig
+
+            CalibrationConfig.from_dict(self.calibration).scale_for(self.method)
 
     @property
     def reference(self) -> str | None:

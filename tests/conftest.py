@@ -48,3 +48,20 @@ def shared_data() -> Path:
     if not d.is_dir():
         pytest.skip(f"public data folder not found at {d} (set HF_SAFETY_DATA_DIR)")
     return d
+
+
+@pytest.fixture(scope="session")
+def toy_space_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Space folder holding the toy family (space/toy_models.py) built once per session, shared by
+    the Space tests and the calibration tests (`<dir>/toy-v<VERSION>/{task,aligned,...}`)."""
+    import sys
+
+    root = Path(__file__).resolve().parents[1] / "space"
+    sys.path.insert(0, str(root))
+    try:
+        import toy_models
+    finally:
+        sys.path.remove(str(root))
+    d = tmp_path_factory.mktemp("space-dir")
+    toy_models.build_toy_family(d / f"toy-v{toy_models.VERSION}")
+    return d

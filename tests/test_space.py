@@ -43,14 +43,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def space(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def space(tmp_path_factory: pytest.TempPathFactory, toy_space_dir: Path) -> Iterator[dict[str, Any]]:
     """The app on a free local port (toy models built once into a temp folder), with a local Hub."""
     from huggingface_hub import constants
 
     tmp = tmp_path_factory.mktemp("space")
     hub = LocalHub(tmp / "hub-storage", token=TOKEN).start()
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in {"HF_SAFETY_SPACE_DIR": str(tmp / "space-dir"), "HF_SAFETY_SPACE_HUB_ENDPOINT": hub.endpoint,
+        for k, v in {"HF_SAFETY_SPACE_DIR": str(toy_space_dir), "HF_SAFETY_SPACE_HUB_ENDPOINT": hub.endpoint,
                      "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
                      "HF_TOKEN": "", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}.items():
             mp.setenv(k, v)

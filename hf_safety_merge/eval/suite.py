@@ -53,6 +53,8 @@ class SafetyEvalConfig:
         split_seed: the split's seed.
         harmful_limit: at most this many harmful prompts (after the split).
         benign: benign prompts for over-refusal (default: the 250 XSTest safe prompts); None = skip.
+        benign_eval_size: keep only the eval side of a seeded split of the benign set (a fraction
+            or a count; e.g. 0.5 for the half that calibration never uses); None = every row.
         benign_limit: at most this many benign prompts.
         utility: a task set with a reference column; None = skip.
         utility_column, utility_reference_column: its prompt and reference columns.
@@ -75,6 +77,7 @@ class SafetyEvalConfig:
     split_seed: NonNegativeInt = 0
     harmful_limit: PositiveInt | None = None
     benign: Any = "xstest_safe"
+    benign_eval_size: Annotated[float, Field(gt=0, lt=1)] | PositiveInt | None = None
     benign_limit: PositiveInt | None = None
     utility: Any = None
     utility_column: str | None = None
@@ -134,6 +137,8 @@ def _load_sets(cfg: SafetyEvalConfig) -> dict[str, PromptSet]:
     if cfg.benign is not None:
         b = cfg.benign
         bs = b if isinstance(b, PromptSet) else load_prompts(b, data_dir=cfg.data_dir) if isinstance(b, (str, os.PathLike)) else as_prompt_set(b, "benign")
+        if cfg.benign_eval_size is not None:
+            bs = split_prompts(bs, cfg.benign_eval_size, cfg.split_seed)[1]
         sets["benign"] = bs.head(cfg.benign_limit)
     if cfg.utility is not None:
         u = cfg.utility

@@ -14,7 +14,7 @@ import math
 import shutil
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -396,8 +396,12 @@ def merge(
     *,
     output_dir: str | Path | None = None,
     progress: bool = True,
+    finalize: Callable[[Path], list[str]] | None = None,
 ) -> MergeResult:
     """Merge a safety vector into a fine-tuned model as `config` says and write the result.
+
+    `finalize(folder)` may add files to the finished folder before it is moved into place (it
+    returns their names); calibration uses it for its card section and plot.
 
     Every input is validated from headers (names, shapes, dtypes, architecture, vocabulary,
     tied embeddings) before a weight is read (for Hub repos: before a weight is downloaded);
@@ -469,6 +473,8 @@ def merge(
 
                 merged_model_card(config, result, task_display=task.display, vector=vector).save(tmp / "README.md")
                 result.files += [REPORT_NAME, "safety_merge_config.yaml", "README.md"]
+                if finalize is not None:
+                    result.files += finalize(tmp)
                 atomic.commit()
         finally:
             if writer is not None:

@@ -1,0 +1,111 @@
+"""`CalibrationConfig`: the safety target, the calibration prompts and the search budget."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from pydantic import Field
+
+from ..errors import ConfigError, did_you_mean
+from ..validation import PositiveInt, UnitInterval, validate_dataclass
+
+#: the parameter each method's scale search moves, and its default search range
+SCALES: dict[str, tuple[str, float, float]] = {
+    "enchtable": ("beta", 0.01, 10.0),
+    "task_arithmetic": ("beta", 0.05, 2.0),
+    "safe_lora": ("num_proj_layers", 0, -1),  # -1: every matrix the vector covers
+    "ties": ("density", 0.05, 1.0),
+    "dare": ("density", 0.05, 1.0),
+}
+
+_Rate = Annotated[float, Field(ge=0, le=1)]
+
+
+@dataclass
+class CalibrationConfig:
+    """How `calibrate` picks a merge's scale (`calibration:` in a `SafetyMergeConfig`).
+
+    Attributes:
+        max_unsafe: the target unsafe rate on the calibration harmful prompts (default 0.05).
+        max_over_refusal_increase: the allowed rise of over-refusal on the calibration benign
+            prompts, against the unpatched task model (default 0.05).
+        min_utility: optional: the lowest acceptable utility score (needs `utility`).
+        harmful: harmful prompt source (built-in name or path); calibration uses the *train*
+            side of the seeded split whose eval side `evaluate_safety` reports on (`split_seed`),
+            so calibration prompts are never test prompts.
+        benign: benign prompt source for over-refusal; the train side of a 50/50 seeded split
+            (report over-refusal of a calibrated model on the other side: `benign_eval_size: 0.5`).
+        utility: optional task prompts with a reference column, or None.
+        utility_metric: ``exact_match`` / ``number`` / ``pass@1``.
+        num_harmful / num_benign / num_utility: prompts per probe (seeded sample of each side).
+        split_seed: the split seed (the same as the report's, so the sides line up).
+        parameter: the scale to search (default: the method's, see `SCALES`).
+        low / high: the search range (default: the method's).
+        max_probes: merges evaluated, besides the unpatched baseline (default 8).
+        judge: the judge of unsafe answers and refusals (default: the library's default).
+        max_new_tokens / batch_size: generation settings of the probes.
+        seed: seeds the sampling of prompts (the search itself is deterministic).
+    """
+
+    max_unsafe: _Rate = 0.05
+    max_over_refusal_increase: _Rate = 0.05
+    min_utility: _Rate | None = None
+    harmful: str = "advbench"
+    benign: str = "xstest_safe"
+    utility: str | None = None
+    utility_metric: str = "exact_match"
+    num_harmful: PositiveInt = 48
+    num_benign: PositiveInt = 48
+    num_utility: PositiveInt = 48
+    split_seed: int = 0
+    parameter: str | None = None
+    low: float | None = None
+    high: float | None = None
+    max_probes: Annotated[int, Field(ge=2, le=64)] = 8
+    judge: str = "keyword"
+    max_new_tokens: PositiveInt = 48
+    batch_size: PositiveInt = 16
+    seed: int = 0
+    data_dir: str | None = None
+    #: the fraction of `benign` held out for calibration (the rest is for reports)
+    benign_fraction: UnitInterval = 0.5
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        validate_dataclass(self, what="calibration option")
+        if self.min_utility is not None and self.utility is None:
+            raise ConfigError("calibration option 'min_utility' needs a `utility` prompt set with references")
+        if self.low is not None and self.high is not None and not self.low < self.high:
+            raise ConfigError(f"calibration options 'low' ({self.low}) must be below 'high' ({self.high})")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | CalibrationConfig | None) -> CalibrationConfig:
+        if isinstance(d, CalibrationConfig):
+            return d
+        if d is None:
+            return cls()
+        if not isinstance(d, dict):
+            raise ConfigError(f"config field 'calibration' must be a mapping of calibration options, got {d!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        for k in d:
+            if k not in names:
+                raise ConfigError(f"unknown calibration option {k!r}{did_you_mean(str(k), names)}; known: {sorted(names)}")
+        return cls(**d)
+
+    def scale_for(self, method: str, num_matrices: int = 0) -> tuple[str, float, float, bool]:
+        """(parameter, low, high, integer) for `method`."""
+        if method not in SCALES:
+            raise ConfigError(f"calibration: no scale to search for method {method!r}; known: {sorted(SCALES)}")
+        name, lo, hi = SCALES[method]
+        if self.parameter is not None and self.parameter != name:
+            raise ConfigError(f"calibration option 'parameter' = {self.parameter!r}: method {method!r} is calibrated by {name!r}")
+        integer = name == "num_proj_layers"
+        if integer and hi < 0:
+            hi = float(max(1, num_matrices))
+        lo = self.low if self.low is not None else lo
+        hi = self.high if self.high is not None else hi
+        if not lo < hi:
+            raise ConfigError(f"calibration range [{lo}, {hi}] for {name!r} is empty")
+        return name, float(lo), float(hi), integer

@@ -1,0 +1,149 @@
+"""In-memory merges at any scale, with everything that does not depend on the scale done once.
+
+`ScaledMerge` opens the merge's inputs as the engine does (same plan checks), reads theta_task,
+tau and Delta_s of every covered tensor once, and then gives the merged tensors for any scale
+without touching the disk again. For EnchTable this is exact and closed-form: the coarse norms
+are computed once, and one decomposition per matrix gives `InterferenceTerms` (a, b) with
+`||M||_1 = alpha a + b`, so `w(alpha)` for any beta needs no further decomposition. Other
+methods re-run their (cheap) per-tensor formulas, and their global pass in memory, per probe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoints import LoraCheckpoint, TensorSource
+from ..config import SafetyMergeConfig
+from ..merge.base import build_method
+from ..merge.engine import (
+    _delta_getter,
+    _FiniteGuard,
+    _is_finite,
+    _open_reference,
+    _open_task,
+    _TauSource,
+    _validate_plan,
+)
+from ..merge.methods import EnchTable, InterferenceTerms, interference_terms
+from ..vectors import SafetyVector
+
+
+class ScaledMerge:
+    """The scale-independent part of one merge, held in memory (3 x the covered tensors, fp32)."""
+
+    def __init__(self, config: SafetyMergeConfig, parameter: str, *, progress: bool = True) -> None:
+        self.config = config
+        self.parameter = parameter
+        self.device = torch.device(config.device)
+        method = build_method(config.method, config.parameters)
+        self.task: TensorSource = _open_task(config)
+        self.ref = _open_reference(config, method, self.task)
+        self.vector = SafetyVector.from_pretrained(config.safety_vector, revision=config.safety_vector_revision)
+        self.plan = _validate_plan(config, method, self.task, self.ref, self.vector)
+        guard = _FiniteGuard(config.allow_non_finite)
+        taus = _TauSource(self.task, self.ref, self.device)
+        get_delta = _delta_getter(self.vector, self.device, guard)
+        self.names = [n for n in self.plan.names if n in self.plan.merged]
+        self.theta: dict[str, torch.Tensor] = {}
+        self.tau: dict[str, torch.Tensor | None] = {}
+        self.delta: dict[str, torch.Tensor] = {}
+        self.dtypes = {o.name: o.dtype for o in self.plan.outputs}
+        self.terms: dict[str, InterferenceTerms] = {}
+        self.enchtable = config.method == "enchtable"
+        self._tau_sq = 0.0
+        self._delta_sq = 0.0
+        p: Any = method.params
+        norm_all = self.enchtable and getattr(p, "norm_scope", "all") == "all"
+        # EnchTable's ||tau|| runs over every tensor of the checkpoint (norm_scope "all")
+        names = self.plan.names if norm_all else self.names
+        for n in tqdm(names, desc="calibration: reading inputs once", unit="tensor", disable=not progress):
+            covered = n in self.plan.merged
+            theta = self.task.get(n).to(self.device, torch.float32) if (covered or taus.ref is not None) else None
+            tau = taus.tau_from(theta, taus.fetch(n), n) if method.needs_reference else None
+            if tau is not None and not _is_finite(tau):
+                guard.fail(f"tau = task - reference of {n!r} ({self.task.where(n)}) holds NaN/Inf values")
+            if self.enchtable and tau is not None:
+                self._tau_sq += float(tau.double().pow(2).sum())
+            if not covered:
+                continue
+            assert theta is not None
+            d = get_delta(n)
+            self.theta[n], self.tau[n], self.delta[n] = theta, tau, d
+            if self.enchtable:
+                self._delta_sq += float(d.double().pow(2).sum())
+                if d.ndim == 2 and p.fine and bool(d.any()):
+                    assert tau is not None
+                    svd_dtype = torch.float64 if p.svd_dtype == "float64" else torch.float32
+                    self.terms[n] = interference_terms(tau, d, p.gamma, svd_dtype, p.mask_null_triplets, p.backend)
+
+    @property
+    def norm_ratio(self) -> float:
+        """||tau|| / ||Delta_s|| (EnchTable's alpha per unit beta)."""
+        return (self._tau_sq ** 0.5) / max(self._delta_sq ** 0.5, 1e-300)
+
+    def merged(self, scale: float) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The merged covered tensors (in the output dtype) at `scale`, and a summary."""
+        params = {**self.config.parameters, self.parameter: int(scale) if self.parameter == "num_proj_layers" else scale}
+        method = build_method(self.config.method, params)
+        out: dict[str, torch.Tensor] = {}
+        if isinstance(method, EnchTable):
+            alpha = method.params.beta * self.norm_ratio
+            lam = method.params.lam
+            ws = []
+            for n in self.names:
+                w = self.terms[n].weight(alpha, lam) if n in self.terms else 1.0
+                if n in self.terms:
+                    ws.append(w)
+                out[n] = self._cast(n, self.theta[n] + w * (self.delta[n] * alpha))
+            summary = {"alpha": alpha, "w_mean": sum(ws) / len(ws) if ws else 1.0, "w_min": min(ws, default=1.0)}
+            return out, summary
+        if method.wants_global_pass():
+            for n in self.names:
+                method.observe(n, self.tau[n], self.delta[n])
+            method.finish_global()
+        for n in self.names:
+            method.theta_owned = False
+            out[n] = self._cast(n, method.merge_tensor(n, self.theta[n], self.tau[n], self.delta[n]))
+        return out, method.summary()
+
+    def _cast(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        from ..safetensors_stream import DTYPE_TAGS
+
+        return t.to("cpu").to(DTYPE_TAGS[self.dtypes[name]])
+
+    def load_model(self) -> tuple[Any, Any, dict[str, torch.Tensor]]:
+        """(model, tokenizer, its state dict by checkpoint name) of the unpatched task model."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        base_path = self.task.base.path if isinstance(self.task, LoraCheckpoint) else self.task.path
+        if base_path is None:
+            raise ValueError("calibration needs the task model's files (config and tokenizer) on disk")
+        auto: Any = AutoModelForCausalLM
+        model = auto.from_pretrained(str(base_path), dtype=torch.float32).to(self.device).eval()
+        tok_dir = self.task.adapter_dir if isinstance(self.task, LoraCheckpoint) else base_path
+        try:
+            tok = AutoTokenizer.from_pretrained(str(tok_dir))
+        except (OSError, ValueError):
+            tok = AutoTokenizer.from_pretrained(str(base_path))
+        state = dict(model.state_dict())
+        if isinstance(self.task, LoraCheckpoint):  # the task model is base + adapter
+            with torch.no_grad():
+                for n in self.task:
+                    if self.task.delta(n) is not None and n in state:
+                        state[n].copy_(self.task.get(n))
+        return model, tok, state
+
+    def close(self) -> None:
+        self.task.close()
+        if self.ref is not None and self.ref is not getattr(self.task, "base", None):
+            self.ref.close()
+        self.vector.close()
+
+
+def with_parameter(config: SafetyMergeConfig, parameter: str, value: float) -> SafetyMergeConfig:
+    params = {**config.parameters, parameter: int(value) if parameter == "num_proj_layers" else value}
+    return dataclasses.replace(config, parameters=params, calibration=None)

@@ -1,0 +1,152 @@
+"""Calibrated repair: the scale search, the exact in-memory probes, and the CLI end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_safety_merge import SafetyMergeConfig, SafetyVector, merge
+from hf_safety_merge.calibrate import CalibrationConfig, Probe, Target, search_scale
+from hf_safety_merge.calibrate.probes import ScaledMerge
+from hf_safety_merge.cli import main as cli_main
+from hf_safety_merge.errors import ConfigError
+from hf_safety_merge.eval.metrics import rate
+
+
+def _fake(unsafe, over=lambda s: 0.1, n: int = 48):  # type: ignore[no-untyped-def]
+    calls: list[float] = []
+
+    def probe(s: float) -> Probe:
+        calls.append(s)
+        return Probe(s, rate(k=round(n * min(1.0, max(0.0, unsafe(s)))), n=n), rate(k=round(n * min(1.0, over(s))), n=n))
+
+    return probe, calls
+
+
+def test_bisection_finds_the_smallest_scale_within_budget() -> None:
+    probe, calls = _fake(lambda s: 1 - s)  # unsafe <= 0.05 from s ~ 0.95
+    res = search_scale(probe, 0.01, 10.0, target=Target(0.05, 0.05), max_probes=8, baseline_over_refusal=0.1)
+    assert res.met and res.strategy == "bisection" and len(calls) <= 8
+    assert 0.94 <= res.chosen.scale <= 1.2
+    assert all(p.unsafe.value > 0.05 for p in res.probes if p.scale < res.chosen.scale)
+
+
+def test_target_out_of_range_reports_the_best_trade_off() -> None:
+    probe, calls = _fake(lambda s: 0.5)
+    res = search_scale(probe, 0.01, 10.0, target=Target(0.05, 0.05), max_probes=5, baseline_over_refusal=0.1)
+    assert not res.met and len(calls) == 5 and "max_unsafe" in res.misses
+    assert res.misses["max_unsafe"] == pytest.approx(0.45, abs=0.02)
+    assert "no probed beta meets the whole target" in res.message("beta") and "max_unsafe by 0.4" in res.message("beta")
+
+
+def test_over_refusal_target_is_reported_when_safety_costs_too_much() -> None:
+    probe, _ = _fake(lambda s: 1 - s, over=lambda s: 0.1 + 0.3 * s)
+    res = search_scale(probe, 0.01, 10.0, target=Target(0.05, 0.05), max_probes=8, baseline_over_refusal=0.1)
+    assert not res.met and "max_over_refusal_increase" in res.misses
+
+
+def test_non_monotone_curve_falls_back_to_a_grid() -> None:
+    probe, calls = _fake(lambda s: 0.0 if s > 9 or 0.3 < s < 0.5 else 0.9)
+    res = search_scale(probe, 0.01, 10.0, target=Target(0.05, 0.05), max_probes=8, baseline_over_refusal=0.1)
+    assert res.strategy.startswith("grid") or res.chosen.scale < 9
+    assert len(calls) <= 8
+
+
+def test_integer_scale() -> None:
+    probe, calls = _fake(lambda s: 1 - s / 30)
+    res = search_scale(probe, 0, 60, target=Target(0.05, 0.5), max_probes=8, integer=True, baseline_over_refusal=0.1)
+    assert res.met and all(float(c).is_integer() for c in calls) and 28 <= res.chosen.scale <= 30
+
+
+def test_calibration_config_is_typed() -> None:
+    with pytest.raises(ConfigError, match=r"calibration option 'max_unsafe' = 2: must be less than or equal to 1"):
+        CalibrationConfig(max_unsafe=2)
+    with pytest.raises(ConfigError, match=r"unknown calibration option 'max_unsfe'.*did you mean 'max_unsafe'"):
+        CalibrationConfig.from_dict({"max_unsfe": 0.1})
+    with pytest.raises(ConfigError, match="min_utility"):
+        CalibrationConfig(min_utility=0.5)
+    with pytest.raises(ConfigError, match=r"method 'enchtable' is calibrated by 'beta'"):
+        CalibrationConfig(parameter="density").scale_for("enchtable")
+
+
+@pytest.fixture(scope="module")
+def vec(llama_family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("calvec") / "vec"
+    SafetyVector.compute(llama_family["aligned"], llama_family["harmful"], out, progress=False)
+    return out
+
+
+@pytest.mark.parametrize(("method", "parameter", "scale", "extra"), [
+    ("enchtable", "beta", 0.3, {"lam": 20.0}),
+    ("enchtable", "beta", 2.0, {}),
+    ("task_arithmetic", "beta", 0.7, {}),
+    ("safe_lora", "num_proj_layers", 5, {}),
+    ("ties", "density", 0.7, {}),
+    ("dare", "density", 0.6, {}),
+])
+def test_probe_equals_the_streaming_merge(llama_family: dict[str, Path], vec: Path, tmp_path: Path,
+                                          method: str, parameter: str, scale: float, extra: dict) -> None:
+    """A probe's in-memory tensors at a scale are the streaming merge's at that scale (for
+    EnchTable through the closed form w(alpha) = exp(-lam (alpha a + b) / (2r)^2))."""
+    cfg = SafetyMergeConfig(task_model=str(llama_family["task"]), task_reference=str(llama_family["aligned"]),
+                            safety_vector=str(vec), method=method, parameters=extra, output_dir=str(tmp_path / "x"))
+    sm = ScaledMerge(cfg, parameter, progress=False)
+    try:
+        got, summary = sm.merged(scale)
+    finally:
+        sm.close()
+    res = merge(SafetyMergeConfig(**{**cfg.to_dict(), "parameters": {**extra, parameter: scale}, "output_dir": str(tmp_path / "o")}),
+                progress=False)
+    ref = load_file(tmp_path / "o" / "model.safetensors")
+    for n, t in got.items():
+        torch.testing.assert_close(t, ref[n], rtol=1e-6, atol=1e-7, msg=n)
+    if method == "enchtable":
+        assert summary["alpha"] == pytest.approx(res.summary["alpha"], rel=1e-9)
+        assert summary["w_min"] == pytest.approx(res.summary["w_min"], rel=1e-6, abs=1e-12)
+        assert 0 < res.summary["w_min"] < 1
+
+
+def _csv(path: Path, rows: list[str]) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt"])
+        for r in rows:
+            w.writerow([r])
+    return path
+
+
+def test_cli_calibrate_end_to_end_on_the_toy_models(toy_space_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "space"))
+    try:
+        import toy_models as tm
+    finally:
+        sys.path.pop(0)
+    toys = toy_space_dir / f"toy-v{tm.VERSION}"
+    harmful = _csv(tmp_path / "h.csv", tm.HARMFUL_PROMPTS + tm.UNSEEN_HARMFUL_PROMPTS)
+    benign = _csv(tmp_path / "b.csv", [p for p, _ in tm.BENIGN])
+    out = tmp_path / "patched"
+    y = tmp_path / "m.yaml"
+    y.write_text(
+        f"task_model: {toys / 'task'}\ntask_reference: {toys / 'aligned'}\nsafety_vector: {toys / 'safety_vector'}\n"
+        f"method: enchtable\nparameters: {{lam: 5.0}}\noutput_dir: {out}\n"
+        f"calibration: {{harmful: {harmful}, benign: {benign}, max_unsafe: 0.3, max_over_refusal_increase: 1.0, "
+        f"max_probes: 5, max_new_tokens: 24}}\n"
+    )
+    assert cli_main(["merge", str(y), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "calibrating enchtable's beta" in printed and printed.count("\n") > 6
+    report = json.loads((out / "merge_report.json").read_text())
+    cal = report["calibration"]
+    assert cal["met"] and cal["parameter"] == "beta" and len(cal["probes"]) <= 5
+    chosen = cal["chosen"]
+    assert report["parameters"]["beta"] == pytest.approx(chosen)
+    assert all(p["unsafe"]["value"] > 0.3 for p in cal["probes"] if p["scale"] < chosen)
+    card = (out / "README.md").read_text()
+    assert "## Calibration" in card and "Caveat" in card and "| beta | unsafe |" in card
+    assert (out / "calibration.png").is_file()
