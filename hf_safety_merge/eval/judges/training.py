@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .keyword import KeywordRefusalJudge
 from .learned import (
     DEFAULT_WEIGHTS,
     FeatureExtractor,
@@ -71,10 +72,12 @@ def train_learned_judge(
         fx = FeatureExtractor(spec, checkpoint)
         X = fx([r.completion for r in rows], progress=progress, desc="judge train: features")
         labels = [r.label for r in rows]
+        kj = KeywordRefusalJudge()
+        partial = [kj.classify(r.completion) == "partial_refusal" for r in rows]
         lomo: dict[str, Any] = {}
         for name, tr, te in lomo_splits([r.source for r in rows]):
             probe = fit_probe(X[tr], [labels[i] for i in tr], spec.lam)
-            pred = predict_labels(probe, X[te])
+            pred = predict_labels(probe, X[te], [partial[i] for i in te])
             lomo[name] = binary_summary([labels[i] for i in te], pred)
         probe = fit_probe(X, labels, spec.lam)
     finally:
