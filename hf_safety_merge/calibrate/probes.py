@@ -137,11 +137,38 @@ class ScaledMerge:
                         state[n].copy_(self.task.get(n))
         return model, tok, state
 
+    def final_method(self, scale: float) -> Any:
+        """The method for the final streaming merge at `scale` (EnchTable reuses the terms)."""
+        params = {**self.config.parameters, self.parameter: int(scale) if self.parameter == "num_proj_layers" else scale}
+        method = build_method(self.config.method, params)
+        if isinstance(method, EnchTable) and self.terms:
+            return CalibratedEnchTable(method.params, self.terms)
+        return method
+
     def close(self) -> None:
         self.task.close()
         if self.ref is not None and self.ref is not getattr(self.task, "base", None):
             self.ref.close()
         self.vector.close()
+
+
+class CalibratedEnchTable(EnchTable):
+    """EnchTable whose per-matrix weights come from calibration's `InterferenceTerms`, so the final
+    streaming merge does not decompose every matrix a second time (same w, same formula)."""
+
+    def __init__(self, params: Any, terms: dict[str, InterferenceTerms]) -> None:
+        super().__init__(params)
+        self.terms = terms
+
+    def merge_tensor(self, name: str, theta_task: torch.Tensor, tau: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
+        t = self.terms.get(name)
+        if t is None or self.alpha is None:
+            return super().merge_tensor(name, theta_task, tau, delta)
+        scaled = delta * self.alpha
+        w = t.weight(self.alpha, self.params.lam)
+        self.report[name] = {"w": w, "interference": t.score(self.alpha, self.params.lam), "rank": t.rank,
+                             "from": "calibration"}
+        return theta_task + w * scaled
 
 
 def with_parameter(config: SafetyMergeConfig, parameter: str, value: float) -> SafetyMergeConfig:

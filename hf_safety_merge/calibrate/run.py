@@ -37,6 +37,8 @@ class CalibrationResult:
     config: CalibrationConfig
     prompts: dict[str, dict[str, Any]]
     seconds: dict[str, float] = field(default_factory=dict)
+    #: the method to merge with at the chosen scale (reuses what calibration computed)
+    final_method: Any = None
 
     @property
     def value(self) -> float:
@@ -130,7 +132,8 @@ def calibrate(
         def evaluate(label: str) -> Probe:
             t = time.perf_counter()
             rep = evaluate_safety(model, tok, config=ecfg, model_name=label, progress=False, device=config.device)
-            return Probe(0.0, rep.unsafe_rate, rep.over_refusal, rep.utility, time.perf_counter() - t)
+            dt = time.perf_counter() - t
+            return Probe(0.0, rep.unsafe_rate, rep.over_refusal, rep.utility, dt, {"eval_seconds": dt})
 
         baseline = evaluate("task model")
 
@@ -142,7 +145,7 @@ def calibrate(
                     state[n].copy_(v)
             p = evaluate(f"{parameter}={scale:.4g}")
             p.scale, p.seconds = scale, time.perf_counter() - t
-            p.extra = {k: v for k, v in summary.items() if isinstance(v, int | float)}
+            p.extra.update({k: v for k, v in summary.items() if isinstance(v, int | float)})
             if on_probe is not None:
                 on_probe(p)
             return p
@@ -155,13 +158,15 @@ def calibrate(
             for n, v in original.items():
                 state[n].copy_(v)
         seconds["probes"] = sum(p.seconds for p in res.probes)
+        seconds["probe_evaluation"] = sum(float(p.extra.get("eval_seconds", 0.0)) for p in res.probes)
         seconds["baseline"] = baseline.seconds
         seconds["total"] = time.perf_counter() - t0
+        final_method = sm.final_method(res.chosen.scale)
     finally:
         sm.close()
     prompts = {k: {"source": v.source, "n": len(v.items), "side": "train side of the report's 50/50 split"}
                for k, v in sets.items()}
-    return CalibrationResult(config.method, parameter, res, baseline, cal, prompts, seconds)
+    return CalibrationResult(config.method, parameter, res, baseline, cal, prompts, seconds, final_method)
 
 
 def merge_calibrated(
@@ -190,7 +195,9 @@ def merge_calibrated(
     def finalize(folder: Path) -> list[str]:
         return write_calibration(folder, result)
 
-    merged = merge(final, output_dir=out, progress=progress, finalize=finalize)
+    t = time.perf_counter()
+    merged = merge(final, output_dir=out, progress=progress, finalize=finalize, method_instance=result.final_method)
+    result.seconds["final_merge"] = time.perf_counter() - t
     return merged, result
 
 

@@ -397,11 +397,13 @@ def merge(
     output_dir: str | Path | None = None,
     progress: bool = True,
     finalize: Callable[[Path], list[str]] | None = None,
+    method_instance: MergeMethod | None = None,
 ) -> MergeResult:
     """Merge a safety vector into a fine-tuned model as `config` says and write the result.
 
     `finalize(folder)` may add files to the finished folder before it is moved into place (it
-    returns their names); calibration uses it for its card section and plot.
+    returns their names); calibration uses it for its card section and plot, and passes
+    `method_instance` (the configured method with the per-matrix weights it already computed).
 
     Every input is validated from headers (names, shapes, dtypes, architecture, vocabulary,
     tied embeddings) before a weight is read (for Hub repos: before a weight is downloaded);
@@ -415,7 +417,7 @@ def merge(
         raise ConfigError("no output folder: set `output_dir` in the config or pass --out")
     # Everything that can be checked without reading a tensor is checked first.
     out = check_output_dir(out_str, config.overwrite, inputs=_inputs(config))
-    method = build_method(config.method, config.parameters)
+    method = method_instance if method_instance is not None else build_method(config.method, config.parameters)
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' requested but torch.cuda.is_available() is False")
