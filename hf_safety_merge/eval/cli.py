@@ -33,7 +33,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         "eval",
         help="safety evaluation: unsafe rate, attacks, over-refusal, utility (several models side by side)",
         description="Generate (batched, resumable), judge and report unsafe rate, per-attack success rate, "
-        "over-refusal and utility with 95%% Wilson intervals.",
+        "over-refusal and utility with 95% Wilson intervals.",
         epilog=EVAL_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -67,6 +67,9 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--judge-agreement", action="store_true",
                    help="only print the judge's agreement with the XSTest human refusal labels")
+    p.add_argument("--update-card", action="store_true",
+                   help="write the results into the first --model's model card (README.md: a before/after "
+                   "section, the second --model as 'before', and model-index eval results)")
     p.set_defaults(func=run_eval)
     return p
 
@@ -126,4 +129,8 @@ def run_eval(args: argparse.Namespace) -> int:
         print(m.summary())
         print(f"  time: {m.timings.get('total', 0):.1f} s")
     print(f"wrote {args.out}/report.json, report.md" + ("" if args.no_plots else ", safety_vs_utility.png, attacks.png"))
+    if getattr(args, "update_card", False):
+        from ..cards import update_card_from_eval
+
+        print(update_card_from_eval(args.model[0], report))
     return 0
