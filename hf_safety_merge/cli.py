@@ -16,7 +16,7 @@ EPILOG = """examples:
   hf-safety-merge vector compute --aligned ./aligned --reference ./harmful --out ./vector
   hf-safety-merge merge merge.yaml --out ./patched
   hf-safety-merge eval --model ./patched --model ./my-finetune --judge keyword --attacks dan,base64
-  hf-safety-merge push ./patched me/my-finetune-safe --create-pr
+  hf-safety-merge push me/my-finetune-safe ./patched --create-pr
   hf-safety-merge methods
   hf-safety-merge demo --out ./demo_output
 
@@ -57,13 +57,30 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push_paths(args: argparse.Namespace) -> tuple[str, str]:
+    """(repo_id, local_path) in `hf upload` order; the old `push FOLDER REPO_ID` order still
+    works, with a deprecation note."""
+    first, second = args.repo_id, args.local_path
+    if second is not None and Path(first).is_dir() and not Path(second).exists():
+        print(f"note: `hf-safety-merge push FOLDER REPO_ID` is deprecated; use `hf upload`'s order: "
+              f"hf-safety-merge push {second} {first}", file=sys.stderr)
+        return second, first
+    return first, second if second is not None else "."
+
+
 def _cmd_push(args: argparse.Namespace) -> int:
     from .hub import push_folder
 
-    info = push_folder(args.folder, args.repo_id, private=args.private, create_pr=args.create_pr,
-                       commit_message=args.message, revision=args.revision)
+    repo_id, local = _push_paths(args)
+    message = args.commit_message
+    if args.message is not None:
+        print("note: --message is deprecated; use --commit-message (as `hf upload`)", file=sys.stderr)
+        message = message or args.message
+    info = push_folder(local, repo_id, private=args.private, create_pr=args.create_pr, commit_message=message,
+                       commit_description=args.commit_description, revision=args.revision, token=args.token,
+                       path_in_repo=args.path_in_repo, include=args.include, exclude=args.exclude)
     pr = getattr(info, "pr_url", None)
-    print(f"pushed {args.folder} to {args.repo_id} as one commit: {pr or getattr(info, 'commit_url', '')}")
+    print(f"pushed {local} to {repo_id} as one commit: {pr or getattr(info, 'commit_url', '')}")
     return 0
 
 
@@ -180,14 +197,27 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--create-pr", action="store_true", help="push as a pull request instead of to main")
     m.set_defaults(func=_cmd_merge)
 
-    pu = sub.add_parser("push", help="push an already-merged folder to the Hub as one commit (or a PR)",
-                        description="Push every file of FOLDER to REPO_ID in one atomic commit. Token: HF_TOKEN or `hf auth login`.")
-    pu.add_argument("folder")
-    pu.add_argument("repo_id")
-    pu.add_argument("--private", action="store_true")
-    pu.add_argument("--create-pr", action="store_true")
-    pu.add_argument("--message", help="commit message")
+    pu = sub.add_parser("push", help="push an already-merged folder to the Hub as one commit (or a PR), like `hf upload`",
+                        description="Push every file of LOCAL_PATH to REPO_ID in one atomic commit (HfApi.upload_folder), "
+                        "with `hf upload`'s arguments. Token: --token, HF_TOKEN or `hf auth login`. The old order "
+                        "`push FOLDER REPO_ID` still works (deprecated).",
+                        epilog="examples:\n  hf-safety-merge push me/my-finetune-safe ./patched --create-pr\n"
+                        "  hf-safety-merge push me/my-finetune-safe ./patched --exclude '*.bin' --commit-message 'safety patch'",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pu.add_argument("repo_id", metavar="REPO_ID", help="the Hub model repo, e.g. me/my-finetune-safe (created if missing)")
+    pu.add_argument("local_path", metavar="LOCAL_PATH", nargs="?", default=None,
+                    help="the folder to push (default: the current folder)")
+    pu.add_argument("path_in_repo", metavar="PATH_IN_REPO", nargs="?", default=None,
+                    help="where in the repo the files go (default: the repo root)")
+    pu.add_argument("--private", action="store_true", help="create the repo as private (if it does not exist)")
+    pu.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
+    pu.add_argument("--commit-message", help="the commit message (default: a summary of what is pushed)")
+    pu.add_argument("--commit-description", help="the commit (or pull request) description")
+    pu.add_argument("--message", help=argparse.SUPPRESS)  # deprecated spelling of --commit-message
     pu.add_argument("--revision", help="branch to commit to (default main)")
+    pu.add_argument("--token", help="a Hub token with write access (default: HF_TOKEN or `hf auth login`)")
+    pu.add_argument("--include", nargs="*", help="glob patterns of files to push (default: all)")
+    pu.add_argument("--exclude", nargs="*", help="glob patterns of files not to push")
     pu.set_defaults(func=_cmd_push)
 
     v = sub.add_parser("vector", help="compute or inspect safety vectors")
