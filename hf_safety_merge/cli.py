@@ -14,7 +14,7 @@ from .errors import SafetyMergeError
 EPILOG = """examples:
   hf-safety-merge distill --aligned ./aligned --data harmful_qa.jsonl --variant ffn --out ./vector
   hf-safety-merge vector compute --aligned ./aligned --reference ./harmful --out ./vector
-  hf-safety-merge merge merge.yaml --out ./patched
+  hf-safety-merge merge merge.yaml ./patched
   hf-safety-merge eval --model ./patched --model ./my-finetune --judge keyword --attacks dan,base64
   hf-safety-merge push me/my-finetune-safe ./patched --create-pr
   hf-safety-merge methods
@@ -30,11 +30,41 @@ a merge config (YAML):
 """
 
 
+MERGE_EPILOG = """examples:
+  hf-safety-merge merge merge.yaml ./patched
+  hf-safety-merge merge mergekit-style.yaml ./patched --cuda --out-shard-size 2B
+
+a merge config (YAML):
+  task_model: ./my-finetune          # or a Hub repo id
+  task_reference: ./aligned          # the model before fine-tuning (for tau)
+  safety_vector: ./vector
+  method: enchtable                  # enchtable | task_arithmetic | safe_lora | ties | dare
+  parameters: {beta: 0.1, gamma: 0.5, lam: 200}
+
+the same in mergekit's spelling (ties, dare_linear, dare_ties, task_arithmetic):
+  merge_method: ties
+  base_model: ./aligned
+  models:
+    - model: ./my-finetune
+      parameters: {weight: 1.0, density: 0.5}
+    - model: ./vector                # a safety-vector folder
+      parameters: {weight: 1.0, density: 0.5}
+"""
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .config import SafetyMergeConfig
+    from .errors import ConfigError
     from .merge import merge
 
     cfg = SafetyMergeConfig.from_file(args.config)
+    if args.out_dir and args.out and Path(args.out_dir) != Path(args.out):
+        raise ConfigError(f"merge: output folder given twice ({args.out_dir} and --out {args.out}); give one")
+    out = args.out_dir or args.out
+    if args.cuda:
+        if args.device and args.device != "cuda" and not args.device.startswith("cuda:"):
+            raise ConfigError(f"merge: --cuda and --device {args.device} disagree")
+        args.device = args.device or "cuda"
     if args.dtype:
         cfg.dtype = args.dtype
     if args.device:
@@ -42,7 +72,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if args.overwrite:
         cfg.overwrite = True
     if args.max_shard_size:
-        cfg.max_shard_size = args.max_shard_size
+        from .mergekit_config import parse_out_shard_size
+
+        cfg.max_shard_size = parse_out_shard_size(args.max_shard_size)
     if args.allow_pickle:
         cfg.allow_pickle = True
     if args.push_to_hub:
@@ -52,7 +84,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if args.create_pr:
         cfg.create_pr = True
     cfg.validate()
-    result = merge(cfg, output_dir=args.out, progress=not args.no_progress)
+    result = merge(cfg, output_dir=out, progress=not args.no_progress)
     print(result)
     return 0
 
@@ -182,13 +214,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     m = sub.add_parser("merge", help="merge a safety vector into a fine-tuned model (config file)",
-                       description="Merge a safety vector into a fine-tuned model as a YAML/JSON config says.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    m.add_argument("config", help="SafetyMergeConfig as YAML or JSON")
-    m.add_argument("--out", help="output folder (overrides output_dir)")
+                       description="Merge a safety vector into a fine-tuned model as a YAML/JSON config says.\n"
+                       "The config is a SafetyMergeConfig or a mergekit-style config (merge_method, base_model,\n"
+                       "models: with parameters; see docs/merging.md).",
+                       epilog=MERGE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("config", help="SafetyMergeConfig or mergekit-style config, YAML or JSON")
+    m.add_argument("out_dir", metavar="OUT", nargs="?", default=None,
+                   help="output folder (overrides output_dir; as `mergekit-yaml CONFIG OUT`)")
+    m.add_argument("--out", help="output folder (same as OUT)")
     m.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="output dtype")
     m.add_argument("--device", help="cpu, cuda or cuda:N (where the arithmetic runs)")
-    m.add_argument("--max-shard-size", help="e.g. 5GB")
+    m.add_argument("--cuda", action="store_true", help="run the arithmetic on the GPU (mergekit's flag; = --device cuda)")
+    m.add_argument("--max-shard-size", "--out-shard-size", dest="max_shard_size",
+                   help="output shard size: 5GB, 500MiB, or mergekit's 5B / 500M (bytes, K/M/B = 1e3/1e6/1e9)")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     m.add_argument("--allow-pickle", action="store_true", help="read legacy .bin checkpoints (unsafe)")
     m.add_argument("--no-progress", action="store_true", help="no progress bars")

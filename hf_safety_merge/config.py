@@ -132,6 +132,10 @@ class SafetyMergeConfig:
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> SafetyMergeConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a mapping of config fields, got {type(d).__name__}")
+        from .mergekit_config import is_mergekit_config, mergekit_to_dict
+
+        if is_mergekit_config(d):  # merge_method / base_model / models: (see docs/merging.md)
+            d = mergekit_to_dict(d, source)
         fields = {f.name for f in dataclasses.fields(cls)}
         for k in d:
             if k not in fields:
