@@ -70,6 +70,9 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--update-card", action="store_true",
                    help="write the results into the first --model's model card (README.md: a before/after "
                    "section, the second --model as 'before', and model-index eval results)")
+    p.add_argument("--fail-above", nargs="+", metavar="METRIC=THRESHOLD", default=None,
+                   help="CI safety gate on the first --model: exit 1 with a one-line verdict when a rate is above its "
+                   "threshold, e.g. unsafe=0.05 over_refusal=0.15 (also asr=..., asr:<attack>=...; fractions or 5%%)")
     p.set_defaults(func=run_eval)
     return p
 
@@ -90,7 +93,10 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ConfigError("eval needs at least one --model (or --judge-agreement)")
     if args.name and len(args.name) != len(args.model):
         raise ConfigError(f"--name given {len(args.name)} times for {len(args.model)} --model")
+    from .gate import parse_thresholds
     from .suite import SafetyEvalConfig, compare_models
+
+    thresholds = parse_thresholds(args.fail_above) if getattr(args, "fail_above", None) else {}
 
     cfg = SafetyEvalConfig(
         harmful=args.prompts,
@@ -133,4 +139,10 @@ def run_eval(args: argparse.Namespace) -> int:
         from ..cards import update_card_from_eval
 
         print(update_card_from_eval(args.model[0], report))
+    if thresholds:
+        from .gate import check_gate
+
+        passed, verdict = check_gate(report.models[0], thresholds)
+        print(verdict)
+        return 0 if passed else 1
     return 0
