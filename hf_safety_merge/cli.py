@@ -12,7 +12,8 @@ from . import __version__
 from .errors import SafetyMergeError
 
 EPILOG = """examples:
-  hf-safety-merge distill --aligned ./aligned --data harmful_qa.jsonl --variant ffn --out ./vector
+  hf-safety-merge distill --aligned_model ./aligned --data harmful_qa.jsonl --distill_variant ffn --vector_dir ./vector
+  hf-safety-merge asft --config examples/asft_config.yaml     # TrlParser flags, like `trl sft`
   hf-safety-merge vector compute --aligned ./aligned --reference ./harmful --out ./vector
   hf-safety-merge merge merge.yaml ./patched
   hf-safety-merge eval --model ./patched --model ./my-finetune --judge keyword --attacks dan,base64
@@ -362,8 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .distill.cli import add_distill_parser
     from .eval.cli import add_eval_parser
 
-    add_distill_parser(sub)
+    add_distill_parser(sub)  # `distill` itself is dispatched to the TrlParser script (see main)
     add_eval_parser(sub)
+    for name, what in (("asft", "AsFT: safety-anchored LoRA fine-tuning (TRL SFT flags + --asft_*; see docs/asft.md)"),
+                       ("safekey", "SafeKey: safety-aha training of reasoning models (TRL SFT flags + --safekey_*; "
+                                   "see docs/safekey.md)")):
+        sub.add_parser(name, help=f"{what}; `hf-safety-merge {name} --help` lists every flag", add_help=False)
 
     d = sub.add_parser(
         "demo",
@@ -397,11 +402,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     clean up (no temporary folder is left) and print one line (exit 130 / 143)."""
     from .output import Interrupted, terminate_as_interrupt
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from .scripts import TRL_COMMANDS
+
+    if argv and argv[0] in TRL_COMMANDS:  # TrlParser-based, like `trl sft`
+        def func(_: object) -> int:
+            import importlib
+
+            return int(importlib.import_module(TRL_COMMANDS[argv[0]]).run(argv[1:], prog=f"hf-safety-merge {argv[0]}"))
+    else:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        func = args.func
     try:
         with terminate_as_interrupt():
-            return int(args.func(args))
+            return int(func(None if argv and argv[0] in TRL_COMMANDS else args))
     except SafetyMergeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
