@@ -14,7 +14,8 @@ EVAL_EPILOG = """examples:
   hf-safety-merge eval --judge-agreement          # the keyword judge vs XSTest human labels
 
 prompt sources: a built-in name (advbench, donotanswer, xstest_safe, xstest_unsafe), a CSV/TSV/JSONL/JSON
-file, or a Hub data set id. Built-ins are read from --data-dir (default: $HF_SAFETY_DATA_DIR or ../shared/data).
+file, or a Hub data set id. Built-ins are read from --data-dir (default: $HF_SAFETY_DATA_DIR or ../shared/data),
+else from their public Hub copies (walledai/AdvBench, LibrAI/do-not-answer, walledai/XSTest; cached by datasets).
 attacks: none, dan, dan:<Preamble>, base64, rot13, leetspeak, char_split, prefill, prefill:<prefix>,
 refusal_suppression, template:<file or text with {prompt}>.
 judges: keyword (offline), llama_guard3, harmbench, md_judge (need weights: --judge llama_guard3:/path).
