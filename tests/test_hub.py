@@ -238,7 +238,7 @@ def test_auto_safe_model_uses_the_vectors_aligned_model_and_the_config(
     model2 = AutoSafeModelForCausalLM.from_pretrained("user/task", safety_vector="user/vector",
                                                       safety_vector_revision=rev_a, progress=False)
     assert all(torch.equal(model2.state_dict()[k], v) for k, v in state.items())
-    with pytest.raises(ConfigError, match="merge_config.task_model"):
+    with pytest.raises(ConfigError, match=r"merge_config\.task_model"):
         AutoSafeModelForCausalLM.from_pretrained("user/aligned", merge_config=cfg, progress=False)
 
 
