@@ -59,6 +59,13 @@ def test_distill_previous_flags_still_work(model_and_data: tuple[Path, Path], tm
     _check_vector(tmp_path / "v", 1e-3)
 
 
+def test_legacy_detection() -> None:
+    from hf_safety_merge.scripts.distill import is_legacy
+
+    assert is_legacy(["--aligned", "m"]) and is_legacy(["--push-to-hub", "me/vec"]) and is_legacy(["--epochs", "2"])
+    assert not is_legacy(["--aligned_model", "m", "--max-steps", "2", "--push_to_hub", "false"])
+
+
 def test_distill_needs_model_and_data(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["distill", "--max_steps", "1"]) == 2
     assert "needs --aligned_model and --data" in capsys.readouterr().err

@@ -61,6 +61,7 @@ LEGACY_FLAGS = {
     "--scheduler": "--lr_scheduler_type", "--split": "--data_split", "--subset": "--data_subset",
     "--dtype": "--vector_dtype", "--training-arg": "--KEY VALUE (any DistillConfig field)",
     "--no-progress": "--disable_tqdm true", "--json": "--summary_json true",
+    "--push-to-hub": "--push_vector_to_hub",
 }
 _LEGACY_KEYS = {"aligned", "out", "variant", "skip_layers", "layers", "training_args", "split", "subset", "warmup"}
 #: DistillConfig fields passed to distill_safety_vector as its own keywords
@@ -88,7 +89,10 @@ def _config_keys(argv: list[str]) -> set[str]:
 def is_legacy(argv: list[str]) -> bool:
     """Does this command line use the previous `distill` flags (or a config with their keys)?"""
     flags = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
-    return bool(flags & set(LEGACY_FLAGS)) or bool(_config_keys(argv) & _LEGACY_KEYS)
+    # the previous `--push-to-hub REPO_ID` (now `--push_vector_to_hub`; TRL's --push_to_hub is a bool)
+    pushes_repo = any(a in ("--push-to-hub", "--push_to_hub") and i + 1 < len(argv) and "/" in argv[i + 1]
+                      for i, a in enumerate(argv))
+    return bool(flags & set(LEGACY_FLAGS)) or pushes_repo or bool(_config_keys(argv) & _LEGACY_KEYS)
 
 
 def make_parser() -> Any:
