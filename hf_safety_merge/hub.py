@@ -367,16 +367,23 @@ def push_folder(
     private: bool = False,
     create_pr: bool = False,
     commit_message: str | None = None,
+    commit_description: str | None = None,
     revision: str | None = None,
     token: str | None = None,
+    path_in_repo: str | None = None,
+    include: list[str] | str | None = None,
+    exclude: list[str] | str | None = None,
 ) -> Any:
-    """Push every file of `folder` to `repo_id` as ONE commit (or a pull request).
+    """Push every file of `folder` to `repo_id` as ONE commit (or a pull request), with
+    `HfApi.upload_folder` (the same call as `hf upload REPO_ID FOLDER`).
 
-    Files are uploaded first (LFS), then committed in a single `create_commit` call: if an
-    upload fails, nothing is committed and the repo's branch is unchanged; re-running uploads
-    only what the Hub does not have yet. Returns the `CommitInfo` (with `pr_url` for PRs).
+    Files are uploaded first (LFS), then committed in a single commit: if an upload fails,
+    nothing is committed and the repo's branch is unchanged; re-running uploads only what the
+    Hub does not have yet. `include` / `exclude` are glob patterns (`allow_patterns` /
+    `ignore_patterns`); `.cache` folders are never pushed. Returns the `CommitInfo` (with
+    `pr_url` for PRs).
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import HfApi
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -387,16 +394,19 @@ def push_folder(
     check_push_target(repo_id, token=token)
     api = HfApi(token=token)
     _hub_call(repo_id, "create repo", api.create_repo, repo_id, private=private, exist_ok=True)
-    ops = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p)) for p in files]
     message = commit_message or f"Upload safety-patched model with hf-safety-merge ({len(files)} files)"
+    ignore = [".cache/**", "**/.cache/**", *([exclude] if isinstance(exclude, str) else (exclude or []))]
     try:
-        return api.create_commit(repo_id, operations=ops, commit_message=message, create_pr=create_pr, revision=revision)
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, path_in_repo=path_in_repo,
+                                 commit_message=message, commit_description=commit_description,
+                                 revision=revision, create_pr=create_pr, allow_patterns=include,
+                                 ignore_patterns=ignore)
     except Exception as e:  # network drop, HTTP error: nothing was committed
         first = str(e).strip().splitlines()[0] if str(e).strip() else "no answer"
         raise HubError(
             _redact(
                 f"push of {folder} to {repo_id} on {_endpoint()} failed before the commit was made ({type(e).__name__}: {first}). "
-                f"Nothing was committed: the repo is unchanged. Retry with `hf-safety-merge push {folder} {repo_id}`"
+                f"Nothing was committed: the repo is unchanged. Retry with `hf-safety-merge push {repo_id} {folder}`"
                 f"{' --create-pr' if create_pr else ''}; files already uploaded are not sent again."
             )
         ) from e

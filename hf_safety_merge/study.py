@@ -721,6 +721,14 @@ class Study:
                 src = fixes.strip("()").split()[-1] if fixes.startswith("(") else fixes
                 broke = by.get(src)
             row: dict[str, Any] = {"model": r.model, "repairs": fixes or None, **r.to_dict()}
+            folder = repaired.get(r.model, (None, ""))[0]
+            if folder is not None and (Path(folder) / "README.md").is_file():  # a merged model: results into its card
+                from .cards import attach_evaluation
+
+                try:
+                    attach_evaluation(folder, r, baseline=broke, model_name=r.model)
+                except ValueError as e:
+                    self.log(f"      card of {r.model} not updated: {e}")
             if broke is not None and aligned is not None:
                 u_b = broke.unsafe_rate.value
                 row["targets"] = {

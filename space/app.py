@@ -114,8 +114,27 @@ def _apply_endpoint() -> None:
 
 
 # ---------------------------------------------------------------------------------- errors
+_OFFLINE_HINTS = ("not in the local HF cache", "cannot reach the Hub", "HF_HUB_OFFLINE=1",
+                  "LocalEntryNotFoundError", "OfflineModeIsEnabled", "not cached")
+
+
+def _is_offline_error(e: BaseException) -> bool:
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    chain: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and len(chain) < 8:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return any(isinstance(x, LocalEntryNotFoundError | OfflineModeIsEnabled) for x in chain) or any(
+        h in str(x) for x in chain for h in _OFFLINE_HINTS)
+
+
 def _message(e: BaseException) -> str:
-    if isinstance(e, SafetyMergeError):
+    if _is_offline_error(e):
+        text = ("Offline / not cached: this Space cannot reach the Hub and the model is not in its cache. "
+                f"Use the pre-filled toy models or a local folder, or try again when online. ({e})")
+    elif isinstance(e, SafetyMergeError):
         text = str(e)
     elif isinstance(e, OSError | ValueError | KeyError):
         text = f"{type(e).__name__}: {e}"
@@ -295,7 +314,7 @@ def run_merge(
     safety_weight: float,
     select: str,
     threshold: float,
-    num_proj_layers: float,
+    num_proj_layers: int,
     extra: str,
     state: dict[str, Any] | None,
     progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008
@@ -413,6 +432,40 @@ def _rate(r: Any) -> str:
     return f"{100 * r.value:.0f}% ({100 * r.low:.0f}-{100 * r.high:.0f})"
 
 
+def _eval_plot(reports: list[Any], path: Path) -> Path:
+    """Grouped bars per model: unsafe rate, over-refusal (both lower is better) and task accuracy,
+    with their 95% Wilson intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [("unsafe rate ↓", "unsafe_rate", "#d9534f"), ("over-refusal ↓", "over_refusal", "#f0ad4e"),
+               ("task accuracy ↑", "utility", "#5cb85c")]
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
+    width = 0.8 / len(metrics)
+    for j, (label, attr, color) in enumerate(metrics):
+        xs, vals, lo, hi = [], [], [], []
+        for i, m in enumerate(reports):
+            r = getattr(m, attr)
+            if r is None or r.n == 0:
+                continue
+            xs.append(i + (j - 1) * width)
+            vals.append(100 * r.value)
+            lo.append(100 * (r.value - r.low))
+            hi.append(100 * (r.high - r.value))
+        if xs:
+            ax.bar(xs, vals, width, yerr=[lo, hi], capsize=3, color=color, label=label)
+    ax.set_xticks(range(len(reports)), [m.model for m in reports], fontsize=8)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("% (95% Wilson interval)")
+    ax.legend(fontsize=8, loc="upper center", ncol=3, bbox_to_anchor=(0.5, 1.15), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 @friendly
 def run_eval(
     harmful: str,
@@ -454,7 +507,7 @@ def run_eval(
             utility_metric="exact_match", judge="keyword", max_new_tokens=int(max_new_tokens), batch_size=8,
         ))
     report = EvalReport(reports)
-    png = report.plot(out)[0]
+    png = _eval_plot(reports, out / "space_eval.png")
     table = pd.DataFrame([
         {"model": m.model, "unsafe rate ↓": _rate(m.unsafe_rate), "over-refusal ↓": _rate(m.over_refusal),
          "task accuracy ↑": _rate(m.utility), "n (harmful / benign / task)": "/".join(
@@ -543,6 +596,9 @@ def _knob(name: str, init: dict[str, Any], hidden: dict[str, Any]) -> Any:
     if name == "select":
         return gr.Radio(["number", "threshold"], value=value, label=KNOB_HELP[name], visible=visible)
     lo, hi, step = _KNOB_RANGES[name]
+    if name == "num_proj_layers":  # an int parameter: an int in the API too
+        return gr.Number(value=int(value) if value is not None else None, minimum=int(lo), maximum=int(hi), step=1,
+                         precision=0, label=KNOB_HELP[name], visible=visible)
     return gr.Slider(lo, hi, value=value, step=step, label=KNOB_HELP[name], visible=visible)
 
 
@@ -651,7 +707,8 @@ def build_app(toy_dir: str | os.PathLike[str] | None = None) -> gr.Blocks:
                     with gr.Column(scale=3):
                         eval_table = gr.Dataframe(label="Results", interactive=False, wrap=True)
                     with gr.Column(scale=2):
-                        eval_plot = gr.Image(label="Safety vs utility", type="pil", interactive=False, height=360)
+                        eval_plot = gr.Image(label="Unsafe rate, over-refusal and task accuracy", type="pil",
+                                             interactive=False, height=360)
                 with gr.Accordion("Every response", open=False):
                     eval_rows = gr.Dataframe(interactive=False, wrap=True)
 

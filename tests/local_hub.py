@@ -146,6 +146,11 @@ def _make_handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
             url = urlparse(self.path)
             path = unquote(url.path)
             hub.requests.append((self.command, path, self.headers.get("range", "")))
+            # data set repos share the store with model repos (one namespace, as the tests use it)
+            if path.startswith("/api/datasets/"):
+                path = "/api/models/" + path[len("/api/datasets/"):]
+            elif path.startswith("/datasets/") and "/resolve/" in path:
+                path = path[len("/datasets"):]
             if path.startswith("/api/models/"):
                 rest = path[len("/api/models/") :]
                 if "/tree/" in rest:
@@ -153,17 +158,36 @@ def _make_handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
                     repo = self._repo(repo_id)
                     if repo is None:
                         return
+                    sub = ""
+                    if revision not in repo.refs and revision not in repo.commits and "/" in revision:
+                        revision, sub = revision.split("/", 1)  # tree/{rev}/{path}
                     commit = hub.resolve(repo, revision)
                     if commit is None:
                         self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
                         return
+                    recursive = parse_qs(url.query).get("recursive", ["false"])[0].lower() == "true"
+                    prefix = sub.strip("/") + "/" if sub.strip("/") else ""
                     entries = []
+                    dirs: set[str] = set()
                     for p, sha in sorted(commit.files.items()):
+                        if not p.startswith(prefix):
+                            continue
+                        tail = p[len(prefix):]
+                        if not recursive and "/" in tail:
+                            dirs.add(prefix + tail.split("/", 1)[0])
+                            continue
+                        if recursive:
+                            parts = tail.split("/")[:-1]
+                            dirs.update(prefix + "/".join(parts[: i + 1]) for i in range(len(parts)))
                         size = hub.blob_path(sha).stat().st_size
                         e: dict[str, Any] = {"type": "file", "path": p, "size": size, "oid": sha}
                         if p.endswith(".safetensors"):
                             e["lfs"] = {"oid": sha, "size": size, "pointerSize": 134}
                         entries.append(e)
+                    entries += [{"type": "directory", "path": d, "oid": "0" * 40, "size": 0} for d in sorted(dirs)]
+                    if sub and not entries:
+                        self._error(404, f"Entry not found: {sub}", "EntryNotFound")
+                        return
                     self._send(200, entries)
                     return
                 if "/revision/" in rest:

@@ -584,7 +584,7 @@ def test_catalogue_push_to_unreachable_hub_is_one_line(
     folder = tmp_path / "patched"
     folder.mkdir()
     (folder / "README.md").write_text("x")
-    rc, err = _run_cli(["push", str(folder), "me/patched"], capsys)
+    rc, err = _run_cli(["push", "me/patched", str(folder)], capsys)
     assert rc == 2
     _one_line_error(err, "me/patched")
     assert (dead_hub in err and "cannot reach the Hub" in err) if token else "no Hub token" in err

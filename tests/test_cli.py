@@ -47,7 +47,47 @@ def test_vector_compute_and_merge_from_cli(llama_family: dict[str, Path], tmp_pa
     assert "enchtable" in capsys.readouterr().out
 
 
-def test_demo_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_quick_shows_refusal_before_and_after(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The toy models (cached after the first build): a harmful prompt answered by the task
+    fine-tune and refused once patched with EnchTable, a benign one answered by both; no nan."""
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "| enchtable |" in out and (tmp_path / "demo" / "patched-enchtable" / "README.md").is_file()
+    rows: dict[str, str] = {}
+    for line in out.splitlines():  # the first table: the example answers
+        if line.startswith("| ") and "prompt" not in line:
+            rows.setdefault(line.split("|")[1].strip(), line)
+    before, after = rows["task fine-tune (before)"], rows["patched: enchtable"]
+    assert before.split("|")[2].strip().startswith("ANSWERED") and after.split("|")[2].strip().startswith("REFUSED")
+    assert before.split("|")[3].strip().startswith("ANSWERED") and after.split("|")[3].strip().startswith("ANSWERED")
+    assert "nan" not in out and "generated token ids" not in out
+    assert (tmp_path / "demo" / "patched-enchtable" / "README.md").is_file()
+
+
+def test_help_texts(capsys: pytest.CaptureFixture[str]) -> None:
+    from hf_safety_merge.cli import EPILOG
+
+    for argv, words in (
+        (["eval", "--help"], ["95% Wilson", "--fail-above", "--update-card"]),
+        (["demo", "--help"], ["Q4_1 GGUF", "dequantised", "folder for the stages"]),
+        (["push", "--help"], ["REPO_ID", "LOCAL_PATH", "--commit-message", "--token", "--include", "the folder to push"]),
+        (["merge", "--help"], ["mergekit", "OUT", "--cuda", "--out-shard-size"]),
+    ):
+        with pytest.raises(SystemExit):
+            main(argv)
+        text = capsys.readouterr().out
+        for w in words:
+            assert w in text, (argv, w)
+        assert "95%%" not in text
+        if argv[0] == "merge":
+            assert EPILOG.splitlines()[1] not in text  # the top-level epilog is not repeated
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "so a merge is reproducible." in out  # DARE's description, whole
+    assert "beta: float in (0, 100] = 0.1" in out and "one of 'svd', 'gram'" in out
+    assert "density: float in (0, 1] = 0.5" in out and "fraction of entries kept" in out
+
+
+def test_top_level_exports() -> None:
+    import hf_safety_merge
+
+    assert callable(hf_safety_merge.prepare_safekey_dataset) and "prepare_safekey_dataset" in hf_safety_merge.__all__

