@@ -69,7 +69,7 @@ def main() -> None:
     cal = {"num_harmful": args.prompts, "num_benign": args.prompts, "max_new_tokens": args.tokens,
            "max_probes": args.probes, "judge": "keyword", "data_dir": args.data_dir}
     t = time.perf_counter()
-    res, c = merge_calibrated(SafetyMergeConfig(**base, output_dir=str(work / "calibrated"), calibration=cal), progress=False)
+    _, c = merge_calibrated(SafetyMergeConfig(**base, output_dir=str(work / "calibrated"), calibration=cal), progress=False)
     t_cal = time.perf_counter() - t
     chosen = c.value
     t = time.perf_counter()
