@@ -52,16 +52,14 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def toy_space_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A Space folder holding the toy family (space/toy_models.py) built once per session, shared by
-    the Space tests and the calibration tests (`<dir>/toy-v<VERSION>/{task,aligned,...}`)."""
-    import sys
+    """A Space folder whose `toy-v<VERSION>` is the toy family (hf_safety_merge.toy_models) in the
+    library cache, the one `demo --quick` uses: built once per machine, shared by the Space, demo
+    and calibration tests."""
+    from hf_safety_merge import toy_models
+    from hf_safety_merge.testing import default_cache_dir
 
-    root = Path(__file__).resolve().parents[1] / "space"
-    sys.path.insert(0, str(root))
-    try:
-        import toy_models
-    finally:
-        sys.path.remove(str(root))
+    cached = default_cache_dir() / f"toy-v{toy_models.VERSION}"
+    toy_models.build_toy_family(cached)
     d = tmp_path_factory.mktemp("space-dir")
-    toy_models.build_toy_family(d / f"toy-v{toy_models.VERSION}")
+    (d / f"toy-v{toy_models.VERSION}").symlink_to(cached, target_is_directory=True)
     return d

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -122,11 +121,8 @@ def _csv(path: Path, rows: list[str]) -> Path:
 
 
 def test_cli_calibrate_end_to_end_on_the_toy_models(toy_space_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "space"))
-    try:
-        import toy_models as tm
-    finally:
-        sys.path.pop(0)
+    from hf_safety_merge import toy_models as tm
+
     toys = toy_space_dir / f"toy-v{tm.VERSION}"
     harmful = _csv(tmp_path / "h.csv", tm.HARMFUL_PROMPTS + tm.UNSEEN_HARMFUL_PROMPTS)
     benign = _csv(tmp_path / "b.csv", [p for p, _ in tm.BENIGN])

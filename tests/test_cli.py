@@ -47,9 +47,10 @@ def test_vector_compute_and_merge_from_cli(llama_family: dict[str, Path], tmp_pa
     assert "enchtable" in capsys.readouterr().out
 
 
-def test_demo_quick_shows_refusal_before_and_after(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_quick_shows_refusal_before_and_after(tmp_path: Path, capsys: pytest.CaptureFixture[str], toy_space_dir: Path) -> None:
     """The toy models (cached after the first build): a harmful prompt answered by the task
-    fine-tune and refused once patched with EnchTable, a benign one answered by both; no nan."""
+    fine-tune and refused once patched with EnchTable, a benign one answered by both; no nan.
+    (`toy_space_dir` builds the cached toy family once for the whole session.)"""
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
     out = capsys.readouterr().out
     rows: dict[str, str] = {}
