@@ -353,6 +353,103 @@ def run_merge(
     yield _summary_markdown(result, params, task, vector), new_state
 
 
+def _prompt_csv(path: Path, prompts: list[str]) -> str:
+    import csv
+
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt"])
+        for p in prompts:
+            w.writerow([p])
+    return str(path)
+
+
+@friendly
+def run_calibrate(
+    task: str,
+    reference: str,
+    vector: str,
+    method: str,
+    beta: float,
+    gamma: float,
+    lam: float,
+    density: float,
+    task_weight: float,
+    safety_weight: float,
+    select: str,
+    threshold: float,
+    num_proj_layers: int,
+    extra: str,
+    max_unsafe: float,
+    max_over_refusal_increase: float,
+    state: dict[str, Any] | None,
+    progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008
+) -> Iterator[tuple[str, dict[str, Any] | None]]:
+    """Pick the method's scale against a safety target (hf_safety_merge.calibrate), then merge once;
+    stream the curve as it grows, then the summary with the chosen point."""
+    from hf_safety_merge.calibrate import SCALES, merge_calibrated
+
+    task = _require(task, "fine-tuned model")
+    vector = _require(vector, "safety vector")
+    reference = (reference or "").strip() or None
+    if method not in SCALES:
+        raise gr.Error(f"Calibration searches the scale of {sorted(SCALES)}; {method!r} has none.")
+    knobs = dict(beta=beta, gamma=gamma, lam=lam, density=density, task_weight=task_weight,
+                 safety_weight=safety_weight, select=select, threshold=threshold, num_proj_layers=num_proj_layers)
+    params = _parameters(method, knobs, extra)
+    params.pop(SCALES[method][0], None)  # the searched scale
+    needs_ref = get_method_class(method).needs_reference
+    if needs_ref and reference is None:
+        raise gr.Error(f"`{method}` needs the task reference (the fine-tuned model's weights before fine-tuning).")
+    out_root = space_dir() / "patched"
+    out_root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="calibrated-", dir=out_root))
+    out = work / "model"
+    # Toy prompts for the toy models (they know no other language); built-in sets otherwise.
+    cal: dict[str, Any] = {"max_unsafe": float(max_unsafe), "max_over_refusal_increase": float(max_over_refusal_increase),
+                           "max_probes": 6, "max_new_tokens": 24}
+    if Path(task).resolve().parent.name.startswith("toy-v"):
+        cal["harmful"] = _prompt_csv(work / "harmful.csv", toy_models.HARMFUL_PROMPTS + toy_models.UNSEEN_HARMFUL_PROMPTS)
+        cal["benign"] = _prompt_csv(work / "benign.csv", [p for p, _ in toy_models.BENIGN])
+    cfg = SafetyMergeConfig(task_model=task, task_reference=reference if needs_ref else None, safety_vector=vector,
+                            method=method, parameters=params, output_dir=str(out), calibration=cal)
+    lines = ["### Calibrating …", ""]
+    curve: list[str] = []
+    import queue
+    import threading
+
+    q: queue.Queue[Any] = queue.Queue()
+
+    def work_thread() -> None:
+        try:
+            q.put(("done", merge_calibrated(cfg, progress=True, on_probe=lambda p: q.put(("probe", p)))))
+        except BaseException as e:  # surfaced in the UI thread
+            q.put(("error", e))
+
+    threading.Thread(target=work_thread, daemon=True).start()
+    yield "\n".join(lines) + "*reading the inputs and decomposing once …*", state
+    while True:
+        kind, item = q.get()
+        if kind == "probe":
+            curve.append(f"| {item.scale:.4g} | {_rate(item.unsafe)} | {_rate(item.over_refusal) if item.over_refusal else '-'} |")
+            head = [f"| {SCALES[method][0]} | unsafe | over-refusal |", "|---|---|---|"]
+            yield "\n".join(lines + head + curve), state
+        elif kind == "error":
+            raise item
+        else:
+            _result, calres = item
+            break
+    old = (state or {}).get("patched")
+    if old and Path(old).parent.parent == out_root:
+        shutil.rmtree(Path(old).parent, ignore_errors=True)
+    chosen = {**params, calres.parameter: calres.value}
+    new_state = {"patched": str(out), "task": task, "method": method, "parameters": chosen, "vector": vector, "eval": None}
+    md = (f"### Calibrated `{method}`: {calres.message()}\n\n{calres.table()}\n\n"
+          "The patched model (merged once at the chosen point) is ready in **2 · Chat** and **3 · Evaluate**; its card "
+          "carries this curve. The target was met on the calibration prompts only: check it on others.")
+    yield md, new_state
+
+
 def _forget_session(state: dict[str, Any] | None) -> None:
     """Delete a finished session's patched model (it lives in its own temporary folder)."""
     patched = (state or {}).get("patched")
@@ -665,6 +762,14 @@ def build_app(toy_dir: str | os.PathLike[str] | None = None) -> gr.Blocks:
                         with gr.Row():
                             defaults_btn = gr.Button("Library defaults", size="sm", variant="secondary")
                             merge_btn = gr.Button("Patch the model", variant="primary", elem_id="merge-btn")
+                        with gr.Accordion("Calibrate: let the Space pick the scale", open=False):
+                            gr.Markdown("Searches the method's scale (β, density or number of projected matrices) for the "
+                                        "smallest value that meets the target on calibration prompts, then patches once.",
+                                        elem_classes="hsm-note")
+                            with gr.Row():
+                                max_unsafe_in = gr.Number(0.3, label="max unsafe rate", minimum=0, maximum=1)
+                                max_or_in = gr.Number(0.5, label="max over-refusal rise", minimum=0, maximum=1)
+                            calibrate_btn = gr.Button("Calibrate and patch", variant="secondary", elem_id="calibrate-btn")
                         gr.Markdown("With the toy models selected, the knobs start at values tuned for them; "
                                     "**Library defaults** gives the papers' values, meant for real LLMs.",
                                     elem_classes="hsm-note")
@@ -736,6 +841,10 @@ def build_app(toy_dir: str | os.PathLike[str] | None = None) -> gr.Blocks:
         merge_btn.click(
             run_merge, [task_in, ref_in, vec_in, method_in, *knob_list, extra_in, state], [merge_out, state],
             api_name="merge", concurrency_limit=1, show_progress_on=[merge_out],
+        )
+        calibrate_btn.click(
+            run_calibrate, [task_in, ref_in, vec_in, method_in, *knob_list, extra_in, max_unsafe_in, max_or_in, state],
+            [merge_out, state], api_name="calibrate", concurrency_limit=1, show_progress_on=[merge_out],
         )
         chat_inputs = [prompt_in, left_chat, right_chat, state, max_tokens_in]
         send_btn.click(chat, chat_inputs, [left_chat, right_chat, prompt_in], api_name="chat", concurrency_limit=2)

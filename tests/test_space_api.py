@@ -34,7 +34,7 @@ def test_named_endpoints_and_int_knob(app: ModuleType) -> None:
 
     demo = app.build_app(default_cache_dir() / f"toy-v{VERSION}")
     info = demo.get_api_info()
-    assert set(info["named_endpoints"]) == {"/merge", "/chat", "/evaluate", "/push"}
+    assert set(info["named_endpoints"]) == {"/merge", "/calibrate", "/chat", "/evaluate", "/push"}
     assert not info.get("unnamed_endpoints")
     types = {p["parameter_name"]: p["python_type"]["type"] for p in info["named_endpoints"]["/merge"]["parameters"]}
     assert types["num_proj_layers"] == "int" and types["beta"] == "float"
@@ -69,3 +69,23 @@ def test_eval_plot_shows_over_refusal(app: ModuleType, tmp_path: Path) -> None:
     # the legend names the three metrics
     src = (ROOT / "space" / "app.py").read_text()
     assert '"over-refusal ↓", "over_refusal"' in src
+
+
+def test_calibrate_action_on_the_toy_models(app: ModuleType, toy_space_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Space's "Calibrate and patch": streams the curve, ends with the chosen point and a
+    patched model in the session state whose card carries the calibration."""
+    from hf_safety_merge.toy_models import VERSION
+
+    monkeypatch.setenv("HF_SAFETY_SPACE_DIR", str(toy_space_dir))
+    toys = toy_space_dir / f"toy-v{VERSION}"
+    knobs = app.method_knobs("enchtable")
+    steps = list(app.run_calibrate(
+        str(toys / "task"), str(toys / "aligned"), str(toys / "safety_vector"), "enchtable",
+        knobs["beta"], knobs["gamma"], 5.0, 0.5, 1.0, 1.0, "number", 0.5, 10, "", 0.3, 1.0, None,
+        progress=lambda *a, **k: None,
+    ))
+    assert len(steps) >= 3 and "| beta | unsafe |" in steps[1][0]
+    md, state = steps[-1]
+    assert md.startswith("### Calibrated `enchtable`") and "smallest probed value that meets the target" in md
+    card = (Path(state["patched"]) / "README.md").read_text()
+    assert "## Calibration" in card and state["parameters"]["beta"] > 0
