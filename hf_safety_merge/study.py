@@ -32,7 +32,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
 
 from .errors import ConfigError, did_you_mean
 from .validation import NonNegativeInt, PositiveFloat, PositiveInt, load_yaml, validate_dataclass
@@ -59,6 +61,9 @@ BENIGN_TEMPLATES = (
 #: extra generation budget for reasoning-format models (their <think> block comes first)
 REASONING_EXTRA_TOKENS = 40
 METHODS = ("enchtable_ffn", "enchtable_attn", "enchtable_hybrid", "resta", "safe_lora", "asft", "safekey")
+#: repairs by merging; `enchtable_calibrated` is EnchTable (FFN vector) with beta picked by calibration
+#: (docs/calibration.md) on prompts no stage trains or evaluates on
+MERGE_REPAIRS = ("enchtable_ffn", "enchtable_attn", "enchtable_hybrid", "enchtable_calibrated", "resta", "safe_lora")
 
 
 @dataclass
@@ -93,6 +98,9 @@ class StudyConfig:
             is the paper's; ``"0:0"`` is plain SFT on the same reasoning-format data (the ablation
             that separates the data format from SafeKey's objectives).
         methods: which repairs to run (see ``METHODS``).
+        calibration_prompts / calibration_max_unsafe / calibration_probes: the `enchtable_calibrated`
+            repair: harmful and benign calibration prompts each (disjoint from every training and
+            evaluation set), its unsafe-rate target (over-refusal may rise 0.05) and its probe budget.
         eval_harmful / eval_benign / eval_task: evaluation set sizes (held out from all training).
         attacks: jailbreak transforms for the attack-success columns.
         max_new_tokens / eval_batch_size: generation settings.
@@ -125,8 +133,12 @@ class StudyConfig:
     asft_settings: Sequence[str] = ("1:safe_lora", "10:topk")
     safekey_settings: Sequence[str] = ("0.2:0.2",)
     methods: Sequence[str] = METHODS
-    merge_on_full: Sequence[str] = ("enchtable_ffn", "enchtable_attn", "enchtable_hybrid", "resta", "safe_lora")
-    merge_on_lora: Sequence[str] = ("enchtable_ffn", "resta", "safe_lora")
+    merge_on_full: Sequence[str] = ("enchtable_ffn", "enchtable_attn", "enchtable_hybrid", "enchtable_calibrated", "resta",
+                                    "safe_lora")
+    merge_on_lora: Sequence[str] = ("enchtable_ffn", "enchtable_calibrated", "resta", "safe_lora")
+    calibration_prompts: PositiveInt = 48
+    calibration_max_unsafe: Annotated[float, Field(ge=0, le=1)] = 0.05
+    calibration_probes: Annotated[int, Field(ge=2, le=64)] = 8
     eval_harmful: PositiveInt = 48
     eval_benign: PositiveInt = 48
     eval_task: PositiveInt = 48
@@ -185,8 +197,8 @@ class StudyConfig:
                 raise ConfigError(f"study method {m!r} is not one of {METHODS}" + did_you_mean(m, METHODS))
         for fname in ("merge_on_full", "merge_on_lora"):
             for m in getattr(self, fname):
-                if m not in ("enchtable_ffn", "enchtable_attn", "enchtable_hybrid", "resta", "safe_lora"):
-                    raise ConfigError(f"{fname}: {m!r} is not a merge repair (enchtable_ffn/attn/hybrid, resta, safe_lora)")
+                if m not in MERGE_REPAIRS:
+                    raise ConfigError(f"{fname}: {m!r} is not a merge repair ({', '.join(MERGE_REPAIRS)})")
         for b in self.break_modes:
             if b not in ("full", "lora"):
                 raise ConfigError(f"break_modes entries must be 'full' or 'lora', got {b!r}")
@@ -262,6 +274,9 @@ class StudyData:
     eval_benign: list[str] = field(default_factory=list)
     task_train: list[dict[str, str]] = field(default_factory=list)
     task_eval: list[dict[str, str]] = field(default_factory=list)
+    #: calibration prompts (for `enchtable_calibrated`): unused by every training stage and the eval
+    calib_harmful: list[str] = field(default_factory=list)
+    calib_benign: list[str] = field(default_factory=list)
 
 
 def load_study_data(cfg: StudyConfig) -> StudyData:
@@ -299,11 +314,14 @@ def load_study_data(cfg: StudyConfig) -> StudyData:
     out.align_harmful = train_pool[: cfg.align_harmful]
     out.break_harmful = train_pool[cfg.align_harmful : cfg.align_harmful + n_break]
     out.distill_harmful = train_pool[cfg.align_harmful + n_break : need]
+    out.calib_harmful = train_pool[need : need + cfg.calibration_prompts]
     n_eb = min(cfg.eval_benign, len(safe) // 2)
     out.eval_benign = safe[:n_eb]
     benign_pool = safe[n_eb:] + [t.format(t=topic) for t in BENIGN_TEMPLATES for topic in BENIGN_TOPICS]
     rng.shuffle(benign_pool)
     out.align_benign = benign_pool[: cfg.align_benign]
+    xstest_left = set(safe[n_eb:])
+    out.calib_benign = [t for t in benign_pool[cfg.align_benign:] if t in xstest_left][: cfg.calibration_prompts]
     out.task_train = arithmetic(cfg.task_train, cfg.seed + 1)
     out.task_eval = arithmetic(cfg.eval_task, cfg.seed + 2)
     seen = {r["prompt"] for r in out.task_train}
@@ -542,6 +560,11 @@ class Study:
                 for beta in c.enchtable_betas:
                     tag = "" if beta == 0.1 else f"-beta{beta:g}"
                     do_merge(f"{task.name}+enchtable-{variant}{tag}", "enchtable", {"beta": beta}, vec, task, lora)
+            if "enchtable_calibrated" in wanted and "ffn" in vectors:
+                self._calibrated(f"{task.name}+enchtable-ffn-calibrated", vectors["ffn"], task, lora, aligned, data,
+                                 repaired)
+            elif "enchtable_calibrated" in wanted:
+                self.notes["enchtable_calibrated"] = "skipped: needs the FFN safety vector (add enchtable_ffn to methods)"
             if "resta" in c.methods and "resta" in wanted and resta_vec is not None:
                 do_merge(f"{task.name}+resta", "task_arithmetic", {"beta": c.resta_beta}, resta_vec, task, lora)
             elif "resta" in c.methods and "resta" in wanted:
@@ -581,6 +604,37 @@ class Study:
                 models.append((n, p, None))
         reports = [self._evaluate(n, p, adapter, data) for n, p, adapter in models]
         return self._report(reports, repaired, data)
+
+    def _calibrated(self, name: str, vector: Path, task: Path, lora: bool, aligned: Path, data: StudyData,
+                    repaired: dict[str, tuple[Path, str]]) -> None:
+        """EnchTable with beta chosen by calibration on the study's calibration prompts; the row is then
+        evaluated on the held-out prompts like every other, so the report shows whether the target held."""
+        from .calibrate import merge_calibrated
+        from .config import SafetyMergeConfig
+
+        c = self.cfg
+        out = self.work / name
+        harmful = _write_prompts(self.work / "calibration_harmful.csv", data.calib_harmful)
+        benign = _write_prompts(self.work / "calibration_benign.csv", data.calib_benign)
+        kw: dict[str, Any] = dict(safety_vector=str(vector), method="enchtable", output_dir=str(out), overwrite=True,
+                                  device=c.device)
+        if lora:
+            kw.update(task_model=str(aligned), task_adapter=str(task))
+        else:
+            kw.update(task_model=str(task), task_reference=str(aligned))
+        kw["calibration"] = {"harmful": harmful, "benign": benign, "num_harmful": max(1, len(data.calib_harmful)),
+                             "num_benign": max(1, len(data.calib_benign)), "max_unsafe": c.calibration_max_unsafe,
+                             "max_probes": c.calibration_probes, "max_new_tokens": c.max_new_tokens,
+                             "batch_size": c.eval_batch_size, "holdout_split": False}
+
+        def run() -> None:
+            res, cal = merge_calibrated(SafetyMergeConfig(**kw), progress=True)
+            self.notes[name] = f"calibration: {cal.message()}"
+            self.log(f"      {cal.message()}")
+            self.log(f"      {res}")
+
+        self._stage(f"repair: {name}", out, run)
+        repaired[name] = (out, task.name)
 
     def _safekey(self, aligned: Path, data: StudyData, top: int, repaired: dict[str, tuple[Path, str]]) -> str:
         try:
@@ -772,6 +826,15 @@ class Study:
         self.log("\n" + "\n".join(md))
         self.log(f"\nresults: {w / 'study.md'}, {w / 'study.json'}, plots: {', '.join(str(p) for k, p in files.items() if k not in ('json', 'markdown'))}")
         return payload
+
+
+def _write_prompts(path: Path, prompts: Sequence[str]) -> str:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt"])
+        for p in prompts:
+            w.writerow([p])
+    return str(path)
 
 
 def run_study(cfg: StudyConfig, work: str | os.PathLike[str]) -> dict[str, Any]:

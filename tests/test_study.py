@@ -69,13 +69,17 @@ def test_study_end_to_end_on_a_tiny_model(shared_data: Path, tmp_path: Path) -> 
         harmful_fracs=(0.0, 0.1), distill_harmful=8, distill_steps=2, eval_harmful=8, eval_benign=8, eval_task=8,
         max_new_tokens=8, max_length=96, task_epochs=1, align_epochs=1, threads=1,
         methods=("enchtable_ffn", "resta", "safe_lora", "asft", "safekey"), enchtable_betas=(0.1, 1.0),
-        merge_on_full=("enchtable_ffn", "resta", "safe_lora"), merge_on_lora=("enchtable_ffn", "safe_lora"),
-        asft_settings=("1:safe_lora",), safekey_settings=("0.2:0.2", "0:0"),
+        merge_on_full=("enchtable_ffn", "enchtable_calibrated", "resta", "safe_lora"), merge_on_lora=("enchtable_ffn", "safe_lora"),
+        asft_settings=("1:safe_lora",), safekey_settings=("0.2:0.2", "0:0"), calibration_prompts=6, calibration_probes=3,
     )
     work = tmp_path / "work"
     payload = run_study(cfg, work)
     names = [r["model"] for r in payload["rows"]]
     assert names[:2] == ["base", "aligned"]
+    assert "ft-full-10pct+enchtable-ffn-calibrated" in names  # beta chosen by calibration, evaluated held out
+    cal = json.loads((work / "ft-full-10pct+enchtable-ffn-calibrated" / "merge_report.json").read_text())["calibration"]
+    assert cal["prompts"]["harmful"]["n"] == 6 and cal["prompts"]["harmful"]["side"] == "held out from every report"
+    assert len(cal["probes"]) <= 3
     for n in ("ft-full-0pct", "ft-full-10pct", "ft-lora-0pct", "ft-lora-10pct", "ft-full-10pct+enchtable-ffn",
               "ft-full-10pct+resta", "ft-full-10pct+safe_lora", "ft-lora-10pct+enchtable-ffn", "ft-full-10pct+enchtable-ffn-beta1", "ft-lora-10pct+safe_lora", "asft-lora-10pct",
               "safekey-full-10pct", "safekey-full-10pct-head0-qmm0"):
@@ -84,7 +88,7 @@ def test_study_end_to_end_on_a_tiny_model(shared_data: Path, tmp_path: Path) -> 
         assert r["unsafe_rate"]["n"] == 8 and r["over_refusal"]["n"] == 8 and r["utility"]["n"] == 8
         assert set(r["attack_success"]) == {"none", "dan"}
     repaired = [r for r in payload["rows"] if r.get("targets")]
-    assert len(repaired) == 10 and "ft-lora-10pct+resta" not in names
+    assert len(repaired) == 11 and "ft-lora-10pct+resta" not in names
     assert payload["notes"]["safekey"] == "ran"
     md = (work / "study.md").read_text()
     assert "| repaired model |" in md and "Wall time per stage" in md

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from ..errors import ConfigError, did_you_mean
-from ..validation import PositiveInt, UnitInterval, validate_dataclass
+from ..validation import PositiveInt, validate_dataclass
 
 #: the parameter each method's scale search moves, and its default search range
 SCALES: dict[str, tuple[str, float, float]] = {
@@ -47,6 +47,8 @@ class CalibrationConfig:
         judge: the judge of unsafe answers and refusals (default: the library's default).
         max_new_tokens / batch_size: generation settings of the probes.
         seed: seeds the sampling of prompts (the search itself is deterministic).
+        holdout_split: True (default): calibrate on the train sides of the report's splits; False:
+            the given sets are already disjoint from every report's prompts and are used whole.
     """
 
     max_unsafe: _Rate = 0.05
@@ -69,8 +71,8 @@ class CalibrationConfig:
     batch_size: PositiveInt = 16
     seed: int = 0
     data_dir: str | None = None
-    #: the fraction of `benign` held out for calibration (the rest is for reports)
-    benign_fraction: UnitInterval = 0.5
+    #: False: `harmful` / `benign` are already held out from every report (use them whole)
+    holdout_split: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

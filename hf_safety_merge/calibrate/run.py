@@ -83,9 +83,9 @@ def calibration_prompts(cfg: CalibrationConfig) -> dict[str, PromptSet]:
     """The calibration sets: the *train* sides of the seeded splits whose other sides reports test
     on (harmful: `harmful_eval_size` 0.5; benign: `benign_eval_size` 0.5), sampled to size."""
     hs = load_prompts(cfg.harmful, data_dir=cfg.data_dir)
-    harmful = split_prompts(hs, 0.5, cfg.split_seed)[0]
+    harmful = split_prompts(hs, 0.5, cfg.split_seed)[0] if cfg.holdout_split else hs
     bs = load_prompts(cfg.benign, data_dir=cfg.data_dir)
-    benign = split_prompts(bs, 0.5, cfg.split_seed)[0]
+    benign = split_prompts(bs, 0.5, cfg.split_seed)[0] if cfg.holdout_split else bs
     sets = {"harmful": _sample(harmful, cfg.num_harmful, cfg.seed), "benign": _sample(benign, cfg.num_benign, cfg.seed)}
     if cfg.utility is not None:
         us = load_prompts(cfg.utility, data_dir=cfg.data_dir, reference_column="answer")
@@ -164,8 +164,8 @@ def calibrate(
         final_method = sm.final_method(res.chosen.scale)
     finally:
         sm.close()
-    prompts = {k: {"source": v.source, "n": len(v.items), "side": "train side of the report's 50/50 split"}
-               for k, v in sets.items()}
+    side = "train side of the report's 50/50 split" if cal.holdout_split else "held out from every report"
+    prompts = {k: {"source": v.source, "n": len(v.items), "side": side} for k, v in sets.items()}
     return CalibrationResult(config.method, parameter, res, baseline, cal, prompts, seconds, final_method)
 
 
@@ -234,8 +234,10 @@ def calibration_section(result: CalibrationResult, plot: bool = False) -> str:
         "",
         result.table(),
         "",
-        f"Calibration prompts ({used}) are the "
-        "train sides of the seeded 50/50 splits whose other sides the evaluation reports on; judge: "
+        f"Calibration prompts ({used}) are "
+        + ("the train sides of the seeded 50/50 splits whose other sides the evaluation reports on"
+           if t.holdout_split else "held out from every training and evaluation set")
+        + "; judge: "
         f"`{t.judge}`; greedy, {t.max_new_tokens} new tokens.",
         f"Caveat: a rate met on n = {n} calibration prompts holds on new prompts only up to its interval "
         f"(here +-{half:.3f} at 95%); measure the patched model on held-out prompts (`hf-safety-merge eval`).",
