@@ -146,3 +146,39 @@ def test_cli_calibrate_end_to_end_on_the_toy_models(toy_space_dir: Path, tmp_pat
     card = (out / "README.md").read_text()
     assert "## Calibration" in card and "Caveat" in card and "| beta | unsafe |" in card
     assert (out / "calibration.png").is_file()
+
+
+@pytest.mark.parametrize("method", ["enchtable", "task_arithmetic"])
+def test_probe_equals_the_streaming_merge_for_a_lora_task(llama_family: dict[str, Path], vec: Path, tmp_path: Path,
+                                                         method: str) -> None:
+    """Base + LoRA adapter as the task model: the probe's tensors and its loaded model (base with the
+    LoRA update applied) match the streaming merge and peft's merge_and_unload."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(llama_family["aligned"])
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                                 init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(0.05)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged_ref = {k: v.detach().clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
+    params = {"lam": 20.0} if method == "enchtable" else {}
+    cfg = SafetyMergeConfig(task_model=str(llama_family["aligned"]), task_adapter=str(tmp_path / "adapter"),
+                            safety_vector=str(vec), method=method, parameters=params, output_dir=str(tmp_path / "x"))
+    sm = ScaledMerge(cfg, "beta", progress=False)
+    try:
+        got, _ = sm.merged(0.5)
+        _, _, state = sm.load_model(tokenizer=False)
+    finally:
+        sm.close()
+    for n in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        torch.testing.assert_close(state[n], merged_ref[n], rtol=1e-5, atol=1e-6)  # the task model = base + LoRA
+    merge(SafetyMergeConfig(**{**cfg.to_dict(), "parameters": {**params, "beta": 0.5}, "output_dir": str(tmp_path / "o")}),
+          progress=False)
+    ref = load_file(tmp_path / "o" / "model.safetensors")
+    for n, t in got.items():
+        torch.testing.assert_close(t, ref[n], rtol=1e-6, atol=1e-7, msg=n)

@@ -115,20 +115,28 @@ class ScaledMerge:
 
         return t.to("cpu").to(DTYPE_TAGS[self.dtypes[name]])
 
-    def load_model(self) -> tuple[Any, Any, dict[str, torch.Tensor]]:
+    def load_model(self, tokenizer: bool = True) -> tuple[Any, Any, dict[str, torch.Tensor]]:
         """(model, tokenizer, its state dict by checkpoint name) of the unpatched task model."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from ..errors import ConfigError
+
         base_path = self.task.base.path if isinstance(self.task, LoraCheckpoint) else self.task.path
         if base_path is None:
-            raise ValueError("calibration needs the task model's files (config and tokenizer) on disk")
+            raise ConfigError("calibration needs the task model's files (config and tokenizer) on disk")
         auto: Any = AutoModelForCausalLM
         model = auto.from_pretrained(str(base_path), dtype=torch.float32).to(self.device).eval()
-        tok_dir = self.task.adapter_dir if isinstance(self.task, LoraCheckpoint) else base_path
-        try:
-            tok = AutoTokenizer.from_pretrained(str(tok_dir))
-        except (OSError, ValueError):
-            tok = AutoTokenizer.from_pretrained(str(base_path))
+        tok = None
+        if tokenizer:
+            dirs = [self.task.adapter_dir, base_path] if isinstance(self.task, LoraCheckpoint) else [base_path]
+            for d in dirs:
+                try:
+                    tok = AutoTokenizer.from_pretrained(str(d))
+                    break
+                except (OSError, ValueError):
+                    continue
+            if tok is None:
+                raise ConfigError(f"calibration generates with the task model: no tokenizer in {', '.join(map(str, dirs))}")
         state = dict(model.state_dict())
         if isinstance(self.task, LoraCheckpoint):  # the task model is base + adapter
             with torch.no_grad():
