@@ -22,11 +22,13 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -50,6 +52,45 @@ for f in vec_files:
     with safe_open(f, "pt") as fh:
         for k in fh.keys():
             fh.get_tensor(k).sum()
+'''
+
+
+FINE_FLOOR_SCRIPT = r'''
+import json, math, sys, time
+from concurrent.futures import ThreadPoolExecutor
+import torch
+from hf_safety_merge.checkpoints import open_checkpoint
+from hf_safety_merge.merge.methods import fine_terms
+from hf_safety_merge.vectors import SafetyVector
+# EnchTable's compute floor: the fine stage's decompositions alone (tau = task - reference and
+# Delta_s already in memory, a layer's worth at a time; no reads or writes timed), on the
+# merge's own worker layout (one intra-op thread per worker, as many workers as threads).
+task, ref, vec = open_checkpoint(sys.argv[1]), open_checkpoint(sys.argv[2]), SafetyVector.from_pretrained(sys.argv[3])
+use_cache = sys.argv[4] == "1"
+cache = vec.subspace_cache() if use_cache else None
+threads = torch.get_num_threads()
+workers = max(1, min(4, threads))
+names = [n for n in vec.keys() if len(vec.meta(n).shape) == 2]
+busy = 0.0
+chunk_bytes = 4 * max(math.prod(vec.meta(n).shape) for n in names)
+with ThreadPoolExecutor(workers, initializer=lambda: torch.set_num_threads(max(1, threads // workers))) as ex:
+    i = 0
+    while i < len(names):
+        batch, size = [], 0
+        while i < len(names) and (not batch or size + 4 * math.prod(vec.meta(names[i]).shape) <= 2 * chunk_bytes):
+            n = names[i]
+            d = vec[n].float()
+            batch.append((n, task.get(n).float() - ref.get(n).float(), d))
+            size += 4 * d.numel()
+            i += 1
+        def one(item):
+            n, tau, d = item
+            sub = cache.get(n, d) if cache is not None else None
+            return fine_terms(tau, d, 0.5, delta_subspace=sub)
+        t = time.perf_counter()
+        list(ex.map(one, batch))
+        busy += time.perf_counter() - t
+print(json.dumps({"seconds": busy, "matrices": len(names), "workers": workers, "cache": cache is not None}))
 '''
 
 
@@ -119,9 +160,21 @@ def prepare_smollm2(root: Path) -> dict[str, Path]:
             m.save_pretrained(p)
         paths[name] = p
     if not (root / "vector" / "safety_vector_config.json").exists():
-        SafetyVector.compute(base, paths["harmful"], root / "vector", progress=False, overwrite=True)
+        SafetyVector.compute(base, paths["harmful"], root / "vector", progress=False, overwrite=True, subspaces=False)
     paths["vector"] = root / "vector"
     return paths
+
+
+def ensure_subspace_cache(vector: Path) -> float | None:
+    """Write the vector's subspace cache if it is missing (as `vector compute` does); the
+    seconds it took (a one-off cost, not part of any merge), or None if it was there."""
+    from hf_safety_merge.vectors import SUBSPACE_CACHE, write_subspace_cache
+
+    if (vector / SUBSPACE_CACHE).exists():
+        return None
+    t = time.perf_counter()
+    write_subspace_cache(vector)
+    return time.perf_counter() - t
 
 
 def prepare_synthetic(root: Path, n_layers: int, hidden: int, inter: int, vocab: int, shards: int,
@@ -174,7 +227,9 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=8, help="shards of the synthetic checkpoints")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--mergekit-bin", default=str(HERE.parent / ".venv-mergekit" / "bin" / "mergekit-yaml"))
-    ap.add_argument("--methods", default="floor,task_arithmetic,enchtable,mergekit")
+    ap.add_argument("--methods", default="floor,task_arithmetic,enchtable,enchtable_nocache,fine_floor,mergekit",
+                    help="comma list of: floor (I/O floor), task_arithmetic, enchtable (with the vector's subspace "
+                         "cache), enchtable_nocache (without it), fine_floor (EnchTable's decompositions alone), mergekit")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args()
@@ -194,8 +249,9 @@ def main() -> None:
     largest_shard = max(f.stat().st_size for f in shard_files)
     in_bytes = sum(f.stat().st_size for f in shard_files)
 
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, Any]] = {}
     methods = args.methods.split(",")
+    cache_build = ensure_subspace_cache(paths["vector"]) if any(m.startswith("enchtable") or m == "fine_floor" for m in methods) else None
     py = sys.executable
     # RSS of a process that only imports what a merge imports: subtracted to show what the
     # merge itself holds (the target is stated in multiples of the largest shard).
@@ -205,17 +261,47 @@ def main() -> None:
         floor_script.write_text(FLOOR_SCRIPT)
         results["io_floor"] = measure([py, str(floor_script), str(paths["task"]), str(paths["vector"]), str(work / "out-floor")],
                                       args.repeats, work / "out-floor")
-    for method in ("task_arithmetic", "enchtable"):
+    runs: list[tuple[str, list[str], Path]] = []
+    for method in ("task_arithmetic", "enchtable", "enchtable_nocache"):
         if method not in methods:
             continue
         cfg = work / f"{method}.yaml"
         params = {"beta": 1.0} if method == "task_arithmetic" else json.loads(args.enchtable_params)
+        if method == "enchtable_nocache":
+            params["subspace_cache"] = False
         cfg.write_text(json.dumps({"task_model": str(paths["task"]), "task_reference": str(paths["aligned"]),
-                                   "safety_vector": str(paths["vector"]), "method": method, "parameters": params,
-                                   "output_dir": str(work / f"out-{method}"), "overwrite": True, "device": args.device,
-                                   "max_shard_size": largest_shard}))
-        results[f"hf_safety_merge:{method}"] = measure(
-            [py, "-m", "hf_safety_merge.cli", "merge", str(cfg), "--no-progress"], args.repeats, work / f"out-{method}")
+                                   "safety_vector": str(paths["vector"]), "method": method.removesuffix("_nocache"),
+                                   "parameters": params, "output_dir": str(work / f"out-{method}"), "overwrite": True,
+                                   "device": args.device, "max_shard_size": largest_shard}))
+        runs.append((method, [py, "-m", "hf_safety_merge.cli", "merge", str(cfg), "--no-progress"], work / f"out-{method}"))
+    # Interleaved (A B C A B C ...): a comparison holds when a shared machine's speed drifts.
+    for _ in range(args.repeats):
+        for method, cmd, out_dir in runs:
+            r = measure(cmd, 1, out_dir)
+            acc = results.setdefault(f"hf_safety_merge:{method}", {"seconds_all": [], "peak_rss": 0})
+            acc["seconds_all"] += r["seconds_all"]
+            acc["peak_rss"] = max(acc["peak_rss"], r["peak_rss"])
+            report = json.loads((out_dir / "merge_report.json").read_text())
+            acc.setdefault("timing_all", []).append(report.get("timing", {}))
+    for method, _, _ in runs:
+        acc = results[f"hf_safety_merge:{method}"]
+        acc["seconds"] = min(acc["seconds_all"])
+        acc["seconds_median"] = statistics.median(acc["seconds_all"])
+        best = acc["seconds_all"].index(acc["seconds"])
+        acc["timing"] = acc["timing_all"][best]
+    if "fine_floor" in methods:
+        script = work / "fine_floor.py"
+        script.write_text(FINE_FLOOR_SCRIPT)
+        for label, use in (("enchtable_fine_floor", "1"), ("enchtable_fine_floor_nocache", "0")):
+            walls = []
+            for _ in range(args.repeats):
+                r = subprocess.run([py, str(script), str(paths["task"]), str(paths["aligned"]), str(paths["vector"]), use],
+                                   capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise RuntimeError(r.stderr[-3000:])
+                walls.append(json.loads(r.stdout.strip().splitlines()[-1])["seconds"])
+            results[label] = {"seconds": min(walls), "seconds_all": walls, "seconds_median": statistics.median(walls),
+                              "peak_rss": 0, "compute_only": True}
     mk = Path(args.mergekit_bin)
     if "mergekit" in methods and mk.exists():
         # task arithmetic in mergekit: base = aligned; models: task (w=1) and aligned+vector is not a
@@ -253,11 +339,21 @@ def main() -> None:
         print(f"| {name} | {s:.2f} | {s / floor:.2f} |" if floor else f"| {name} | {s:.2f} | - |", end="")
         print(f" {s / mkt:.2f} |" if mkt else " - |", end="")
         print(f" {s / ta:.2f} |" if ta else " - |", end="")
-        print(f" {r['peak_rss'] / 2**20:.0f} | {(r['peak_rss'] - baseline) / largest_shard:.2f} |")
+        if r.get("compute_only"):
+            print(" - | - |")
+        else:
+            print(f" {r['peak_rss'] / 2**20:.0f} | {(r['peak_rss'] - baseline) / largest_shard:.2f} |")
+    for name, r in results.items():
+        for stage, t in (r.get("timing") or {}).items():
+            print(f"{name} {stage}: wall {t['wall_s']:.2f} s; busy read {t['read_s']:.2f}, decompositions {t['prepare_s']:.2f}, "
+                  f"merge {t['compute_s']:.2f}, write {t['write_s']:.2f} s; overlap {t['overlap']:.2f}")
+    if cache_build is not None:
+        print(f"subspace cache written once for this vector in {cache_build:.1f} s (at `vector compute` time; not in any merge)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"model": args.model, "device": args.device, "task_bytes": in_bytes, "shards": len(shard_files), "largest_shard": largest_shard,
                "cpu_count": os.cpu_count(), "baseline_rss": baseline, "results": results,
+               "subspace_cache_build_seconds": cache_build, "load_average_at_end": os.getloadavg(),
                "command": " ".join(sys.argv)}
     (out / f"bench_merge_{args.model}.json").write_text(json.dumps(payload, indent=2) + "\n")
     print(f"\nwrote {out / f'bench_merge_{args.model}.json'}")

@@ -328,3 +328,62 @@ class StreamingShardWriter:
 def iter_names_in_file_order(infos: Iterable[TensorInfo]) -> list[TensorInfo]:
     """Order tensors by (file, offset): sequential reads."""
     return sorted(infos, key=lambda i: (str(i.file), i.start))
+
+
+class BackgroundShardWriter:
+    """A `StreamingShardWriter` whose writes run on a background thread, so that writing
+    tensor i overlaps computing tensor i+1 (at most `depth` tensors queued). Same interface and
+    the same files; an error on the writer thread is raised by the next `write` or by `close`."""
+
+    def __init__(self, writer: StreamingShardWriter, depth: int = 2, on_write: Any = None) -> None:
+        import queue
+        import threading
+
+        self.writer = writer
+        self.files = writer.files
+        self._q: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
+        self._error: BaseException | None = None
+        self._on_write = on_write
+        self._thread = threading.Thread(target=self._run, name="hf-safety-merge-write", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import time
+
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # drain after a failure
+            t = time.perf_counter()
+            try:
+                self.writer.write(*item)
+            except BaseException as e:  # re-raised on the caller's thread
+                self._error = e
+            if self._on_write is not None:
+                self._on_write(time.perf_counter() - t)
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._raise()
+        self._q.put((name, tensor))
+
+    def _join(self) -> None:
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+
+    def close(self) -> list[str]:
+        self._join()
+        self._raise()
+        return self.writer.close()
+
+    def abort(self) -> None:
+        self._error = self._error or RuntimeError("aborted")
+        self._join()
+        self.writer.abort()

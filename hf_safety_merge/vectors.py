@@ -112,6 +112,16 @@ class SafetyVector:
     def __init__(self, source: TensorSource, config: SafetyVectorConfig) -> None:
         self.source = source
         self.config = config
+        self._subspaces: SubspaceCache | None = None
+
+    def subspace_cache(self) -> SubspaceCache | None:
+        """The cached top singular subspaces stored beside the vector (EnchTable), or None for
+        a vector without them (older vectors, in-memory vectors, Hub repos not downloaded with it)."""
+        if self._subspaces is None:
+            folder = self.source.path
+            if folder is not None and (folder / SUBSPACE_CACHE).is_file():
+                self._subspaces = SubspaceCache(folder / SUBSPACE_CACHE)
+        return self._subspaces
 
     # ---------------------------------------------------------------- access
     def keys(self) -> list[str]:
@@ -137,6 +147,9 @@ class SafetyVector:
         return self.config.norm
 
     def close(self) -> None:
+        if self._subspaces is not None:
+            self._subspaces.close()
+            self._subspaces = None
         self.source.close()
 
     def __repr__(self) -> str:
@@ -206,12 +219,15 @@ class SafetyVector:
         progress: bool = True,
         method: str = "difference",
         extra: dict[str, Any] | None = None,
+        subspaces: bool = True,
     ) -> SafetyVector:
         """Stream `aligned - reference` over the tensors `tensor_filter` selects.
 
         Both checkpoints are validated from headers before any weight is read (same names and
         shapes). With `output_dir`, the vector is written there (atomically) and returned as a
-        lazily loaded vector; without, it is kept in memory.
+        lazily loaded vector; without, it is kept in memory. With `subspaces` (and
+        `output_dir`), the top singular subspaces EnchTable needs are stored beside it
+        (`write_subspace_cache`).
         """
         if dtype not in _STORE_DTYPES:
             raise ConfigError(f"dtype {dtype!r} is not one of {sorted(_STORE_DTYPES)}")
@@ -281,6 +297,8 @@ class SafetyVector:
                     writer.close()
                     writer = None
                     cls(InMemorySource({}), cfg)._write_meta(atomic.path)
+                    if subspaces:
+                        write_subspace_cache(atomic.path, progress=progress)
                     atomic.commit()
                 finally:
                     if writer is not None:
@@ -307,8 +325,10 @@ class SafetyVector:
         dtype: str | None = None,
         max_shard_size: int | str = "5GB",
         overwrite: bool = False,
+        subspaces: bool = True,
     ) -> Path:
-        """Write the vector (safetensors + config + card) to a folder, streaming tensor by tensor."""
+        """Write the vector (safetensors + config + card) to a folder, streaming tensor by tensor;
+        with `subspaces`, also the top singular subspaces EnchTable reads (`write_subspace_cache`)."""
         out = check_output_dir(save_directory, overwrite, hint="pass overwrite=True to replace it")
         store = _STORE_DTYPES[dtype] if dtype else None
         names = self.keys()
@@ -328,6 +348,8 @@ class SafetyVector:
             if dtype:
                 self.config.dtype = dtype
             self._write_meta(atomic.path)
+            if subspaces:
+                write_subspace_cache(atomic.path)
             atomic.commit()
         return out
 
@@ -349,3 +371,111 @@ class SafetyVector:
             self.save_pretrained(folder, dtype=dtype)
             return push_folder(folder, repo_id, private=private, create_pr=create_pr, token=token,
                                commit_message=commit_message or "Upload safety vector with hf-safety-merge")
+
+
+# ------------------------------------------------------------------ subspace cache (EnchTable)
+SUBSPACE_CACHE = "subspace_cache.safetensors"
+_CACHE_FORMAT = "hf-safety-merge-subspaces/1"
+#: fraction of singular triplets stored per matrix; EnchTable's gamma <= this uses the cache
+CACHE_GAMMA = 0.5
+
+
+def _hash_algorithm() -> str:
+    """xxh3-128 when the optional `xxhash` package is installed (~10x faster), else sha256."""
+    import importlib.util
+
+    return "xxh3_128" if importlib.util.find_spec("xxhash") is not None else "sha256"
+
+
+def tensor_hash(t: torch.Tensor, algorithm: str = "sha256") -> str | None:
+    """Hash of a tensor's values as contiguous float32 (what the merge computes with); None
+    when `algorithm` is not available here."""
+    import hashlib
+
+    b = t.detach().to("cpu", torch.float32).contiguous().reshape(-1).view(torch.uint8).numpy().data
+    if algorithm == "sha256":
+        return hashlib.sha256(b).hexdigest()
+    if algorithm == "xxh3_128":
+        try:
+            import xxhash
+        except ImportError:
+            return None
+        return str(xxhash.xxh3_128_hexdigest(b))
+    return None
+
+
+def _cache_rank(shape: tuple[int, ...] | torch.Size, gamma: float = CACHE_GAMMA) -> int:
+    return math.floor(gamma * min(shape))
+
+
+def write_subspace_cache(folder: str | os.PathLike[str], source: TensorSource | None = None, *, progress: bool = False,
+                         gamma: float = CACHE_GAMMA) -> Path:
+    """Compute and store Delta_s's top right singular subspaces (`eigh` of the Gram matrix, in
+    float32 where that resolves them, see `fine_terms`, else float64; `floor(gamma * min(m, n))` triplets of every 2-D tensor) beside the vector in
+    `folder`, with the sha256 of each tensor they belong to. EnchTable merges read them instead
+    of decomposing Delta_s (half of the fine stage's work). Returns the cache file."""
+    from safetensors.torch import save_file
+
+    from .merge.methods import gram_subspace
+
+    folder = Path(folder)
+    src = source if source is not None else SafetensorsCheckpoint.open(folder, prefix=VECTOR_PREFIX)
+    tensors: dict[str, torch.Tensor] = {}
+    hashes: dict[str, str | None] = {}
+    algorithm = _hash_algorithm()
+    try:
+        names = [n for n in src if len(src.meta(n).shape) == 2 and _cache_rank(src.meta(n).shape, gamma) > 0]
+        for n in tqdm(names, desc="safety vector subspaces", unit="tensor", disable=not progress):
+            d = src.get(n).to(torch.float32)
+            sub = gram_subspace(d, _cache_rank(d.shape, gamma), "auto")
+            tensors[n + "::s"] = sub.s.contiguous()
+            tensors[n + "::v"] = sub.v.to(torch.float32).contiguous()
+            hashes[n] = tensor_hash(d, algorithm)
+    finally:
+        if source is None:
+            src.close()
+    out = folder / SUBSPACE_CACHE
+    tmp = folder / (SUBSPACE_CACHE + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": _CACHE_FORMAT, "gamma": repr(gamma), "hash": algorithm,
+                                          "hashes": json.dumps(hashes)})
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, out)
+    return out
+
+
+class SubspaceCache:
+    """Delta_s's cached top singular subspaces (`subspace_cache.safetensors`), read lazily.
+
+    `get(name, delta)` returns the cached `Subspace` of tensor `name` only if `delta` hashes to
+    the value stored with it (xxh3-128 or sha256 of its float32 values, as written) (a vector edited or recomputed after the cache was written is
+    decomposed afresh), else None."""
+
+    def __init__(self, path: Path) -> None:
+        from .safetensors_stream import TensorReader, read_safetensors_header
+
+        self.path = path
+        self._infos, meta = read_safetensors_header(path)
+        if meta.get("format") != _CACHE_FORMAT:
+            raise CheckpointError(f"{path}: not a subspace cache of this library version ({meta.get('format')!r})")
+        self.gamma = float(meta.get("gamma", "0"))
+        self.hashes: dict[str, str] = json.loads(meta.get("hashes", "{}"))
+        self.algorithm = meta.get("hash", "sha256")
+        self._reader = TensorReader()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, name: str, delta: torch.Tensor) -> Any:
+        from .merge.methods import Subspace
+
+        if name not in self.hashes or name + "::v" not in self._infos:
+            self.misses += 1
+            return None
+        digest = tensor_hash(delta, self.algorithm)
+        if digest is None or digest != self.hashes[name]:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return Subspace(self._reader.read(self._infos[name + "::s"]), self._reader.read(self._infos[name + "::v"]))
+
+    def close(self) -> None:
+        self._reader.close()

@@ -8,12 +8,15 @@ the end so that a failed merge leaves nothing behind.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
 import shutil
+import threading
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,9 +31,15 @@ from ..config import SafetyMergeConfig
 from ..errors import ConfigError, NonFiniteError, PlanError
 from ..hub import AUX_PATTERNS, check_push_target, resolve_checkpoint
 from ..output import AtomicDir, check_output_dir, terminate_as_interrupt
-from ..safetensors_stream import TORCH_TO_TAG, OutputTensor, StreamingShardWriter
+from ..safetensors_stream import (
+    TORCH_TO_TAG,
+    BackgroundShardWriter,
+    OutputTensor,
+    StreamingShardWriter,
+)
 from ..vectors import SafetyVector
 from .base import MergeMethod, build_method
+from .methods import _intra_op_threads
 
 _OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _FLOAT_TAGS = {"F64", "F32", "F16", "BF16"}
@@ -52,6 +61,9 @@ class MergeResult:
     files: list[str] = field(default_factory=list)
     commit_url: str | None = None
     pr_url: str | None = None
+    #: busy seconds of each stage of the merge pass (read, prepare, compute, write), its wall
+    #: time and the achieved overlap (1: stages fully concurrent, 0: one after another)
+    timing: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [
@@ -200,18 +212,88 @@ class _TauSource:
         return self.tau_from(theta_task, self.fetch(name), name)
 
 
-def _prefetch(names: list[str], load: Any) -> Iterator[tuple[str, Any]]:
-    """Yield (name, load(name)) in order, reading the next tensor(s) on a background thread while
-    the caller computes on the current ones (positional reads release the GIL)."""
+class StageTimes:
+    """Busy seconds of each pipeline stage of a merge pass, to report the achieved overlap."""
+
+    def __init__(self) -> None:
+        self.read = 0.0
+        self.prepare = 0.0
+        self.compute = 0.0
+        self.write = 0.0
+        self.wall = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        busy = self.read + self.prepare + self.compute + self.write
+        longest = max(self.read, self.prepare, self.compute, self.write)
+        # 1.0: the stages ran fully concurrently (wall = the longest stage); 0.0: one after another.
+        hidden = (busy - self.wall) / (busy - longest) if busy - longest > 1e-9 else 1.0
+        return {"read_s": self.read, "prepare_s": self.prepare, "compute_s": self.compute, "write_s": self.write,
+                "wall_s": self.wall, "overlap": max(0.0, min(1.0, hidden))}
+
+
+def _timed(fn: Any, times: StageTimes | None, stage: str) -> Any:
+    if times is None:
+        return fn
+
+    def run(*args: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            setattr(times, stage, getattr(times, stage) + time.perf_counter() - t)
+
+    return run
+
+
+def _prefetch(names: list[str], load: Any, prepare: Any = None, workers: int = 1,
+              nbytes: Any = None, budget: int = 0, times: StageTimes | None = None,
+              worker_threads: int | None = None) -> Iterator[tuple[str, Any]]:
+    """Yield (name, load(name)) in order, reading ahead on a background thread while the caller
+    computes on the current ones (positional reads release the GIL).
+
+    With `prepare`, each loaded item is then passed through `prepare(name, item)` on a pool of
+    `workers` threads (EnchTable's decompositions of the next matrices run while the current
+    one is merged and written). Reads stay on one thread, in order, and results are consumed in
+    order, so errors surface at the same tensor as without look-ahead. Items are submitted ahead
+    while the bytes in flight (`nbytes(name)`) stay within `budget` (at least one item ahead)."""
     if not names:
         return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-safety-merge-read") as ex:
-        fut = ex.submit(load, names[0])
-        for i, n in enumerate(names):
-            cur = fut.result()
-            if i + 1 < len(names):
-                fut = ex.submit(load, names[i + 1])
-            yield n, cur
+    load = _timed(load, times, "read")
+    ahead = max(1, workers) + (1 if prepare is not None else 0)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-safety-merge-read") as ex, \
+            ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="hf-safety-merge-prepare",
+                               # OpenMP/MKL thread counts are per thread: set them in each worker
+                               initializer=(lambda: torch.set_num_threads(worker_threads)) if worker_threads else None) as pool:
+        prep = _timed(prepare, times, "prepare") if prepare is not None else None
+        pending: deque[tuple[str, Any, int]] = deque()
+        in_flight = 0
+        nxt = 0
+
+        def submit(n: str) -> Any:
+            fut = ex.submit(load, n)
+            if prep is None:
+                return fut
+            def chained(f: Any = fut, n: str = n) -> Any:
+                return prep(n, f.result())
+
+            return pool.submit(chained)
+
+        while nxt < len(names) or pending:
+            while nxt < len(names) and (not pending or (len(pending) < ahead and (
+                    nbytes is None or in_flight + nbytes(names[nxt]) <= budget))):
+                size = nbytes(names[nxt]) if nbytes is not None else 0
+                pending.append((names[nxt], submit(names[nxt]), size))
+                in_flight += size
+                nxt += 1
+            n, fut, size = pending.popleft()
+            try:
+                cur = fut.result()
+                in_flight -= size
+                yield n, cur
+            except BaseException:  # an error here or in the consumer (GeneratorExit): stop reading ahead
+                for _, f, _ in pending:
+                    f.cancel()
+                raise
 
 
 def _same_source(a: TensorSource, b: TensorSource) -> bool:
@@ -289,7 +371,7 @@ def _delta_getter(vector: SafetyVector, device: torch.device, guard: _FiniteGuar
 
 
 def _global_pass(method: MergeMethod, plan: _Plan, taus: _TauSource, get_delta: Any, progress: bool,
-                 guard: _FiniteGuard) -> None:
+                 guard: _FiniteGuard, times: StageTimes | None = None) -> None:
     """Pass 1: global statistics (norms for EnchTable's alpha, cosines for Safe LoRA). A
     non-finite tau is refused here, before anything is written (with `allow_non_finite`, it is
     left out of the statistics)."""
@@ -301,19 +383,49 @@ def _global_pass(method: MergeMethod, plan: _Plan, taus: _TauSource, get_delta: 
         theta = None if taus.lora_direct or taus.ref is None else taus.task.get(n)
         return theta, taus.fetch(n), (get_delta(n) if n in plan.merged else None)
 
-    for n, (theta, fetched, delta) in tqdm(_prefetch(names, load), total=len(names), desc=f"{method.name}: global pass",
-                                            unit="tensor", disable=not progress):
+    def stage(n: str, item: tuple[Any, Any, Any]) -> tuple[Any, ...]:
+        theta, fetched, delta = item
         theta32 = theta.to(taus.device, torch.float32) if theta is not None else None
         tau = taus.tau_from(theta32, fetched, n) if taus.ref is not None else None
-        if tau is not None and not _is_finite(tau):
-            guard.fail(guard.culprit(n, [(theta, f"task model tensor {n!r} ({taus.task.where(n)})"),
-                                         (fetched, _fetched_where(taus, n))])
-                       or f"tau = task - reference of {n!r} overflows ({taus.task.where(n)})")
-            tau = None
-        if delta is not None and not _is_finite(delta):
-            delta = None  # reported by get_delta; only reached with allow_non_finite
-        method.observe(n, tau, delta)
+        return theta, fetched, delta, tau
+
+    # A method with a `prepare` hook (EnchTable: the alpha-independent decompositions) gets it
+    # run here, on worker threads, for every finite (tau, delta) pair: the global pass reads
+    # every input anyway, and the merge pass then needs no reference tensor for them.
+    method_prepare = getattr(method, "prepare", None)
+    workers, threads = 1, torch.get_num_threads()
+
+    def prepare(n: str, item: tuple[Any, Any, Any]) -> tuple[Any, ...]:
+        staged = stage(n, item)
+        delta, tau = staged[2], staged[3]
+        if (method_prepare is not None and tau is not None and delta is not None and _is_finite(tau)
+                and _is_finite(delta)):
+            method_prepare(n, tau, delta)
+        return staged
+
+    if method_prepare is not None:
+        workers = max(1, min(4, threads)) if taus.device.type == "cpu" else 2
+    sizes = {o.name: math.prod(o.shape) * 4 for o in plan.outputs}
+    t_wall = time.perf_counter()
+    with _intra_op_threads(max(1, threads // workers) if taus.device.type == "cpu" else threads):
+        for n, (theta, fetched, delta, tau) in tqdm(
+                _prefetch(names, load, prepare, workers, sizes.get, 2 * max(sizes.values(), default=0), times,
+                          max(1, threads // workers) if taus.device.type == "cpu" else None),
+                total=len(names), desc=f"{method.name}: global pass", unit="tensor", disable=not progress):
+            t0 = time.perf_counter()
+            if tau is not None and not _is_finite(tau):
+                guard.fail(guard.culprit(n, [(theta, f"task model tensor {n!r} ({taus.task.where(n)})"),
+                                             (fetched, _fetched_where(taus, n))])
+                           or f"tau = task - reference of {n!r} overflows ({taus.task.where(n)})")
+                tau = None
+            if delta is not None and not _is_finite(delta):
+                delta = None  # reported by get_delta; only reached with allow_non_finite
+            method.observe(n, tau, delta)
+            if times is not None:
+                times.compute += time.perf_counter() - t0
     method.finish_global()
+    if times is not None:
+        times.wall += time.perf_counter() - t_wall
 
 
 def _fetched_where(taus: _TauSource, name: str) -> str:
@@ -325,7 +437,7 @@ def _fetched_where(taus: _TauSource, name: str) -> str:
 
 def _merged_tensors(
     method: MergeMethod, plan: _Plan, task: TensorSource, taus: _TauSource, get_delta: Any, device: torch.device, progress: bool,
-    guard: _FiniteGuard,
+    guard: _FiniteGuard, times: StageTimes | None = None,
 ) -> Iterator[tuple[str, OutputTensor, torch.Tensor]]:
     """Pass 2: yield (name, output spec, merged tensor in the output dtype), one at a time.
     Every output tensor is checked finite before it is yielded (so before it is written)."""
@@ -336,26 +448,65 @@ def _merged_tensors(
         theta = task.get(n)
         if n not in plan.merged:
             return theta, None, None
-        fetched = taus.fetch(n) if method.needs_reference else None
+        fetched = taus.fetch(n) if method.needs_reference and not is_prepared(n) else None
         return theta, fetched, get_delta(n)
 
+    # Tensors whose method-specific work was done in the global pass need no reference here.
+    is_prepared = getattr(method, "is_prepared", lambda n: False)
     from ..hub import HubCheckpoint
 
     # Tensors read from files are fresh buffers that the method may overwrite in place.
     fresh = isinstance(task, SafetensorsCheckpoint | HubCheckpoint | LoraCheckpoint)
-    with tqdm(total=total, desc=f"{method.name}: merge", unit="B", unit_scale=True, disable=not progress) as bar:
-        for n, (theta, fetched, delta) in _prefetch(plan.names, load):
+
+    def stage(n: str, theta: Any, fetched: Any) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
+        theta32 = theta.to(device, torch.float32)
+        owned = fresh or theta32.data_ptr() != theta.data_ptr()
+        tau = taus.tau_from(theta32, fetched, n) if method.needs_reference else None
+        return theta32, owned, tau
+
+    # A method with a `prepare` hook (EnchTable's decompositions) gets it run on worker threads
+    # ahead of the merge; `merge_tensor` then finds its result.
+    method_prepare = getattr(method, "prepare", None)
+    prepare = None
+    workers, threads = 1, torch.get_num_threads()
+    if method_prepare is not None:
+        def prepare(n: str, item: tuple[Any, Any, Any]) -> tuple[Any, ...]:
+            theta, fetched, delta = item
+            if n not in plan.merged:
+                return item
+            staged = stage(n, theta, fetched)
+            if not is_prepared(n):
+                method_prepare(n, staged[2], delta)
+            return (theta, fetched, delta, staged)
+
+        if device.type == "cpu":
+            workers = max(1, min(4, threads))
+        else:
+            workers = 2
+    sizes = {o.name: math.prod(o.shape) * 4 for o in plan.outputs}
+    budget = 2 * max(sizes.values(), default=0)
+    with tqdm(total=total, desc=f"{method.name}: merge", unit="B", unit_scale=True, disable=not progress) as bar, \
+            _intra_op_threads(max(1, threads // workers) if device.type == "cpu" else threads):
+        t_wall = time.perf_counter()
+        for n, item in _prefetch(plan.names, load, prepare, workers, sizes.get, budget, times,
+                                 max(1, threads // workers) if device.type == "cpu" else None):
+            t0 = time.perf_counter()
+            theta, fetched, delta = item[:3]
             spec = specs[n]
             if n in plan.merged:
-                theta32 = theta.to(device, torch.float32)
-                method.theta_owned = fresh or theta32.data_ptr() != theta.data_ptr()
-                tau = taus.tau_from(theta32, fetched, n) if method.needs_reference else None
+                theta32, owned, tau = item[3] if len(item) > 3 else stage(n, theta, fetched)
+                method.theta_owned = owned
                 theta = method.merge_tensor(n, theta32, tau, delta)
+                del theta32, tau
             out = theta.to("cpu").to(_tag_dtype(spec.dtype))
             if not _is_finite(out):
                 guard.fail(_explain_non_finite(n, spec, task, taus, fetched, delta))
+            if times is not None:
+                times.compute += time.perf_counter() - t0
             yield n, spec, out
             bar.update(spec.nbytes)
+        if times is not None:
+            times.wall += time.perf_counter() - t_wall
 
 
 def _explain_non_finite(name: str, spec: OutputTensor, task: TensorSource, taus: _TauSource,
@@ -411,6 +562,10 @@ def merge(
     or shard size. With `config.push_to_hub`, the folder is then pushed as one commit (or PR).
     """
     t0 = time.perf_counter()
+    # The model card needs huggingface_hub (~0.3-0.8 s of imports): load it on a thread while
+    # the merge streams, instead of after it.
+    threading.Thread(target=importlib.import_module, args=("hf_safety_merge.cards",), daemon=True,
+                     name="hf-safety-merge-import").start()
     config.validate()
     out_str = output_dir if output_dir is not None else config.output_dir
     if out_str is None:
@@ -429,20 +584,34 @@ def merge(
         task = _open_task(config)
         ref: TensorSource | None = None
         vector: SafetyVector | None = None
-        writer: StreamingShardWriter | None = None
+        writer: BackgroundShardWriter | None = None
         try:
             ref = _open_reference(config, method, task)
             vector = SafetyVector.from_pretrained(config.safety_vector, revision=config.safety_vector_revision)
             plan = _validate_plan(config, method, task, ref, vector)
             taus = _TauSource(task, ref, device)
             get_delta = _delta_getter(vector, device, guard)
-            _global_pass(method, plan, taus, get_delta, progress, guard)
+            if hasattr(method, "use_vector"):
+                method.use_vector(vector)
+            global_times = StageTimes()
+            _global_pass(method, plan, taus, get_delta, progress, guard, global_times)
             with AtomicDir(out, config.overwrite) as atomic:
+                t_pass = time.perf_counter()
                 tmp = atomic.path
-                writer = StreamingShardWriter(tmp, plan.outputs, config.max_shard_size, prefix="model")
-                for n, _spec, theta in _merged_tensors(method, plan, task, taus, get_delta, device, progress, guard):
-                    writer.write(n, theta)
-                files = writer.close()
+                times = StageTimes()
+                writer = BackgroundShardWriter(StreamingShardWriter(tmp, plan.outputs, config.max_shard_size, prefix="model"),
+                                               on_write=lambda s: setattr(times, "write", times.write + s))
+                try:
+                    for n, _spec, theta in _merged_tensors(method, plan, task, taus, get_delta, device, progress, guard, times):
+                        writer.write(n, theta)
+                    files = writer.close()
+                except BaseException:
+                    # Stop the writer thread before the temporary folder is removed (it must not
+                    # write into, or recreate, a folder being cleaned up).
+                    writer.abort()
+                    writer = None
+                    raise
+                times.wall = time.perf_counter() - t_pass
                 writer = None
                 files += _copy_aux_files(task, config, tmp)
                 summary = _summary(method)
@@ -457,6 +626,8 @@ def merge(
                     num_merged=len(plan.merged),
                     seconds=time.perf_counter() - t0,
                     files=files,
+                    timing={"global_pass": global_times.as_dict(), "merge_pass": times.as_dict()}
+                    if method.wants_global_pass() else {"merge_pass": times.as_dict()},
                 )
                 report = {
                     "method": method.name,
@@ -468,6 +639,7 @@ def merge(
                     "task_reference": ref.display if ref is not None else None,
                     "safety_vector": vector.source.display,
                     "safety_vector_config": {k: v for k, v in vars(vector.config).items() if k != "tensor_norms"},
+                    "timing": result.timing,
                 }
                 (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
                 config.save_pretrained(tmp)
@@ -549,6 +721,8 @@ def apply_safety_vector(
         dev = torch.device(device)
         taus = _TauSource(task, ref, dev)
         get_delta = _delta_getter(vec, dev, guard)
+        if hasattr(m, "use_vector"):
+            m.use_vector(vec)
         _global_pass(m, plan, taus, get_delta, progress, guard)
         merged_names = [n for n in plan.names if n in plan.merged]
         sub_plan = _Plan(names=merged_names, merged=plan.merged,

@@ -190,6 +190,130 @@ def interference_terms(
     return InterferenceTerms(a=float(block1.abs().sum()), b=float(block2.abs().sum()), rank=r)
 
 
+# ------------------------------------------------------------------ fast exact fine stage (gram)
+#: A float32 Gram decomposition is used only when every kept eigenvalue is at least this fraction
+#: of the largest (singular values >= ~3% of the largest, far above float32's resolution of a
+#: Gram matrix, ~sqrt(eps32)) ...
+FP32_MIN_EIG_RATIO = 1e-3
+#: ... and every gap between consecutive eigenvalues among the top r + 1 is at least this
+#: fraction of the largest (eigenvectors of float32 eigh are accurate to ~eps32 / gap).
+FP32_MIN_GAP_RATIO = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class Subspace:
+    """Top right singular subspace of a matrix `A` oriented tall (`m >= n`; else of `A^T`):
+    rows of `v` (k x n) are right singular vectors, `s` (k) the singular values, descending."""
+
+    s: torch.Tensor
+    v: torch.Tensor
+
+    def top(self, r: int) -> Subspace:
+        return Subspace(self.s[:r], self.v[:r])
+
+
+def _tall(a: torch.Tensor) -> torch.Tensor:
+    return a if a.shape[0] >= a.shape[1] else a.T
+
+
+def _eigh_top(g: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-r eigenpairs of a batch of symmetric PSD matrices `g` (..., n, n), descending:
+    (eigenvalues (..., r), eigenvectors as rows (..., r, n), all eigenvalues descending)."""
+    evals, evecs = torch.linalg.eigh(g)  # ascending
+    evals = evals.flip(-1)
+    return evals[..., :r], evecs.flip(-1)[..., :r].transpose(-1, -2), evals
+
+
+def _fp32_resolves(evals_desc: torch.Tensor, r: int) -> bool:
+    """Whether a float32 eigh of a Gram matrix pins down its top-r subspace well enough that w
+    matches the float64 one to 1e-4 (tested on real and ill-conditioned matrices)."""
+    top = evals_desc[..., : r + 1].double()
+    emax = top[..., :1].clamp_min(1e-300)
+    if bool((top[..., r - 1 : r] < FP32_MIN_EIG_RATIO * emax).any()):
+        return False
+    gaps = top[..., :-1] - top[..., 1:]
+    return not bool((gaps < FP32_MIN_GAP_RATIO * emax).any())
+
+
+def gram_subspace(a: torch.Tensor, r: int, dtype: torch.dtype | str = torch.float64) -> Subspace:
+    """Top-r right singular subspace of `a` (oriented tall) from `eigh(a^T a)` in `dtype`
+    ("auto": float32 where `_fp32_resolves`, else float64)."""
+    for dt in ([torch.float32, torch.float64] if dtype == "auto" else [dtype]):
+        assert isinstance(dt, torch.dtype)
+        t = _tall(a).to(dt)
+        e, v, evals = _eigh_top(t.T @ t, r)
+        if dtype == "auto" and dt == torch.float32 and not _fp32_resolves(evals, r):
+            continue
+        return Subspace(e.double().clamp_min(0).sqrt(), v)
+    raise AssertionError("unreachable")
+
+
+def fine_terms(
+    tau: torch.Tensor,
+    delta: torch.Tensor,
+    gamma: float = 0.5,
+    *,
+    delta_subspace: Subspace | None = None,
+    precision: str = "auto",
+    mask_null_triplets: bool = True,
+) -> tuple[InterferenceTerms, str]:
+    """`interference_terms(tau, delta, gamma, backend="gram")`, faster and as exact:
+
+    - the Gram matrix `A1^T A1` and the cross term `A1^T A2` are the only m-sized work;
+    - `delta_subspace` (Delta_s's top singular subspace, cached with the vector) replaces the
+      decomposition of delta (half the work);
+    - without a cache, tau's and delta's Gram matrices go through one batched `eigh`;
+    - `precision="auto"` runs in float32 when the spectrum allows it (`_fp32_resolves`) and
+      falls back to float64 otherwise; "float64" always uses float64.
+
+    `delta` is the unscaled safety matrix: the terms are linear in its scale (`InterferenceTerms`).
+    Returns (terms, the dtype that was used).
+    """
+    m, n = tau.shape
+    r = math.floor(gamma * min(m, n))
+    if r <= 0:
+        return InterferenceTerms(0.0, 0.0, 0), "none"
+    a1_in, a2_in = _tall(tau), _tall(delta)
+    m, n = a1_in.shape
+    if delta_subspace is not None and delta_subspace.s.numel() < r:
+        delta_subspace = None
+    dtypes = [torch.float32, torch.float64] if precision == "auto" else [torch.float64]
+    for dt in dtypes:
+        a1, a2 = a1_in.to(dt), a2_in.to(dt)
+        g1 = a1.T @ a1
+        cross = a1.T @ a2
+        if delta_subspace is None:
+            g2 = a2.T @ a2
+            e, v, evals = _eigh_top(torch.stack([g1, g2]), r)  # one batched decomposition
+            e1, v1, e2, v2 = e[0], v[0], e[1], v[1]
+            if dt == torch.float32 and not (_fp32_resolves(evals[0], r) and _fp32_resolves(evals[1], r)):
+                continue
+            s2 = e2.clamp_min(0).sqrt()
+        else:
+            e1, v1, evals = _eigh_top(g1, r)
+            if dt == torch.float32 and not _fp32_resolves(evals, r):
+                continue
+            sub = delta_subspace.top(r)
+            s2, v2 = sub.s.to(dt), sub.v.to(dt)
+        s1 = e1.clamp_min(0).sqrt()
+        k1 = _null_mask(s1, m, n) if mask_null_triplets else torch.ones_like(s1, dtype=torch.bool)
+        k2 = _null_mask(s2, m, n) if mask_null_triplets else torch.ones_like(s2, dtype=torch.bool)
+        inv1 = torch.where(k1, 1.0 / s1.clamp_min(1e-30 if dt == torch.float32 else 1e-300), torch.zeros_like(s1))
+        inv2 = torch.where(k2, 1.0 / s2.clamp_min(1e-30 if dt == torch.float32 else 1e-300), torch.zeros_like(s2))
+        p = (inv1[:, None] * (v1 @ cross @ v2.T)) * inv2[None, :]  # U1r^T U2r (masked)
+        q = (v1 * k1.to(dt)[:, None]) @ (v2 * k2.to(dt)[:, None]).T  # V1r V2r^T (masked)
+        block1 = (p * s2) @ q.T  # P S2 Q^T
+        block2 = (p.T * s1) @ q  # P^T S1 Q
+        return InterferenceTerms(a=float(block1.abs().sum()), b=float(block2.abs().sum()), rank=r), str(dt).removeprefix("torch.")
+    raise AssertionError("unreachable")
+
+
+def _sq_sum(t: torch.Tensor) -> float:
+    """`float(t.double().pow(2).sum())`, bit for bit, with one float64 buffer instead of two."""
+    d = t.to(torch.float64, copy=True)
+    return float(d.mul_(d).sum())
+
+
 @dataclasses.dataclass
 class EnchTableParams(MethodParams):
     """EnchTable's interference-aware merge (defaults from the paper and reference code).
@@ -210,9 +334,17 @@ class EnchTableParams(MethodParams):
             see `interference_score`; 2.5-8x faster than "svd" on CPU and GPU and at least as
             accurate, `benchmarks/bench_enchtable_fine.py`) or "svd" (the reference's two
             `torch.linalg.svd` calls per matrix, with `svd_dtype`).
-        parallel: decompose tau and Delta_s of a matrix concurrently on two threads; "auto" does
-            so on the CPU for matrices up to 4M entries (bigger ones are GEMM-bound and use all
-            intra-op threads better).
+        parallel: ("svd" backend) decompose tau and Delta_s of a matrix concurrently on two
+            threads; "auto" does so on the CPU for matrices up to 4M entries. (The "gram" backend
+            overlaps decompositions of consecutive matrices in the merge pipeline instead.)
+        precision: ("gram" backend) "auto": float32 Gram matrices and `eigh` when the spectrum
+            lets float32 pin the kept subspace down (every kept eigenvalue >= 1e-3 of the
+            largest, no near-degenerate pair), so that w matches float64 to 1e-4, else float64
+            (see `fine_terms`); "float64": always float64.
+        subspace_cache: ("gram" backend) use Delta_s's top singular subspaces stored with the
+            vector (`subspace_cache.safetensors`, validated by the hash of each tensor) instead of
+            decomposing Delta_s at merge time; a vector without the cache, or a tensor whose hash
+            does not match, is decomposed as before.
     """
 
     beta: Annotated[float, Field(gt=0, le=100)] = 0.1
@@ -224,6 +356,8 @@ class EnchTableParams(MethodParams):
     mask_null_triplets: bool = True
     backend: Literal["svd", "gram"] = "gram"
     parallel: bool | Literal["auto"] = "auto"
+    precision: Literal["auto", "float64"] = "auto"
+    subspace_cache: bool = True
 
 
 @register
@@ -242,12 +376,43 @@ class EnchTable(MergeMethod):
         self._tau_sq = 0.0
         self._delta_sq = 0.0
         self.alpha: float | None = None
+        self._cache: Any = None  # SubspaceCache of the safety vector, if it has one
+        self._terms: dict[str, tuple[InterferenceTerms, dict[str, Any]]] = {}
+
+    def use_vector(self, vector: Any) -> None:
+        """Called by the engine with the safety vector before the merge (for its subspace cache)."""
+        if self.params.subspace_cache and self.params.backend == "gram" and self.params.fine:
+            self._cache = vector.subspace_cache()
+
+    def is_prepared(self, name: str) -> bool:
+        """Whether `prepare` already ran for `name` (merge_tensor then needs no tau)."""
+        return name in self._terms
+
+    def _fine_ready(self, delta: torch.Tensor) -> bool:
+        return delta.ndim == 2 and self.params.fine and self.params.backend == "gram"
+
+    def prepare(self, name: str, tau: torch.Tensor | None, delta: torch.Tensor) -> None:
+        """The alpha-independent part of the fine stage (the decompositions), for one matrix.
+
+        The engine runs this on worker threads ahead of `merge_tensor` (decompositions of
+        matrices i+1, i+2 overlap the merge and write of matrix i and the read of the next);
+        `merge_tensor` then only evaluates w(alpha). Exactly the computation `merge_tensor`
+        would do itself (it calls this when the engine did not)."""
+        if tau is None or not self._fine_ready(delta):
+            return
+        if not bool(delta.any()):
+            self._terms[name] = (InterferenceTerms(0.0, 0.0, 0), {"skipped": "zero safety matrix"})
+            return
+        sub = self._cache.get(name, delta) if self._cache is not None else None
+        terms, used = fine_terms(tau, delta, self.params.gamma, delta_subspace=sub, precision=self.params.precision,
+                                 mask_null_triplets=self.params.mask_null_triplets)
+        self._terms[name] = (terms, {"rank": terms.rank, "precision": used, "cached_subspace": sub is not None})
 
     def observe(self, name: str, tau: torch.Tensor | None, delta: torch.Tensor | None) -> None:
         if tau is not None and (delta is not None or self.params.norm_scope == "all"):
-            self._tau_sq += float(tau.double().pow(2).sum())
+            self._tau_sq += _sq_sum(tau)
         if delta is not None:
-            self._delta_sq += float(delta.double().pow(2).sum())
+            self._delta_sq += _sq_sum(delta)
 
     def finish_global(self) -> None:
         tau_norm, delta_norm = math.sqrt(self._tau_sq), math.sqrt(self._delta_sq)
@@ -261,14 +426,23 @@ class EnchTable(MergeMethod):
         return {"alpha": self.alpha, **getattr(self, "_norms", {})}
 
     def merge_tensor(self, name: str, theta_task: torch.Tensor, tau: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
-        assert self.alpha is not None and tau is not None
+        assert self.alpha is not None and (tau is not None or self.is_prepared(name))
         scaled = delta * self.alpha
         w = 1.0
         info: dict[str, Any] = {}
-        if delta.ndim == 2 and self.params.fine:
+        if self._fine_ready(delta):
+            if name not in self._terms:
+                self.prepare(name, tau, delta)
+            terms, info = self._terms.pop(name)
+            if terms.rank > 0:
+                score = terms.score(self.alpha, self.params.lam)
+                w = math.exp(-score)
+                info = {"interference": score, **info}
+        elif delta.ndim == 2 and self.params.fine:
             if not bool(delta.any()):
                 info = {"skipped": "zero safety matrix"}
             else:
+                assert tau is not None
                 svd_dtype = torch.float64 if self.params.svd_dtype == "float64" else torch.float32
                 parallel = self.params.parallel
                 if parallel == "auto":
@@ -278,6 +452,8 @@ class EnchTable(MergeMethod):
                     backend=self.params.backend, parallel=bool(parallel),
                 )
         self.report[name] = {"w": w, **info}
+        if self.theta_owned:  # same operations as `theta_task + w * scaled`, without new buffers
+            return theta_task.add_(scaled.mul_(w))
         return theta_task + w * scaled
 
 
