@@ -57,6 +57,9 @@ class ScaledMerge:
         self._tau_sq = 0.0
         self._delta_sq = 0.0
         p: Any = method.params
+        self.term_info: dict[str, dict[str, Any]] = {}
+        if isinstance(method, EnchTable):
+            method.use_vector(self.vector)  # its subspace cache, as in the engine
         norm_all = self.enchtable and getattr(p, "norm_scope", "all") == "all"
         # EnchTable's ||tau|| runs over every tensor of the checkpoint (norm_scope "all")
         names = self.plan.names if norm_all else self.names
@@ -75,10 +78,14 @@ class ScaledMerge:
             self.theta[n], self.tau[n], self.delta[n] = theta, tau, d
             if self.enchtable:
                 self._delta_sq += float(d.double().pow(2).sum())
-                if d.ndim == 2 and p.fine and bool(d.any()):
-                    assert tau is not None
-                    svd_dtype = torch.float64 if p.svd_dtype == "float64" else torch.float32
-                    self.terms[n] = interference_terms(tau, d, p.gamma, svd_dtype, p.mask_null_triplets, p.backend)
+                if d.ndim == 2 and p.fine and tau is not None:
+                    assert isinstance(method, EnchTable)
+                    method.prepare(n, tau, d)  # the engine's own fine stage ("gram" backend)
+                    if n in method._terms:
+                        self.terms[n], self.term_info[n] = method._terms.pop(n)
+                    elif bool(d.any()):  # "svd" backend: the same (a, b) by the reference's SVDs
+                        svd_dtype = torch.float64 if p.svd_dtype == "float64" else torch.float32
+                        self.terms[n] = interference_terms(tau, d, p.gamma, svd_dtype, p.mask_null_triplets, p.backend)
 
     @property
     def norm_ratio(self) -> float:
@@ -95,8 +102,9 @@ class ScaledMerge:
             lam = method.params.lam
             ws = []
             for n in self.names:
-                w = self.terms[n].weight(alpha, lam) if n in self.terms else 1.0
-                if n in self.terms:
+                t = self.terms.get(n)
+                w = t.weight(alpha, lam) if t is not None and t.rank > 0 else 1.0
+                if t is not None and t.rank > 0:
                     ws.append(w)
                 out[n] = self._cast(n, self.theta[n] + w * (self.delta[n] * alpha))
             summary = {"alpha": alpha, "w_mean": sum(ws) / len(ws) if ws else 1.0, "w_min": min(ws, default=1.0)}
@@ -149,8 +157,8 @@ class ScaledMerge:
         """The method for the final streaming merge at `scale` (EnchTable reuses the terms)."""
         params = {**self.config.parameters, self.parameter: int(scale) if self.parameter == "num_proj_layers" else scale}
         method = build_method(self.config.method, params)
-        if isinstance(method, EnchTable) and self.terms:
-            return CalibratedEnchTable(method.params, self.terms)
+        if isinstance(method, EnchTable) and self.terms and method.params.backend == "gram":
+            return CalibratedEnchTable(method.params, self.terms, self.term_info)
         return method
 
     def close(self) -> None:
@@ -161,22 +169,19 @@ class ScaledMerge:
 
 
 class CalibratedEnchTable(EnchTable):
-    """EnchTable whose per-matrix weights come from calibration's `InterferenceTerms`, so the final
-    streaming merge does not decompose every matrix a second time (same w, same formula)."""
+    """EnchTable whose per-matrix fine-stage terms come from calibration (`ScaledMerge`), so the
+    final streaming merge does not decompose every matrix a second time: its `prepare` hands out
+    the stored terms, and the base class evaluates w(alpha) exactly as in any merge."""
 
-    def __init__(self, params: Any, terms: dict[str, InterferenceTerms]) -> None:
+    def __init__(self, params: Any, terms: dict[str, InterferenceTerms], info: dict[str, dict[str, Any]]) -> None:
         super().__init__(params)
-        self.terms = terms
+        self._stored = {n: (t, {**info.get(n, {"rank": t.rank}), "from": "calibration"}) for n, t in terms.items()}
 
-    def merge_tensor(self, name: str, theta_task: torch.Tensor, tau: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
-        t = self.terms.get(name)
-        if t is None or self.alpha is None:
-            return super().merge_tensor(name, theta_task, tau, delta)
-        scaled = delta * self.alpha
-        w = t.weight(self.alpha, self.params.lam)
-        self.report[name] = {"w": w, "interference": t.score(self.alpha, self.params.lam), "rank": t.rank,
-                             "from": "calibration"}
-        return theta_task + w * scaled
+    def prepare(self, name: str, tau: torch.Tensor | None, delta: torch.Tensor) -> None:
+        if name in self._stored:
+            self._terms[name] = self._stored[name]
+            return
+        super().prepare(name, tau, delta)
 
 
 def with_parameter(config: SafetyMergeConfig, parameter: str, value: float) -> SafetyMergeConfig:
