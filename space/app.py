@@ -300,6 +300,22 @@ def _summary_markdown(result: Any, params: dict[str, Any], task: str, vector: st
     return "\n".join(rows)
 
 
+def _merge_inputs(task: str, reference: str, vector: str, method: str, knobs: dict[str, Any],
+                  extra: str) -> tuple[str, str | None, str, dict[str, Any], bool]:
+    """(task, reference or None, vector, parameters, needs_reference), checked for a merge."""
+    task = _require(task, "fine-tuned model")
+    vector = _require(vector, "safety vector")
+    ref = (reference or "").strip() or None
+    if method not in available_methods():
+        raise gr.Error(f"Unknown method {method!r}; choose one of {available_methods()}.")
+    params = _parameters(method, knobs, extra)
+    needs_ref = get_method_class(method).needs_reference
+    if needs_ref and ref is None:
+        raise gr.Error(f"`{method}` needs the fine-tuned model's pre-fine-tuning weights (the task reference) "
+                       "to compute τ = θ_task − θ_ref. Fill it in, or use `task_arithmetic`.")
+    return task, ref, vector, params, needs_ref
+
+
 @friendly
 def run_merge(
     task: str,
@@ -320,18 +336,9 @@ def run_merge(
     progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008
 ) -> Iterator[tuple[str, dict[str, Any] | None]]:
     """Merge the safety vector into the fine-tuned model; stream the status, then the summary."""
-    task = _require(task, "fine-tuned model")
-    vector = _require(vector, "safety vector")
-    reference = (reference or "").strip() or None
-    if method not in available_methods():
-        raise gr.Error(f"Unknown method {method!r}; choose one of {available_methods()}.")
     knobs = dict(beta=beta, gamma=gamma, lam=lam, density=density, task_weight=task_weight,
                  safety_weight=safety_weight, select=select, threshold=threshold, num_proj_layers=num_proj_layers)
-    params = _parameters(method, knobs, extra)
-    needs_ref = get_method_class(method).needs_reference
-    if needs_ref and reference is None:
-        raise gr.Error(f"`{method}` needs the fine-tuned model's pre-fine-tuning weights (the task reference) "
-                       "to compute τ = θ_task − θ_ref. Fill it in, or use `task_arithmetic`.")
+    task, reference, vector, params, needs_ref = _merge_inputs(task, reference, vector, method, knobs, extra)
     yield f"Validating the inputs and merging with `{method}` …", state
     out_root = space_dir() / "patched"
     out_root.mkdir(parents=True, exist_ok=True)
@@ -389,18 +396,12 @@ def run_calibrate(
     stream the curve as it grows, then the summary with the chosen point."""
     from hf_safety_merge.calibrate import SCALES, merge_calibrated
 
-    task = _require(task, "fine-tuned model")
-    vector = _require(vector, "safety vector")
-    reference = (reference or "").strip() or None
     if method not in SCALES:
         raise gr.Error(f"Calibration searches the scale of {sorted(SCALES)}; {method!r} has none.")
     knobs = dict(beta=beta, gamma=gamma, lam=lam, density=density, task_weight=task_weight,
                  safety_weight=safety_weight, select=select, threshold=threshold, num_proj_layers=num_proj_layers)
-    params = _parameters(method, knobs, extra)
+    task, reference, vector, params, needs_ref = _merge_inputs(task, reference, vector, method, knobs, extra)
     params.pop(SCALES[method][0], None)  # the searched scale
-    needs_ref = get_method_class(method).needs_reference
-    if needs_ref and reference is None:
-        raise gr.Error(f"`{method}` needs the task reference (the fine-tuned model's weights before fine-tuning).")
     out_root = space_dir() / "patched"
     out_root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="calibrated-", dir=out_root))
