@@ -121,6 +121,13 @@ class SafetyVector:
             folder = self.source.path
             if folder is not None and (folder / SUBSPACE_CACHE).is_file():
                 self._subspaces = SubspaceCache(folder / SUBSPACE_CACHE)
+            else:
+                from .hub import HubCheckpoint
+
+                # A Hub vector: fetched on first use, after the plan was validated from headers
+                # (so a Hub vector merges exactly as its local copy does).
+                if isinstance(self.source, HubCheckpoint) and SUBSPACE_CACHE in self.source.remote_files:
+                    self._subspaces = SubspaceCache(Path(self.source._download(SUBSPACE_CACHE)))
         return self._subspaces
 
     # ---------------------------------------------------------------- access
@@ -173,7 +180,8 @@ class SafetyVector:
                 raise CheckpointError(f"{remote.display}: no {VECTOR_CONFIG} in the repo; is it a safety vector repo?")
             folder = source.path
         else:
-            local, display = resolve_checkpoint(str(path), revision=revision, prefix=VECTOR_PREFIX)
+            local, display = resolve_checkpoint(str(path), revision=revision, prefix=VECTOR_PREFIX,
+                                                extra_patterns=[SUBSPACE_CACHE])
             folder = local if local.is_dir() else local.parent
         cfg_file = folder / VECTOR_CONFIG
         if not cfg_file.is_file():
