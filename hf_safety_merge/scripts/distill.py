@@ -164,5 +164,8 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> int:
     if "bf16" not in given and not {"-h", "--help"} & set(args):
         args = [*args, "--bf16", "false"]  # fp32 unless asked (TRL would pick bf16; docs/distillation.md)
     script_args, training_args = parser.parse_args_and_config(args=args)
+    from . import finish_distributed
+
     main(script_args, training_args, given)
+    finish_distributed()  # on success only: a failed rank must not leave the other at a barrier
     return 0

@@ -134,5 +134,8 @@ def run(argv: list[str] | None = None, prog: str | None = None) -> int:
     if prog:
         parser.prog = prog
     script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    from . import finish_distributed
+
     main(script_args, training_args, model_args)
+    finish_distributed()  # on success only: a failed rank must not leave the other at a barrier
     return 0
