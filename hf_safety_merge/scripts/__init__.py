@@ -3,6 +3,9 @@
 (every dataclass field is a flag, `--config` YAML keys equal the flags), like `trl sft`.
 `examples/train_*.py` are thin wrappers around these modules. They need the `[train]` extra."""
 
+from collections.abc import Callable
+from typing import Any
+
 #: subcommand -> module
 TRL_COMMANDS = {"asft": "hf_safety_merge.scripts.asft", "safekey": "hf_safety_merge.scripts.safekey",
                 "distill": "hf_safety_merge.scripts.distill"}
@@ -17,3 +20,32 @@ def finish_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def publish_summary(trainer: Any, script_args: Any, training_args: Any, summary: dict[str, Any]) -> None:
+    """On the main process: write the summary file, push if asked, print the summary as JSON."""
+    import json
+
+    if trainer.accelerator.is_main_process:
+        if script_args.summary_file:
+            with open(script_args.summary_file, "w") as f:
+                json.dump(summary, f, indent=1)
+        if training_args.push_to_hub:
+            trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        print(json.dumps(summary))
+
+
+def run_trl_script(make_parser: Callable[[], Any], main: Callable[..., Any], argv: list[str] | None,
+                   prog: str | None) -> int:
+    """Parse (script, training, model) arguments with TrlParser (`--config` YAML too), train, and
+    tear the process group down on success; returns an exit code."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = make_parser()
+    if prog:
+        parser.prog = prog
+    script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    main(script_args, training_args, model_args)
+    finish_distributed()  # on success only: a failed rank must not leave the other at a barrier
+    return 0

@@ -29,10 +29,11 @@ off-basin drift of the trained adapters) that scripts and tests can read.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
+
+from . import publish_summary, run_trl_script
 
 logger = logging.getLogger("train_asft")
 
@@ -108,13 +109,7 @@ def main(script_args: AsFTScriptArguments, training_args: Any, model_args: Any) 
         "loss": [h["loss"] for h in history if "loss" in h],
         "drift": trainer.asft_drift(),
     }
-    if trainer.accelerator.is_main_process:
-        if script_args.summary_file:
-            with open(script_args.summary_file, "w") as f:
-                json.dump(summary, f, indent=1)
-        if training_args.push_to_hub:
-            trainer.push_to_hub(dataset_name=script_args.dataset_name)
-        print(json.dumps(summary))
+    publish_summary(trainer, script_args, training_args, summary)
     return summary
 
 
@@ -128,13 +123,4 @@ def make_parser() -> Any:
 
 def run(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Parse the flags (and `--config` YAML) with TrlParser and train; returns an exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = make_parser()
-    if prog:
-        parser.prog = prog
-    script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
-    from . import finish_distributed
-
-    main(script_args, training_args, model_args)
-    finish_distributed()  # on success only: a failed rank must not leave the other at a barrier
-    return 0
+    return run_trl_script(make_parser, main, argv, prog)

@@ -29,12 +29,13 @@ logging step) that scripts and tests can read.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from trl import ScriptArguments
+
+from . import publish_summary, run_trl_script
 
 logger = logging.getLogger("train_safekey")
 
@@ -109,13 +110,7 @@ def main(script_args: SafeKeyScriptArguments, training_args: Any, model_args: An
         # a fingerprint of the trained heads (identical on every process)
         "heads_sq_norm": float(sum(p.detach().double().pow(2).sum() for p in trainer.safekey_heads.parameters())),
     }
-    if trainer.accelerator.is_main_process:
-        if script_args.summary_file:
-            with open(script_args.summary_file, "w") as f:
-                json.dump(summary, f, indent=1)
-        if training_args.push_to_hub:
-            trainer.push_to_hub(dataset_name=script_args.dataset_name)
-        print(json.dumps(summary))
+    publish_summary(trainer, script_args, training_args, summary)
     return summary
 
 
@@ -129,13 +124,4 @@ def make_parser() -> Any:
 
 def run(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Parse the flags (and `--config` YAML) with TrlParser and train; returns an exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = make_parser()
-    if prog:
-        parser.prog = prog
-    script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
-    from . import finish_distributed
-
-    main(script_args, training_args, model_args)
-    finish_distributed()  # on success only: a failed rank must not leave the other at a barrier
-    return 0
+    return run_trl_script(make_parser, main, argv, prog)
