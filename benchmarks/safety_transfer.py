@@ -1,4 +1,4 @@
-"""The safety-transfer study (issue 8): align -> break -> repair -> evaluate, config-driven.
+"""The safety-transfer study: align -> break -> repair -> evaluate, config-driven (docs/study.md).
 
     python benchmarks/safety_transfer.py                                   # the full study (benchmarks/safety_transfer.yaml)
     python benchmarks/safety_transfer.py --config my.yaml --work /tmp/st   # another config / work folder
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     res = Path(a.results)
     res.mkdir(parents=True, exist_ok=True)
     work = Path(a.work)
-    for f in ("study.md", "study.json", "report/safety_vs_utility.png", "report/attacks.png"):
+    for f in ["study.md", "study.json", "diagnostics.json", *(str(p.relative_to(work)) for p in sorted((work / "report").glob("pareto_*.png")))]:
         if (work / f).is_file():
             shutil.copy(work / f, res / Path(f).name)
     print(f"copied the table, results and plots to {res}")

@@ -1,39 +1,51 @@
 """The safety-transfer study (`hf_safety_merge.study`): config validation, disjoint data splits,
-and the whole align -> break -> repair -> evaluate pipeline on a tiny chat model (real TRL
-training, real merges, real generation and judging; the numbers mean nothing at this size)."""
+the statistics, and the whole align -> break -> repair -> evaluate -> report pipeline on a tiny
+chat model (real TRL training, real merges, real generation and judging; the numbers mean
+nothing at this size)."""
 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
 
 from hf_safety_merge.errors import ConfigError
 from hf_safety_merge.study import StudyConfig, arithmetic, load_study_data
+from hf_safety_merge.study.stats import mcnemar, pareto_front
 
 
 def test_presets_and_errors(tmp_path: Path) -> None:
     demo = StudyConfig.preset("demo")
     full = StudyConfig.preset("full")
     assert demo.eval_harmful < full.eval_harmful and set(demo.methods) <= set(full.methods)
+    # the full preset carries the reference settings (docs/study.md's table)
+    assert (full.lora_lr, full.lora_r, full.lora_alpha, tuple(full.lora_target_modules)) == (5e-5, 8, 32, ("q_proj", "v_proj"))
+    assert (full.distill_lr, full.distill_epochs, full.distill_batch_size) == (1e-5, 4.0, 16)
+    assert (full.safekey_lr, full.safekey_epochs, full.safekey_last_k_epochs) == (1e-5, 5.0, 2.0)
+    assert full.task_train == 900 and round(full.task_train * full.harmful_frac / (1 - full.harmful_frac)) == 100
+    assert 0.1 in full.enchtable_betas and 1.0 in full.asft_lambdas
+    assert full.eval_harmful + full.eval_harmful_ood >= 150 and full.eval_benign == 125 and full.eval_task >= 150
     with pytest.raises(ConfigError, match="did you mean 'demo'"):
         StudyConfig.preset("dmeo")
     with pytest.raises(ConfigError, match=r"unknown study option .eval_harmfull.*eval_harmful"):
         StudyConfig.preset("demo", eval_harmfull=3)
-    with pytest.raises(ConfigError, match="study method 'enchtable'"):
-        StudyConfig.preset("demo", methods=["enchtable"])
-    with pytest.raises(ConfigError, match="merge_on_lora: 'asft' is not a merge repair"):
-        StudyConfig.preset("demo", merge_on_lora=["asft"])
-    with pytest.raises(ConfigError, match="asft_settings entry '1:svd'"):
-        StudyConfig.preset("demo", asft_settings=["1:svd"])
+    with pytest.raises(ConfigError, match="study method 'enchtable_ffn'"):
+        StudyConfig.preset("demo", methods=["enchtable_ffn"])
     with pytest.raises(ConfigError, match=r"safekey_settings entry '0\.2'"):
         StudyConfig.preset("demo", safekey_settings=["0.2"])
-    with pytest.raises(ConfigError, match="harmful_fracs"):
-        StudyConfig.preset("demo", harmful_fracs=[1.0])
+    with pytest.raises(ConfigError, match="harmful_frac"):
+        StudyConfig.preset("demo", harmful_frac=1.0)
+    with pytest.raises(ConfigError, match="sweep_variant 'ffn' is not in distill_variants"):
+        StudyConfig.preset("full", distill_variants=["attn"], sweep_variant="ffn")
+    with pytest.raises(ConfigError, match="'asft' needs break_modes to include 'lora'"):
+        StudyConfig.preset("full", break_modes=["full"])
+    with pytest.raises(ConfigError, match="eval_attack=5 must be 0 or eval_harmful"):
+        StudyConfig.preset("full", eval_attack=5)
     p = tmp_path / "s.yaml"
-    p.write_text("preset: demo\neval_task: 7\n")
-    assert StudyConfig.from_file(p).eval_task == 7
+    p.write_text("preset: demo\neval_task: 50\n")
+    assert StudyConfig.from_file(p).eval_task == 50
     p.write_text("- a\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         StudyConfig.from_file(p)
@@ -42,21 +54,55 @@ def test_presets_and_errors(tmp_path: Path) -> None:
 def test_data_splits_are_disjoint(shared_data: Path) -> None:
     cfg = StudyConfig.preset("full", data_dir=str(shared_data))
     d = load_study_data(cfg)
-    harm = [d.align_harmful, d.break_harmful, d.distill_harmful, d.eval_harmful]
+    harm = [d.align_harmful, d.break_harmful, d.distill_harmful, d.calib_harmful, d.eval_harmful, d.eval_harmful_ood]
     for i, a in enumerate(harm):
-        for b in harm[i + 1 :]:
+        for b in harm[i + 1:]:
             assert not set(a) & set(b)
-    assert not set(d.align_benign) & set(d.eval_benign)
+    benign = [d.align_benign, d.calib_benign, d.eval_benign]
+    for i, a in enumerate(benign):
+        for b in benign[i + 1:]:
+            assert not set(a) & set(b)
     assert not {r["prompt"] for r in d.task_train} & {r["prompt"] for r in d.task_eval}
-    assert len(d.eval_harmful) == cfg.eval_harmful and len(d.align_harmful) == cfg.align_harmful
-    assert len(d.break_harmful) == round(cfg.task_train * 0.1 / 0.9)
+    assert len({r["prompt"] for r in d.task_train}) == len(d.task_train) == cfg.task_train
+    sizes = d.sizes()
+    assert sizes["eval_harmful"] == 100 and sizes["eval_harmful_ood"] == 100 and sizes["eval_benign"] == 125
+    assert sizes["task_eval"] == 150 and sizes["break_harmful"] == 100 and sizes["align_harmful"] == cfg.align_harmful
     assert load_study_data(cfg).eval_harmful == d.eval_harmful  # seeded
+    with pytest.raises(ConfigError, match=r"advbench.csv: the AdvBench splits need"):
+        load_study_data(cfg.replace(align_harmful=400))
 
 
-def test_arithmetic_answers_are_exact() -> None:
-    for r in arithmetic(200, 0):
+def test_arithmetic_answers_are_exact_and_distinct() -> None:
+    rows = arithmetic(500, 0)
+    assert len({r["prompt"] for r in rows}) == 500
+    for r in rows:
         expr = r["prompt"].removeprefix("What is ").removesuffix("?")
         assert str(eval(expr)) == r["answer"] and r["response"].endswith(f"The answer is {r['answer']}.")
+    assert not {r["prompt"] for r in arithmetic(50, 1, exclude={r["prompt"] for r in rows})} & {r["prompt"] for r in rows}
+
+
+def test_mcnemar_exact_and_pareto() -> None:
+    # b01 = 0, b10 = 6: p = 2 * 0.5^6
+    a = {str(i): i < 6 for i in range(20)}
+    b = dict.fromkeys(a, False)
+    t = mcnemar(a, b)
+    assert (t["b01"], t["b10"], t["n"]) == (0, 6, 20) and t["p"] == pytest.approx(2 / 64) and t["diff"] == pytest.approx(-0.3)
+    assert mcnemar(a, a)["p"] == 1.0
+    # against the "minlike" definition of the two-sided binomial test (scipy's binomtest): the
+    # total probability of every split at most as likely as the observed one
+    from fractions import Fraction
+    from math import comb
+
+    rng = random.Random(0)
+    for _ in range(20):
+        x = {str(i): rng.random() < 0.4 for i in range(60)}
+        y = {str(i): rng.random() < 0.6 for i in range(60)}
+        t = mcnemar(x, y)
+        m = t["b01"] + t["b10"]
+        obs = Fraction(comb(m, t["b01"]), 2**m)
+        ref = sum(Fraction(comb(m, k), 2**m) for k in range(m + 1) if Fraction(comb(m, k), 2**m) <= obs)
+        assert t["p"] == pytest.approx(min(1.0, float(ref)), rel=1e-9)
+    assert pareto_front([("a", 0.1, 0.5), ("b", 0.2, 0.4), ("c", 0.0, 0.3), ("d", 0.1, 0.5)]) == ["a", "c", "d"]
 
 
 def test_study_end_to_end_on_a_tiny_model(shared_data: Path, tmp_path: Path) -> None:
@@ -65,37 +111,42 @@ def test_study_end_to_end_on_a_tiny_model(shared_data: Path, tmp_path: Path) -> 
 
     model = make_tiny_chat_model(tmp_path / "tiny", "llama")
     cfg = StudyConfig.preset(
-        "demo", model=str(model), data_dir=str(shared_data), align_harmful=8, align_benign=8, task_train=18,
-        harmful_fracs=(0.0, 0.1), distill_harmful=8, distill_steps=2, eval_harmful=8, eval_benign=8, eval_task=8,
-        max_new_tokens=8, max_length=96, task_epochs=1, align_epochs=1, threads=1,
-        methods=("enchtable_ffn", "resta", "safe_lora", "asft", "safekey"), enchtable_betas=(0.1, 1.0),
-        merge_on_full=("enchtable_ffn", "enchtable_calibrated", "resta", "safe_lora"), merge_on_lora=("enchtable_ffn", "safe_lora"),
-        asft_settings=("1:safe_lora",), safekey_settings=("0.2:0.2", "0:0"), calibration_prompts=6, calibration_probes=3,
+        "full", model=str(model), data_dir=str(shared_data), align_harmful=8, align_benign=8, task_train=18,
+        distill_harmful=8, distill_epochs=1, distill_batch_size=4, batch_size=4, eval_harmful=8, eval_harmful_ood=6,
+        eval_benign=8, eval_task=8, eval_attack=8, sweep_eval_harmful=4, sweep_eval_benign=4, sweep_eval_task=4,
+        max_new_tokens=8, max_length=96, task_epochs=1, lora_epochs=1, align_epochs=1, safekey_epochs=2,
+        safekey_last_k_epochs=1, safekey_task_rows=8, threads=1, distill_variants=("attn", "ffn"),
+        sweep_enchtable_betas=(1.0,), sweep_resta_betas=(0.5,), sweep_asft_lambdas=(10.0,),
+        calibration_prompts=6, calibration_probes=3, attacks=("dan",),
     )
     work = tmp_path / "work"
     payload = run_study(cfg, work)
-    names = [r["model"] for r in payload["rows"]]
-    assert names[:2] == ["base", "aligned"]
-    assert "ft-full-10pct+enchtable-ffn-calibrated" in names  # beta chosen by calibration, evaluated held out
-    cal = json.loads((work / "ft-full-10pct+enchtable-ffn-calibrated" / "merge_report.json").read_text())["calibration"]
-    assert cal["prompts"]["harmful"]["n"] == 6 and cal["prompts"]["harmful"]["side"] == "held out from every report"
-    assert len(cal["probes"]) <= 3
-    for n in ("ft-full-0pct", "ft-full-10pct", "ft-lora-0pct", "ft-lora-10pct", "ft-full-10pct+enchtable-ffn",
-              "ft-full-10pct+resta", "ft-full-10pct+safe_lora", "ft-lora-10pct+enchtable-ffn", "ft-full-10pct+enchtable-ffn-beta1", "ft-lora-10pct+safe_lora", "asft-lora-10pct",
-              "safekey-full-10pct", "safekey-full-10pct-head0-qmm0"):
-        assert n in names, n
-    for r in payload["rows"]:
-        assert r["unsafe_rate"]["n"] == 8 and r["over_refusal"]["n"] == 8 and r["utility"]["n"] == 8
-        assert set(r["attack_success"]) == {"none", "dan"}
-    repaired = [r for r in payload["rows"] if r.get("targets")]
-    assert len(repaired) == 11 and "ft-lora-10pct+resta" not in names
-    assert payload["notes"]["safekey"] == "ran"
+    rows = {r["model"]: r for r in payload["rows"]}
+    assert list(rows)[:4] == ["base", "aligned", "ft-full", "ft-lora"]
+    for n in ("ft-full+enchtable-attn", "ft-full+enchtable-ffn", "ft-lora+enchtable-attn", "ft-full+enchtable-attn-calibrated",
+              "ft-full+resta", "ft-full+safe_lora", "ft-lora+safe_lora", "asft", "safekey", "sft-reasoning"):
+        assert rows[n]["group"] == "headline", n
+    for n in ("ft-full+enchtable-attn-beta1", "ft-full+resta-beta0.5", "ft-full+safe_lora-all", "ft-full+ties", "ft-lora+dare", "asft-lam10"):
+        assert rows[n]["group"] == "sweep", n
+    h, s = rows["ft-full+enchtable-attn"]["rates"], rows["ft-full+ties"]["rates"]
+    assert (h["unsafe"]["n"], h["unsafe_ood"]["n"], h["over_refusal"]["n"], h["task"]["n"], h["attack_dan"]["n"]) == (8, 6, 8, 8, 8)
+    assert (s["unsafe"]["n"], s["unsafe_ood"], s["over_refusal"]["n"], s["task"]["n"]) == (4, None, 4, 4)
+    reg = rows["ft-full+enchtable-attn"]["regime"]
+    assert reg["alpha"] == pytest.approx(0.1 * reg["ratio"], rel=1e-6)  # alpha = beta ||tau|| / ||Delta_s||
+    layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
+    assert payload["diagnostics"]["alignment"]["n"] == 2 * layers  # q_proj and v_proj of every layer
+    papers = {v["paper"] for v in payload["verdicts"]}
+    assert papers == {"EnchTable", "AsFT", "SafeKey"} and all(v["verdict"] in ("yes", "no") for v in payload["verdicts"])
+    t = payload["tests_vs_broken"]["ft-full+enchtable-attn"]["unsafe"]
+    assert t["n"] == 8 and 0 <= t["p"] <= 1
+    assert set(payload["pareto"]) == {"ft-full", "ft-lora"} and payload["pareto"]["ft-full"]["front"]
     md = (work / "study.md").read_text()
-    assert "| repaired model |" in md and "Wall time per stage" in md
-    assert (work / "report" / "safety_vs_utility.png").stat().st_size > 1000
-    card = (work / "ft-full-10pct+enchtable-ffn" / "README.md").read_text()  # the patched model's card
-    assert "## Evaluation" in card and "before (`ft-full-10pct`)" in card and "model-index" in card
-    assert all(payload["timings"][k] > 0 for k in ("align", "break: ft-full-10pct", "repair: AsFT 1:safe_lora"))
+    for heading in ("## Headline rows", "## Sweep rows", "## Paired tests", "## Verdicts", "## Pareto view", "## Regime measurements", "Wall time"):
+        assert heading in md
+    assert (work / "report" / "pareto_ft-full.png").stat().st_size > 1000
+    card = (work / "ft-full+enchtable-attn" / "README.md").read_text()  # the patched model's card
+    assert "## Evaluation" in card and "model-index" in card
+    assert all(payload["timings"][k] > 0 for k in ("align", "break: ft-full", "train: ft-lora", "train: asft"))
     # a second run resumes from the cache: no stage is re-run
     again = run_study(cfg, work)
     assert again["timings"] == payload["timings"]

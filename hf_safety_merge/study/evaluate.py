@@ -1,0 +1,105 @@
+"""Evaluation of every study row: generation and judging (`evaluate_safety`), cached per model,
+with the per-prompt outcomes kept for paired tests (``eval/<model>/outcomes.json``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from .stages import REASONING_EXTRA_TOKENS, Row, Stages
+
+#: outcome sets: name -> (what is counted, higher is worse?)
+OUTCOMES = {"unsafe": "unsafe on AdvBench (held out)", "unsafe_ood": "unsafe on Do-Not-Answer (no stage saw it)",
+            "over_refusal": "refusals of XSTest-safe prompts", "task": "task problems solved"}
+
+
+def _prompt_set(name: str, texts: list[str], refs: list[str] | None = None) -> Any:
+    from ..eval.prompts import PromptItem, PromptSet
+
+    return PromptSet(name, [PromptItem(str(i), t, None if refs is None else refs[i], {}) for i, t in enumerate(texts)], f"study:{name}")
+
+
+def _read_jsonl(p: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()] if p.is_file() else []
+
+
+def _outcomes(folder: Path, prefix: str = "", refs: dict[str, str] | None = None) -> dict[str, dict[str, bool]]:
+    """Per-prompt flags from one `evaluate_safety` output folder."""
+    from ..eval.metrics import exact_match
+
+    out: dict[str, dict[str, bool]] = {}
+    for j in _read_jsonl(folder / "judgements.jsonl"):
+        parts = str(j["id"]).split("/")
+        if parts[0] == "harmful":
+            key = prefix + ("unsafe" if parts[1] == "none" else f"attack_{parts[1]}")
+            out.setdefault(key, {})[parts[2]] = bool(j["unsafe"])
+        elif parts[0] == "benign":
+            out.setdefault("over_refusal", {})[parts[1]] = bool(j["refusal"])
+    for g in _read_jsonl(folder / "generations.jsonl"):
+        if g.get("set") == "utility" and refs is not None:
+            out.setdefault("task", {})[str(g["item"])] = exact_match(g["response"], refs[str(g["item"])], mode="number")
+    return out
+
+
+def evaluate_row(st: Stages, row: Row, judge: Any = None) -> dict[str, Any]:
+    """Evaluate one row (headline: every set and attack; sweep: the smaller evaluation)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..eval import SafetyEvalConfig, evaluate_safety
+    from ..eval.suite import _safe_name
+
+    c, d = st.cfg, st.data
+    ev = st.work / "eval"
+    folder = ev / _safe_name(row.name)
+    done = folder / "outcomes.json"
+    if done.is_file():
+        st.log(f"  [eval: {row.name}] cached")
+        return dict(json.loads(done.read_text()))
+    head = row.group == "headline"
+    n_h, n_b, n_t = (c.eval_harmful, c.eval_benign, c.eval_task) if head else (c.sweep_eval_harmful, c.sweep_eval_benign, c.sweep_eval_task)
+    task = d.task_eval[:n_t]
+    budget = c.max_new_tokens + (REASONING_EXTRA_TOKENS if row.method in ("safekey", "sft") else 0)
+    jd = judge if judge is not None else c.judge
+    base: dict[str, Any] = dict(max_new_tokens=budget, batch_size=c.eval_batch_size, data_dir=c.data_dir, harmful_eval_size=None, judge=jd, refusal_judge=jd)
+    cfg_main = SafetyEvalConfig(
+        harmful=_prompt_set("advbench-eval", d.eval_harmful[:n_h]), benign=_prompt_set("xstest-safe-eval", d.eval_benign[:n_b]),
+        utility=_prompt_set("task-eval", [r["prompt"] for r in task], [r["answer"] for r in task]),
+        utility_metric="number", attacks=tuple(c.attacks) if head and c.eval_attack else (), **base,
+    )
+    t = time.perf_counter()
+    st.log(f"  [eval: {row.name}] ...")
+    tok = AutoTokenizer.from_pretrained(row.model)
+    m: Any = AutoModelForCausalLM.from_pretrained(row.model, dtype=torch.float32)
+    if row.adapter is not None:
+        from peft import PeftModel
+
+        m = PeftModel.from_pretrained(m, row.adapter).merge_and_unload()
+    m.eval()
+    rep = evaluate_safety(m, tok, output_dir=ev, config=cfg_main, model_name=row.name, progress=True, device=c.device)
+    outcomes = _outcomes(folder, refs={str(i): r["answer"] for i, r in enumerate(task)})
+    result: dict[str, Any] = {"report": rep.to_dict()}
+    if head and d.eval_harmful_ood:
+        cfg_ood = SafetyEvalConfig(harmful=_prompt_set("donotanswer-eval", d.eval_harmful_ood), benign=None, **base)
+        rep_ood = evaluate_safety(m, tok, output_dir=ev, config=cfg_ood, model_name=f"{row.name}@dna", progress=True, device=c.device)
+        outcomes.update(_outcomes(ev / _safe_name(f"{row.name}@dna"), prefix="ood_"))
+        outcomes["unsafe_ood"] = outcomes.pop("ood_unsafe", {})
+        result["report_ood"] = rep_ood.to_dict()
+    result["outcomes"] = outcomes
+    result["seconds"] = round(time.perf_counter() - t, 1)
+    st.record(f"eval: {row.name}", result["seconds"])
+    st.log(f"      {rep.summary()}")
+    folder.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(result))
+    return result
+
+
+def evaluate_rows(st: Stages, rows: list[Row]) -> dict[str, dict[str, Any]]:
+    """Every row, headline rows first (so an interrupted run has the decisive rows)."""
+    from ..eval.judges import get_judge
+
+    order = [r for r in rows if r.group == "headline"] + [r for r in rows if r.group != "headline"]
+    judge = get_judge(st.cfg.judge)  # loaded once for every row
+    return {r.name: evaluate_row(st, r, judge) for r in order}
