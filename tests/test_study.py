@@ -115,18 +115,19 @@ def test_study_end_to_end_on_a_tiny_model(shared_data: Path, tmp_path: Path) -> 
         distill_harmful=8, distill_epochs=1, distill_batch_size=4, batch_size=4, eval_harmful=8, eval_harmful_ood=6,
         eval_benign=8, eval_task=8, eval_attack=8, sweep_eval_harmful=4, sweep_eval_benign=4, sweep_eval_task=4,
         max_new_tokens=8, max_length=96, task_epochs=1, lora_epochs=1, align_epochs=1, safekey_epochs=2,
-        safekey_last_k_epochs=1, safekey_task_rows=8, threads=1, distill_variants=("attn", "ffn"),
-        sweep_enchtable_betas=(1.0,), sweep_resta_betas=(0.5,), sweep_asft_lambdas=(10.0,),
+        safekey_last_k_epochs=1, safekey_task_rows=8, threads=1, distill_variants=("attn",),
+        sweep_enchtable_betas=(1.0,), sweep_resta_betas=(), sweep_asft_lambdas=(10.0,),
+        methods=("enchtable", "calibrated", "resta", "safe_lora", "ties", "asft", "safekey"),
         calibration_prompts=6, calibration_probes=3, attacks=("dan",),
     )
     work = tmp_path / "work"
     payload = run_study(cfg, work)
     rows = {r["model"]: r for r in payload["rows"]}
     assert list(rows)[:4] == ["base", "aligned", "ft-full", "ft-lora"]
-    for n in ("ft-full+enchtable-attn", "ft-full+enchtable-ffn", "ft-lora+enchtable-attn", "ft-full+enchtable-attn-calibrated",
+    for n in ("ft-full+enchtable-attn", "ft-lora+enchtable-attn", "ft-full+enchtable-attn-calibrated",
               "ft-full+resta", "ft-full+safe_lora", "ft-lora+safe_lora", "asft", "safekey", "sft-reasoning"):
         assert rows[n]["group"] == "headline", n
-    for n in ("ft-full+enchtable-attn-beta1", "ft-full+resta-beta0.5", "ft-full+safe_lora-all", "ft-full+ties", "ft-lora+dare", "asft-lam10"):
+    for n in ("ft-full+enchtable-attn-beta1", "ft-full+safe_lora-all", "ft-full+ties", "ft-lora+ties", "asft-lam10"):
         assert rows[n]["group"] == "sweep", n
     h, s = rows["ft-full+enchtable-attn"]["rates"], rows["ft-full+ties"]["rates"]
     assert (h["unsafe"]["n"], h["unsafe_ood"]["n"], h["over_refusal"]["n"], h["task"]["n"], h["attack_dan"]["n"]) == (8, 6, 8, 8, 8)
@@ -136,6 +137,7 @@ def test_study_end_to_end_on_a_tiny_model(shared_data: Path, tmp_path: Path) -> 
     layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
     assert payload["diagnostics"]["alignment"]["n"] == 2 * layers  # q_proj and v_proj of every layer
     papers = {v["paper"] for v in payload["verdicts"]}
+    assert "ft-full+dare" not in rows and "ft-full+enchtable-ffn" not in rows  # only what `methods` / variants name
     assert papers == {"EnchTable", "AsFT", "SafeKey"} and all(v["verdict"] in ("yes", "no") for v in payload["verdicts"])
     t = payload["tests_vs_broken"]["ft-full+enchtable-attn"]["unsafe"]
     assert t["n"] == 8 and 0 <= t["p"] <= 1

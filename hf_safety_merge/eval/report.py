@@ -90,6 +90,22 @@ class ModelReport:
         return "\n".join(lines)
 
 
+def describe_judge(desc: dict[str, Any]) -> str:
+    """``learned (cross-model agreement with human refusal labels: 92.7% [89.9, 94.7] on ...)``: a
+    judge's name and, where its description carries it, its measured leave-one-model-out agreement."""
+    name = str(desc.get("name", "?"))
+    ag = desc.get("agreement")
+    if not isinstance(ag, dict):
+        return name
+    parts = []
+    for split, m in ag.items():
+        if isinstance(m, dict) and "binary_accuracy" in m:
+            lo, hi = m.get("binary_accuracy_ci95", (None, None))
+            ci = f" [{100 * lo:.1f}, {100 * hi:.1f}]" if lo is not None else ""
+            parts.append(f"{100 * m['binary_accuracy']:.1f}%{ci} {split}")
+    return f"{name} (binary refusal agreement with human labels, leave-one-model-out: {'; '.join(parts)})" if parts else name
+
+
 def _pct(r: Rate | None) -> str:
     if r is None or r.n == 0:
         return "n/a"
@@ -140,7 +156,7 @@ class EvalReport:
                 util,
             ]
             lines.append("| " + " | ".join(cells) + " |")
-        judges = sorted({str(m.judge.get("name")) for m in self.models})
+        judges = sorted({describe_judge(m.judge) for m in self.models})
         ns = self.models[0].datasets if self.models else {}
         note = ", ".join(f"{k}: n={v.get('n')}" for k, v in ns.items())
         lines.append("")

@@ -136,7 +136,7 @@ class StudyConfig:
             cfg = cls()
         elif name == "demo":
             cfg = cls(
-                align_harmful=96, align_benign=160, align_epochs=3.0, task_train=360, break_modes=("full",),
+                align_harmful=80, align_benign=160, align_epochs=2.0, task_train=360, break_modes=("full",),
                 distill_harmful=64, distill_variants=("attn",), sweep_enchtable_betas=(), sweep_resta_betas=(),
                 safe_lora_sweep=False, methods=("enchtable", "resta"), eval_harmful=48, eval_harmful_ood=0,
                 eval_benign=48, eval_task=48, eval_attack=0, attacks=(), max_new_tokens=40, sweep_eval_harmful=48,

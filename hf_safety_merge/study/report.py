@@ -203,8 +203,9 @@ def write_report(st: Stages, rows: list[Row], results: dict[str, Any], diag: dic
 
 def _markdown(recs: dict[str, Any], tests: dict[str, Any], verdicts: list[dict[str, Any]], pareto: dict[str, Any],
               diag: dict[str, Any], timings: dict[str, float], judge: dict[str, Any], cfg: Any) -> str:
-    ag = judge.get("agreement")
-    jline = f"Judge: `{judge.get('name', '?')}`" + (f" (measured agreement: {json.dumps(ag)})" if ag else "")
+    from ..eval.report import describe_judge
+
+    jline = f"Judge: {describe_judge(judge)}"
     attack_keys = sorted({k for r in recs.values() for k in r["rates"] if k.startswith("attack_")})
     head = ["model", "repairs", "setting", "unsafe AdvBench", "unsafe Do-Not-Answer", *[k.removeprefix("attack_") + " ASR" for k in attack_keys],
             "over-refusal", "task", "alpha", "tau/Delta_s"]
@@ -249,11 +250,20 @@ def _markdown(recs: dict[str, Any], tests: dict[str, Any], verdicts: list[dict[s
                       + ("" if t is None else f"{100 * t['diff']:+.1f} pts (p {fmt_p(t['p'])})") + " |")
         md.append("")
     a = diag.get("alignment")
+    md += ["## Regime measurements", ""]
     if a:
-        md += ["## Regime measurements", "",
-               f"Alignment direction V = W_aligned - W_base on {a['n']} {'/'.join(a['modules'])} matrices: ||V||_F "
+        md += [f"Alignment direction V = W_aligned - W_base on {a['n']} {'/'.join(a['modules'])} matrices: ||V||_F "
                f"{a['fro_min']:.3f} / {a['fro_median']:.3f} / {a['fro_max']:.3f} (min / median / max); top eigenvalue of "
                f"C = V V^T / ||V||_F {a['top_eig_min']:.3f} / {a['top_eig_median']:.3f} / {a['top_eig_max']:.3f}; share >= 0.5: "
-               f"{a['share_top_eig_ge_0.5']:.2f}.", ""]
+               f"{a['share_top_eig_ge_0.5']:.2f} (target: most matrices).", ""]
+    if "aligned" in recs and "base" in recs:
+        d = 100 * ((_val(recs["aligned"], "over_refusal") or 0) - (_val(recs["base"], "over_refusal") or 0))
+        md += [f"Over-refusal of the aligned model minus the base model's: {d:+.1f} points (target: within 10).", ""]
+    regs = [(n, r["regime"]) for n, r in recs.items() if r["regime"].get("ratio") is not None]
+    if regs:
+        md += ["| merge | alpha | \\|\\|tau\\|\\| | \\|\\|Delta_s\\|\\| | ratio | fine-stage w (mean) |", "|---|---|---|---|---|---|"]
+        md += [f"| {n} | {g['alpha']:.3f} | {g['tau_norm']:.3f} | {g['safety_vector_norm']:.3f} | {g['ratio']:.2f} | "
+               + (f"{g['w_mean']:.3f}" if g.get("w_mean") is not None else "") + " |" for n, g in regs]
+        md.append("")
     md += ["## Wall time per stage (s)", "", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v} |" for k, v in timings.items()]
     return "\n".join(md) + "\n"
