@@ -4,11 +4,11 @@ __version__ = "0.1.0"
 
 from typing import TYPE_CHECKING, Any
 
-from .checkpoints import LoraCheckpoint, SafetensorsCheckpoint, TensorSource, open_checkpoint
 from .config import SafetyMergeConfig
 from .errors import CheckpointError, ConfigError, NonFiniteError, PlanError, SafetyMergeError
-from .filters import TensorFilter
-from .hub import HubCheckpoint, HubError, push_folder
+from .io.checkpoints import LoraCheckpoint, SafetensorsCheckpoint, TensorSource
+from .io.filters import TensorFilter
+from .io.hub import HubCheckpoint, HubError, open_checkpoint, push_folder
 from .merge import MergeResult, available_methods, merge
 from .merge.engine import apply_safety_vector
 from .modeling import (

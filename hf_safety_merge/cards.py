@@ -56,7 +56,7 @@ def _hub_id(ref: str | None) -> str | None:
     """Only Hub-looking ids go into `base_model` metadata (local paths are not valid there)."""
     if not ref:
         return None
-    from .hub import is_repo_id
+    from .io.hub import is_repo_id
 
     return ref if is_repo_id(ref) and "/" in ref else None
 

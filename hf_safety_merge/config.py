@@ -113,7 +113,7 @@ class SafetyMergeConfig:
         validate_dataclass(self, what="config field")
         if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"config field 'device' must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        from .safetensors_stream import parse_size
+        from .io.safetensors_stream import parse_size
 
         try:
             parse_size(self.max_shard_size)

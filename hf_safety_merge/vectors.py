@@ -22,17 +22,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoints import (
+from .errors import CheckpointError, ConfigError, NonFiniteError, PlanError, did_you_mean
+from .io.checkpoints import (
     InMemorySource,
     SafetensorsCheckpoint,
     TensorMeta,
     TensorSource,
-    open_checkpoint,
 )
-from .errors import CheckpointError, ConfigError, NonFiniteError, PlanError, did_you_mean
-from .filters import TensorFilter
-from .output import AtomicDir, check_output_dir, terminate_as_interrupt
-from .safetensors_stream import TORCH_TO_TAG, OutputTensor, StreamingShardWriter
+from .io.filters import TensorFilter
+from .io.hub import open_checkpoint
+from .io.output import AtomicDir, check_output_dir, terminate_as_interrupt
+from .io.safetensors_stream import TORCH_TO_TAG, OutputTensor, StreamingShardWriter
 
 VECTOR_PREFIX = "safety_vector"
 VECTOR_CONFIG = "safety_vector_config.json"
@@ -122,7 +122,7 @@ class SafetyVector:
             if folder is not None and (folder / SUBSPACE_CACHE).is_file():
                 self._subspaces = SubspaceCache(folder / SUBSPACE_CACHE)
             else:
-                from .hub import HubCheckpoint
+                from .io.hub import HubCheckpoint
 
                 # A Hub vector: fetched on first use, after the plan was validated from headers
                 # (so a Hub vector merges exactly as its local copy does).
@@ -169,7 +169,7 @@ class SafetyVector:
     # ---------------------------------------------------------------- load
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str], revision: str | None = None) -> SafetyVector:
-        from .hub import HubCheckpoint, open_remote, resolve_checkpoint
+        from .io.hub import HubCheckpoint, open_remote, resolve_checkpoint
 
         remote = open_remote(str(path), revision=revision, prefix=VECTOR_PREFIX, aux_files=[VECTOR_CONFIG, "README.md"])
         source: TensorSource
@@ -372,7 +372,7 @@ class SafetyVector:
         dtype: str | None = None,
     ) -> Any:
         """Save to a temporary folder and push it as one commit (or a pull request)."""
-        from .hub import push_folder
+        from .io.hub import push_folder
 
         with tempfile.TemporaryDirectory() as d:
             folder = Path(d) / "vector"
@@ -459,7 +459,7 @@ class SubspaceCache:
     decomposed afresh), else None."""
 
     def __init__(self, path: Path) -> None:
-        from .safetensors_stream import TensorReader, read_safetensors_header
+        from .io.safetensors_stream import TensorReader, read_safetensors_header
 
         self.path = path
         self._infos, meta = read_safetensors_header(path)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from hf_safety_merge import SafetyMergeConfig, SafetyVector, merge
 from hf_safety_merge.merge import methods as M
 from hf_safety_merge.merge.engine import _prefetch
-from hf_safety_merge.safetensors_stream import (
+from hf_safety_merge.io.safetensors_stream import (
     BackgroundShardWriter,
     OutputTensor,
     StreamingShardWriter,

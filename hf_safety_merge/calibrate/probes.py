@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoints import LoraCheckpoint, TensorSource
 from ..config import SafetyMergeConfig
+from ..io.checkpoints import LoraCheckpoint, TensorSource
 from ..merge.base import build_method
 from ..merge.engine import (
     _delta_getter,
@@ -119,7 +119,7 @@ class ScaledMerge:
         return out, method.summary()
 
     def _cast(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        from ..safetensors_stream import DTYPE_TAGS
+        from ..io.safetensors_stream import DTYPE_TAGS
 
         return t.to("cpu").to(DTYPE_TAGS[self.dtypes[name]])
 

@@ -26,12 +26,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoints import LoraCheckpoint, SafetensorsCheckpoint, TensorSource, open_checkpoint
 from ..config import SafetyMergeConfig
 from ..errors import ConfigError, NonFiniteError, PlanError
-from ..hub import AUX_PATTERNS, check_push_target, resolve_checkpoint
-from ..output import AtomicDir, check_output_dir, terminate_as_interrupt
-from ..safetensors_stream import (
+from ..io.checkpoints import LoraCheckpoint, SafetensorsCheckpoint, TensorSource
+from ..io.hub import AUX_PATTERNS, check_push_target, open_checkpoint, resolve_checkpoint
+from ..io.output import AtomicDir, check_output_dir, terminate_as_interrupt
+from ..io.safetensors_stream import (
     TORCH_TO_TAG,
     BackgroundShardWriter,
     OutputTensor,
@@ -299,7 +299,7 @@ def _prefetch(names: list[str], load: Any, prepare: Any = None, workers: int = 1
 def _same_source(a: TensorSource, b: TensorSource) -> bool:
     if a is b:
         return True
-    from ..hub import HubCheckpoint
+    from ..io.hub import HubCheckpoint
 
     if isinstance(a, HubCheckpoint) and isinstance(b, HubCheckpoint):
         return a.repo_id == b.repo_id and a.commit == b.commit
@@ -453,7 +453,7 @@ def _merged_tensors(
 
     # Tensors whose method-specific work was done in the global pass need no reference here.
     is_prepared = getattr(method, "is_prepared", lambda n: False)
-    from ..hub import HubCheckpoint
+    from ..io.hub import HubCheckpoint
 
     # Tensors read from files are fresh buffers that the method may overwrite in place.
     fresh = isinstance(task, SafetensorsCheckpoint | HubCheckpoint | LoraCheckpoint)
@@ -659,7 +659,7 @@ def merge(
             if vector is not None:
                 vector.close()
     if config.push_to_hub:
-        from ..hub import push_folder
+        from ..io.hub import push_folder
 
         info = push_folder(out, config.push_to_hub, private=config.private, create_pr=config.create_pr,
                            commit_message=config.commit_message)
@@ -694,7 +694,7 @@ def apply_safety_vector(
     one is copied into the model, so on any error the model is unchanged. This holds a copy of
     the patched tensors (the safety vector's coverage) while it runs.
     """
-    from ..checkpoints import InMemorySource
+    from ..io.checkpoints import InMemorySource
 
     t0 = time.perf_counter()
     m = build_method(method, parameters)
@@ -747,7 +747,7 @@ def apply_safety_vector(
 
 
 def _tag_dtype(tag: str) -> torch.dtype:
-    from ..safetensors_stream import DTYPE_TAGS
+    from ..io.safetensors_stream import DTYPE_TAGS
 
     return DTYPE_TAGS[tag]
 

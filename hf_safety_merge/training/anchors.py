@@ -295,14 +295,14 @@ class AlignmentAnchors(Mapping[str, Anchor]):
 
         Args:
             aligned / base: checkpoint folders, safetensors files or Hub repo ids (via
-                :func:`hf_safety_merge.checkpoints.open_checkpoint`).
+                :func:`hf_safety_merge.io.hub.open_checkpoint`).
             modules: module names (PEFT-wrapped names are accepted); the weight tensor read is
                 ``<module>.weight`` (matched up to a prefix).
             transpose: modules whose weight is stored `in x out` (GPT-2 style `Conv1D`,
                 `fan_in_fan_out=True`), so that `V` is taken in the LoRA orientation `out x in`.
             device: where the per-module products/SVDs run (e.g. ``"cuda"`` for big models).
         """
-        from ..checkpoints import open_checkpoint
+        from ..io.hub import open_checkpoint
 
         if projector not in PROJECTORS:
             raise ConfigError(f"projector {projector!r} is not one of {PROJECTORS}{did_you_mean(str(projector), PROJECTORS)}")
@@ -402,7 +402,7 @@ class AlignmentAnchors(Mapping[str, Anchor]):
         """
         from safetensors import safe_open
 
-        from ..hub import resolve_checkpoint
+        from ..io.hub import resolve_checkpoint
 
         p = Path(path).expanduser()
         if p.is_dir():
