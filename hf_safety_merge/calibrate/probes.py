@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..config import SafetyMergeConfig
 from ..io.checkpoints import LoraCheckpoint, TensorSource
 from ..merge.base import build_method
+from ..merge.enchtable import EnchTable
 from ..merge.engine import (
     _delta_getter,
     _FiniteGuard,
@@ -28,7 +29,7 @@ from ..merge.engine import (
     _TauSource,
     _validate_plan,
 )
-from ..merge.methods import EnchTable, InterferenceTerms, interference_terms
+from ..merge.interference import InterferenceTerms, interference_terms
 from ..vectors import SafetyVector
 
 

@@ -1,9 +1,16 @@
-"""Merge methods behind one registry, and the streaming merge engine."""
+"""Merge methods behind one registry, and the streaming merge engine (plan -> stream -> sink).
 
-from . import methods as _methods  # noqa: F401  (registers the methods)
+Owns: the registry and method interface (`base`), one file per method (`enchtable`,
+`task_arithmetic`, `safe_lora`, `ties_dare`), their pure tensor maths
+(`interference`) and the engine (`engine`). May import `io`, `config`, `vectors`, `errors`,
+`validation`; cards are written through `io.sink`, never imported.
+"""
+
+from . import enchtable, safe_lora, task_arithmetic, ties_dare  # noqa: F401  (register the methods)
 from .base import MergeMethod, available_methods, build_method, get_method_class, register
 from .engine import MergeResult, merge
-from .methods import interference_score, safe_lora_project
+from .interference import interference_score
+from .safe_lora import safe_lora_project
 
 __all__ = [
     "MergeMethod",

@@ -39,7 +39,7 @@ from ..io.safetensors_stream import (
 )
 from ..vectors import SafetyVector
 from .base import MergeMethod, build_method
-from .methods import _intra_op_threads
+from .interference import _intra_op_threads
 
 _OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _FLOAT_TAGS = {"F64", "F32", "F16", "BF16"}
