@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from typing import TYPE_CHECKING, Any
 
+from . import cards as _cards  # noqa: F401  (registers the card sink the engine writes through)
 from .config import SafetyMergeConfig
 from .errors import CheckpointError, ConfigError, NonFiniteError, PlanError, SafetyMergeError
 from .io.checkpoints import LoraCheckpoint, SafetensorsCheckpoint, TensorSource

@@ -33,6 +33,7 @@ from .io.filters import TensorFilter
 from .io.hub import open_checkpoint
 from .io.output import AtomicDir, check_output_dir, terminate_as_interrupt
 from .io.safetensors_stream import TORCH_TO_TAG, OutputTensor, StreamingShardWriter
+from .io.sink import card_sink
 
 VECTOR_PREFIX = "safety_vector"
 VECTOR_CONFIG = "safety_vector_config.json"
@@ -321,10 +322,8 @@ class SafetyVector:
 
     # ---------------------------------------------------------------- save
     def _write_meta(self, folder: Path) -> None:
-        from .cards import safety_vector_card
-
         (folder / VECTOR_CONFIG).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-        safety_vector_card(self.config).save(folder / "README.md")
+        card_sink().safety_vector_card(self.config).save(folder / "README.md")
 
     def save_pretrained(
         self,

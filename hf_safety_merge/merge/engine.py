@@ -8,12 +8,10 @@ the end so that a failed merge leaves nothing behind.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import math
 import shutil
-import threading
 import time
 import warnings
 from collections import deque
@@ -37,6 +35,7 @@ from ..io.safetensors_stream import (
     OutputTensor,
     StreamingShardWriter,
 )
+from ..io.sink import card_sink
 from ..vectors import SafetyVector
 from .base import MergeMethod, build_method
 from .interference import _intra_op_threads
@@ -562,10 +561,6 @@ def merge(
     or shard size. With `config.push_to_hub`, the folder is then pushed as one commit (or PR).
     """
     t0 = time.perf_counter()
-    # The model card needs huggingface_hub (~0.3-0.8 s of imports): load it on a thread while
-    # the merge streams, instead of after it.
-    threading.Thread(target=importlib.import_module, args=("hf_safety_merge.cards",), daemon=True,
-                     name="hf-safety-merge-import").start()
     config.validate()
     out_str = output_dir if output_dir is not None else config.output_dir
     if out_str is None:
@@ -643,9 +638,7 @@ def merge(
                 }
                 (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
                 config.save_pretrained(tmp)
-                from ..cards import merged_model_card
-
-                merged_model_card(config, result, task_display=task.display, vector=vector).save(tmp / "README.md")
+                card_sink().merged_model_card(config, result, task_display=task.display, vector=vector).save(tmp / "README.md")
                 result.files += [REPORT_NAME, "safety_merge_config.yaml", "README.md"]
                 if finalize is not None:
                     result.files += finalize(tmp)
