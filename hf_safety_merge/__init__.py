@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .training import SafetyPeftMixin, add_safety_mixin
     from .training.asft import AsFTConfig, AsFTTrainer
     from .training.safekey import SafeKeyConfig, SafeKeyTrainer
-    from .training.safekey_data import prepare_safekey_dataset
+    from .training.safekey.data import prepare_safekey_dataset
 
 # Names whose modules need the optional extras (trl, evaluation deps): imported on first use.
 _LAZY = {
@@ -36,7 +36,7 @@ _LAZY = {
     "SafetyPeftMixin": "hf_safety_merge.training",
     "add_safety_mixin": "hf_safety_merge.training",
     "evaluate_safety": "hf_safety_merge.eval",
-    "prepare_safekey_dataset": "hf_safety_merge.training.safekey_data",
+    "prepare_safekey_dataset": "hf_safety_merge.training.safekey.data",
 }
 
 

@@ -6,12 +6,12 @@ root imports it, so a sink is always there); a caller may register another (e.g.
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 from typing import Any, Protocol
 
 
 class Card(Protocol):
-    def save(self, filepath: str | os.PathLike[str]) -> None: ...
+    def save(self, filepath: Path) -> None: ...
 
 
 class CardSink(Protocol):
