@@ -22,6 +22,26 @@ def finish_distributed() -> None:
         dist.destroy_process_group()
 
 
+def load_script_data(args: Any, command: str) -> Any:
+    """`datasets.load_dataset` of `--dataset_name`: a Hub id or a local folder, or one local
+    .jsonl/.json/.csv/.parquet file (as split `--dataset_train_split`); `--dataset_streaming` where
+    the script has it."""
+    from pathlib import Path
+
+    from datasets import load_dataset
+
+    if not args.dataset_name:
+        raise SystemExit(f"hf-safety-merge {command}: --dataset_name is required (a Hub id, or a local folder or .jsonl/.csv/.json file)")
+    p = Path(args.dataset_name)
+    if p.is_file():
+        kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(p.suffix)
+        if kind is None:
+            raise SystemExit(f"hf-safety-merge {command}: cannot read {p}: expected a .jsonl, .json, .csv or .parquet file")
+        return load_dataset(kind, data_files={args.dataset_train_split: str(p)})
+    streaming = getattr(args, "dataset_streaming", None)
+    return load_dataset(args.dataset_name, name=args.dataset_config, **({} if streaming is None else {"streaming": streaming}))
+
+
 def publish_summary(trainer: Any, script_args: Any, training_args: Any, summary: dict[str, Any]) -> None:
     """On the main process: write the summary file, push if asked, print the summary as JSON."""
     import json

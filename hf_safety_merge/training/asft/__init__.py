@@ -1,17 +1,9 @@
-"""AsFT: anchoring safety during LoRA fine-tuning, as a TRL `SFTTrainer`.
+"""AsFT: anchoring safety during LoRA fine-tuning (`L = L_task + lambda * sum_l ||(I - C_l) B_l A_l||_F^2`).
 
-Loss per optimiser step: `L = L_task + lambda * sum_l ||(I - C_l) B_l A_l||_F^2`, where
-`C_l = V_l V_l^T / ||V_l||_F` (`V_l = W_aligned - W_base`, Safe LoRA's matrix) or a rank-`k`
-projector, for every LoRA-adapted module `l`. See :mod:`hf_safety_merge.training.asft.anchors` for the
-anchors and the cheap exact form of the penalty.
-
-Gradient accumulation and DDP: the penalty depends on the weights only, so it is identical for
-every micro-batch of an optimiser step and on every rank. `AsFTTrainer` adds
-`lambda * P / G` to each of the `G` micro-batches' losses (after whatever `Trainer` does to the
-task loss), so the accumulated gradient is `lambda * grad P` per optimiser step, whatever `G`; DDP
-averages identical penalty gradients across ranks, leaving them unchanged. The task loss itself is
-normalised exactly as `SFTTrainer` does (by the number of label tokens over the whole step and
-all ranks).
+Owns `AsFTConfig` (`config`), `AsFTTrainer` (`trainer`, the loss and its accumulation/DDP
+semantics), the alignment anchors `C_l` (`anchors`) and the PEFT mixin usable without a trainer
+(`peft_mixin`). May import `io`, `errors`, `validation`. The config and trainer need `trl` and
+load on first use; the anchors and the mixin need only `peft`.
 """
 
 from __future__ import annotations
