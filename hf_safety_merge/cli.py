@@ -1,4 +1,7 @@
-"""`hf-safety-merge` command line."""
+"""`hf-safety-merge` command line.
+
+Layer 7 (docs/architecture.md): may import anything; each sub-command imports its module on first use.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""`SafetyMergeConfig`: one declarative description of a safety merge (YAML or JSON)."""
+"""`SafetyMergeConfig`: one declarative description of a safety merge (YAML or JSON).
+
+Layer 3 (docs/architecture.md): may import the method registry `merge.base`, `mergekit_config`, `calibrate.config`, `io`, `errors`, `validation`; knows no method code.
+"""
 
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ models:
     parameters: {weight: 1.0, density: 0.5}
 dtype: bfloat16               # -> dtype (out_dtype wins)
 ```
+
+Layer 2 (docs/architecture.md): imports `errors` only; `SafetyMergeConfig.from_dict` calls it with its field names.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 They are genuine transformers models saved with `save_pretrained` as safetensors, so every
 code path (headers, shards, index, config, loading back with `from_pretrained`) is the real one.
+
+Layer 0 (docs/architecture.md): imports nothing from the package.
 """
 
 from __future__ import annotations

@@ -4,5 +4,5 @@ Owns: header-first safetensors reads and shard-by-shard writes (`safetensors_str
 sources over local folders, pickles and LoRA adapters (`checkpoints`), Hub resolve / header-first
 remote reads / atomic pushes and `open_checkpoint` (`hub`), atomic output folders (`output`),
 tensor-name filters (`filters`) and the card sink interface that higher layers implement
-(`sink`). May import only `errors` and `validation`.
+(`sink`). Layer 1 (docs/architecture.md): may import only `errors` and `validation`.
 """

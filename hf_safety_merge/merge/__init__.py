@@ -2,7 +2,8 @@
 
 Owns: the registry and method interface (`base`), one file per method (`enchtable`,
 `task_arithmetic`, `safe_lora`, `ties_dare`), their pure tensor maths
-(`interference`) and the engine (`engine`). May import `io`, `config`, `vectors`, `errors`,
+(`interference`) and the engine (`engine`). Layer 2 for the registry and the method files, layer 5
+for the engine and this package (docs/architecture.md): may import `io`, `config`, `vectors`, `errors`,
 `validation`; cards are written through `io.sink`, never imported.
 """
 

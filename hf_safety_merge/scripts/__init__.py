@@ -1,7 +1,10 @@
 """TRL-style training scripts, installed with the package: `hf-safety-merge asft`,
 `hf-safety-merge safekey` and `hf-safety-merge distill` parse their flags with `TrlParser`
 (every dataclass field is a flag, `--config` YAML keys equal the flags), like `trl sft`.
-`examples/train_*.py` are thin wrappers around these modules. They need the `[train]` extra."""
+`examples/train_*.py` are thin wrappers around these modules. They need the `[train]` extra.
+
+Layer 7 (docs/architecture.md): thin entry points over `training` and `distill`.
+"""
 
 from collections.abc import Callable
 from typing import Any

@@ -1,7 +1,7 @@
 """Safety-preserving fine-tuning: AsFT and SafeKey as TRL trainers, and a PEFT mixin usable without them.
 
 Owns `asft/` (config, trainer, anchors, the PEFT mixin) and `safekey/` (config, data, collator,
-heads, trainer). May import `io`, `errors` and `validation` only: training never needs the merge
+heads, trainer). Layer 2 (docs/architecture.md): may import `io`, `errors` and `validation` only: training never needs the merge
 pipeline.
 
 - :class:`AsFTConfig` / :class:`AsFTTrainer`: `SFTConfig` / `SFTTrainer` plus the AsFT

@@ -1,7 +1,7 @@
 """Safety vectors: `Delta_s = theta_aligned - theta_reference` over a chosen set of tensors.
 
 Owns the vector (`vector`: compute, save, load, push), its folder's file names (`files`) and the
-EnchTable subspace cache stored with it (`subspace_cache`). May import `io`, `errors` and the
+EnchTable subspace cache stored with it (`subspace_cache`). Layer 4 (docs/architecture.md): may import `io`, `errors` and the
 pure maths of `merge.interference`; its card is written through `io.sink`.
 
 A safety vector folder holds `safety_vector.safetensors` (or shards plus an index),

@@ -2,7 +2,7 @@
 
 Owns `AsFTConfig` (`config`), `AsFTTrainer` (`trainer`, the loss and its accumulation/DDP
 semantics), the alignment anchors `C_l` (`anchors`) and the PEFT mixin usable without a trainer
-(`peft_mixin`). May import `io`, `errors`, `validation`. The config and trainer need `trl` and
+(`peft_mixin`). Layer 2 (docs/architecture.md): may import `io`, `errors`, `validation`. The config and trainer need `trl` and
 load on first use; the anchors and the mixin need only `peft`.
 """
 

@@ -28,6 +28,10 @@ auxiliary losses are per-micro-batch means, divided by the number of accumulatio
 `Trainer` does not do it, so each weight means the same per optimiser step whatever the
 accumulation. DDP: the heads are not part of the DDP-wrapped model; their gradients are averaged
 over processes just before each optimiser step.
+
+Files: `config` (SafeKeyConfig), `data` (rendering and U/K spans, no `trl` needed), `collator`
+(the query mask and the batch), `heads` (the dual-path head), `trainer` (SafeKeyTrainer). Layer 2
+(docs/architecture.md): may import `errors` only.
 """
 
 from __future__ import annotations
