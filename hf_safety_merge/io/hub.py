@@ -308,6 +308,16 @@ class HubCheckpoint(TensorSource):
         self._reader.close()
 
 
+def _local_path(ref: str) -> Path | None:
+    """`ref` as an existing local path, or None when it is a Hub repo id (neither: `CheckpointError`)."""
+    p = Path(ref).expanduser()
+    if p.exists():
+        return p
+    if not is_repo_id(ref):
+        raise CheckpointError(f"{ref}: no such file or folder (and not a valid Hub repo id)")
+    return None
+
+
 def resolve_checkpoint(
     ref: str,
     *,
@@ -322,11 +332,9 @@ def resolve_checkpoint(
     files, config and tokenizer; the HF cache and `HF_HUB_OFFLINE=1` are honoured. Prefer
     `open_remote` for weights, which validates headers before downloading.
     """
-    p = Path(ref).expanduser()
-    if p.exists():
+    p = _local_path(ref)
+    if p is not None:
         return p, str(p)
-    if not is_repo_id(ref):
-        raise CheckpointError(f"{ref}: no such file or folder (and not a valid Hub repo id)")
     from huggingface_hub import snapshot_download
 
     patterns = [f"{prefix}*.safetensors", f"{prefix}*.safetensors.index.json", "*.json", *AUX_PATTERNS]
@@ -350,10 +358,8 @@ def open_remote(
 
     Offline (`HF_HUB_OFFLINE=1`), the repo is read from the local HF cache instead.
     """
-    if Path(ref).expanduser().exists():
+    if _local_path(ref) is not None:
         return None
-    if not is_repo_id(ref):
-        raise CheckpointError(f"{ref}: no such file or folder (and not a valid Hub repo id)")
     if _offline() or allow_pickle:
         return None  # resolve from the cache / full snapshot
     return HubCheckpoint(ref, revision=revision, prefix=prefix, aux_files=aux_files)
