@@ -43,11 +43,19 @@ _LAZY = {
 }
 
 
+#: Modules that moved to `io/`: `hf_safety_merge.hub` etc. stay reachable as attributes too.
+_MOVED = ("checkpoints", "filters", "hub", "output", "safetensors_stream")
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _MOVED:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -8,8 +8,9 @@ What does not count:
 - `from hf_safety_merge import __version__` (a string constant: setup.cfg reads it statically
   from the package root, so it has to live there);
 - the implicit execution of a parent package's `__init__` when a submodule is imported;
-- imports made by name at run time (`importlib.import_module("...")`): the library has none that
-  cross layers (the CLI's lazy sub-commands and the eval metric path stay within their layer).
+- imports made by name at run time (`importlib.import_module(...)`): the lazy names of `trl`-only
+  classes in `training` and the package root, and the old module paths kept reachable as attributes
+  (`hf_safety_merge.hub`, ...), which resolve within the same package or downwards.
 
 Rules: (a) no import cycle between modules; (b) no module imports a module of a higher layer
 (LAYERS below; a module's layer is that of its longest listed prefix, every module must have

@@ -7,6 +7,8 @@ for the engine and this package (docs/architecture.md): may import `io`, `config
 `validation`; cards are written through `io.sink`, never imported.
 """
 
+from typing import Any
+
 from . import enchtable, safe_lora, task_arithmetic, ties_dare  # noqa: F401  (register the methods)
 from .base import MergeMethod, available_methods, build_method, get_method_class, register
 from .engine import MergeResult, merge
@@ -24,3 +26,11 @@ __all__ = [
     "register",
     "safe_lora_project",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "methods":  # the old all-methods module, reachable as an attribute too
+        import importlib
+
+        return importlib.import_module(f"{__name__}.methods")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

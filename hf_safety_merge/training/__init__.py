@@ -61,4 +61,8 @@ def __getattr__(name: str) -> Any:
         from . import safekey
 
         return getattr(safekey, name)
+    if name in ("anchors", "peft_mixin", "safekey_data"):  # moved modules, reachable as attributes too
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
