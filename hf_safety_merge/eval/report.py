@@ -90,17 +90,17 @@ class ModelReport:
         return "\n".join(lines)
 
 
+def _pct(r: Rate | None) -> str:
+    if r is None or r.n == 0:
+        return "n/a"
+    return f"{100 * r.value:.1f} [{100 * r.low:.1f}, {100 * r.high:.1f}]"
+
+
 def _save_figure(plt: Any, fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def _pct(r: Rate | None) -> str:
-    if r is None or r.n == 0:
-        return "n/a"
-    return f"{100 * r.value:.1f} [{100 * r.low:.1f}, {100 * r.high:.1f}]"
 
 
 @dataclass
