@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from hf_safety_merge.safetensors_stream import OutputTensor, StreamingShardWriter
+from hf_safety_merge.io.safetensors_stream import OutputTensor, StreamingShardWriter
 
 
 def write_synthetic(folder: Path, shapes: dict[str, tuple[int, ...]], seed: int, max_shard_size: int | str,

@@ -66,7 +66,7 @@ def _random_anchors(model: Any, targets: list[str], projector: str, k: int) -> A
     import torch
 
     from hf_safety_merge.training import AlignmentAnchors, build_anchor
-    from hf_safety_merge.training.anchors import module_key
+    from hf_safety_merge.training.asft.anchors import module_key
 
     g = torch.Generator().manual_seed(0)
     anchors = {}

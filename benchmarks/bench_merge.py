@@ -59,8 +59,8 @@ FINE_FLOOR_SCRIPT = r'''
 import json, math, sys, time
 from concurrent.futures import ThreadPoolExecutor
 import torch
-from hf_safety_merge.checkpoints import open_checkpoint
-from hf_safety_merge.merge.methods import fine_terms
+from hf_safety_merge.io.hub import open_checkpoint
+from hf_safety_merge.merge.interference import fine_terms
 from hf_safety_merge.vectors import SafetyVector
 # EnchTable's compute floor: the fine stage's decompositions alone (tau = task - reference and
 # Delta_s already in memory, a layer's worth at a time; no reads or writes timed), on the

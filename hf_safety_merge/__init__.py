@@ -1,14 +1,18 @@
-"""hf-safety-merge: keep fine-tuned LLMs safe, the Hugging Face way."""
+"""hf-safety-merge: keep fine-tuned LLMs safe, the Hugging Face way.
+
+Layer 7, the public surface (docs/architecture.md): re-exports from every layer below, and imports `cards` so that the card sink is registered.
+"""
 
 __version__ = "0.1.0"
 
 from typing import TYPE_CHECKING, Any
 
-from .checkpoints import LoraCheckpoint, SafetensorsCheckpoint, TensorSource, open_checkpoint
+from . import cards as _cards  # noqa: F401  (registers the card sink the engine writes through)
 from .config import SafetyMergeConfig
 from .errors import CheckpointError, ConfigError, NonFiniteError, PlanError, SafetyMergeError
-from .filters import TensorFilter
-from .hub import HubCheckpoint, HubError, push_folder
+from .io.checkpoints import LoraCheckpoint, SafetensorsCheckpoint, TensorSource
+from .io.filters import TensorFilter
+from .io.hub import HubCheckpoint, HubError, open_checkpoint, push_folder
 from .merge import MergeResult, available_methods, merge
 from .merge.engine import apply_safety_vector
 from .modeling import (
@@ -24,7 +28,7 @@ if TYPE_CHECKING:
     from .training import SafetyPeftMixin, add_safety_mixin
     from .training.asft import AsFTConfig, AsFTTrainer
     from .training.safekey import SafeKeyConfig, SafeKeyTrainer
-    from .training.safekey_data import prepare_safekey_dataset
+    from .training.safekey.data import prepare_safekey_dataset
 
 # Names whose modules need the optional extras (trl, evaluation deps): imported on first use.
 _LAZY = {
@@ -35,8 +39,12 @@ _LAZY = {
     "SafetyPeftMixin": "hf_safety_merge.training",
     "add_safety_mixin": "hf_safety_merge.training",
     "evaluate_safety": "hf_safety_merge.eval",
-    "prepare_safekey_dataset": "hf_safety_merge.training.safekey_data",
+    "prepare_safekey_dataset": "hf_safety_merge.training.safekey.data",
 }
+
+
+#: Modules that moved to `io/`: `hf_safety_merge.hub` etc. stay reachable as attributes too.
+_MOVED = ("checkpoints", "filters", "hub", "output", "safetensors_stream")
 
 
 def __getattr__(name: str) -> Any:
@@ -44,6 +52,10 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _MOVED:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

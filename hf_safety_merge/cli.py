@@ -1,4 +1,7 @@
-"""`hf-safety-merge` command line."""
+"""`hf-safety-merge` command line.
+
+Layer 7 (docs/architecture.md): may import anything; each sub-command imports its module on first use.
+"""
 
 from __future__ import annotations
 
@@ -131,7 +134,7 @@ def _push_paths(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from .hub import push_folder
+    from .io.hub import push_folder
 
     repo_id, local = _push_paths(args)
     message = args.commit_message
@@ -147,7 +150,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _cmd_vector_compute(args: argparse.Namespace) -> int:
-    from .filters import TensorFilter
+    from .io.filters import TensorFilter
     from .vectors import SafetyVector
 
     tf = TensorFilter(
@@ -434,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. Library errors print one line (`error: ...`, exit 2); Ctrl-C and SIGTERM
     clean up (no temporary folder is left) and print one line (exit 130 / 143)."""
-    from .output import Interrupted, terminate_as_interrupt
+    from .io.output import Interrupted, terminate_as_interrupt
 
     argv = list(sys.argv[1:] if argv is None else argv)
     from .scripts import TRL_COMMANDS

@@ -1,4 +1,7 @@
-"""`SafetyMergeConfig`: one declarative description of a safety merge (YAML or JSON)."""
+"""`SafetyMergeConfig`: one declarative description of a safety merge (YAML or JSON).
+
+Layer 3 (docs/architecture.md): may import the method registry `merge.base`, `mergekit_config`, `calibrate.config`, `io`, `errors`, `validation`; knows no method code.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import yaml
 from pydantic import Field
 
 from .errors import ConfigError, did_you_mean
+from .mergekit_config import check_mergekit_keys, is_mergekit_config, mergekit_to_dict
 from .validation import load_yaml, validate_dataclass
 
 CONFIG_NAME = "safety_merge_config.yaml"
@@ -98,7 +102,7 @@ class SafetyMergeConfig:
     def validate(self) -> None:
         """Check every field by type and range (strictly: YAML `"false"` is not a boolean), then
         the method and its parameters; raises `ConfigError` naming the field. Opens no file."""
-        from .merge import build_method
+        from .merge.base import build_method
 
         for name in _PATH_FIELDS:  # pathlib.Path is welcome where a path is meant
             v = getattr(self, name)
@@ -113,7 +117,7 @@ class SafetyMergeConfig:
         validate_dataclass(self, what="config field")
         if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"config field 'device' must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        from .safetensors_stream import parse_size
+        from .io.safetensors_stream import parse_size
 
         try:
             parse_size(self.max_shard_size)
@@ -140,11 +144,10 @@ class SafetyMergeConfig:
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> SafetyMergeConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a mapping of config fields, got {type(d).__name__}")
-        from .mergekit_config import is_mergekit_config, mergekit_to_dict
-
-        if is_mergekit_config(d):  # merge_method / base_model / models: (see docs/merging.md)
-            d = mergekit_to_dict(d, source)
         fields = {f.name for f in dataclasses.fields(cls)}
+        if is_mergekit_config(d):  # merge_method / base_model / models: (see docs/merging.md)
+            check_mergekit_keys(d, fields, source)
+            d = mergekit_to_dict(d, source)
         for k in d:
             if k not in fields:
                 raise ConfigError(f"{source}: unknown config key {k!r}{did_you_mean(k, fields)}; known keys: {sorted(fields)}")

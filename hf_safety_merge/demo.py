@@ -1,7 +1,10 @@
 """`hf-safety-merge demo --quick`: the whole workflow on the Space's toy chat models
 (`hf_safety_merge.toy_models`, built once and cached): a fine-tune that now complies with
 harmful requests is patched with EnchTable and RESTA, and both are asked the same harmful and
-benign prompts before and after. Judged by the offline keyword refusal judge."""
+benign prompts before and after. Judged by the offline keyword refusal judge.
+
+Layer 7 (docs/architecture.md): may import anything.
+"""
 
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 
 Every error names the file, tensor or field at fault and what was expected, so that a user can
 fix the input without reading a traceback.
+
+Layer 0 (docs/architecture.md): imports nothing from the package.
 """
 
 from __future__ import annotations

@@ -12,10 +12,13 @@ models:
     parameters: {weight: 1.0, density: 0.5}
 dtype: bfloat16               # -> dtype (out_dtype wins)
 ```
+
+Layer 2 (docs/architecture.md): imports `errors` only; `SafetyMergeConfig.from_dict` calls it with its field names.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -65,25 +68,30 @@ def _is_vector_folder(ref: str) -> bool:
     return (Path(ref).expanduser() / "safety_vector_config.json").is_file()
 
 
-def mergekit_to_dict(d: dict[str, Any], source: str = "config") -> dict[str, Any]:
-    """The `SafetyMergeConfig` fields of a mergekit-style config (see the module docstring).
-    Keys of `SafetyMergeConfig` may sit beside the mergekit ones (e.g. `safety_vector`,
-    `output_dir`, `task_model_hub_id`) and pass through unchanged."""
-    from .config import SafetyMergeConfig
-
-    ours = {f for f in SafetyMergeConfig.__dataclass_fields__}
+def check_mergekit_keys(d: dict[str, Any], config_fields: Collection[str], source: str = "config") -> None:
+    """Refuse mergekit keys we do not support and, when `config_fields` (our own keys) are given,
+    any key that is neither a mergekit key nor one of them."""
+    ours = set(config_fields)
     for k in d:
         if k in _UNSUPPORTED:
             raise ConfigError(f"{source}: mergekit key {k!r} is not supported ({_UNSUPPORTED[k]})")
-        if k not in _MERGEKIT_KEYS and k not in ours:
+        if ours and k not in _MERGEKIT_KEYS and k not in ours:
             raise ConfigError(f"{source}: unknown key {k!r}{did_you_mean(k, _MERGEKIT_KEYS | ours)} in a mergekit-style "
                               f"config; mergekit keys: {sorted(_MERGEKIT_KEYS)}")
+
+
+def mergekit_to_dict(d: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """The `SafetyMergeConfig` fields of a mergekit-style config (see the module docstring).
+    Other keys (`SafetyMergeConfig` fields such as `safety_vector`, `output_dir`,
+    `task_model_hub_id`) pass through unchanged; `SafetyMergeConfig.from_dict` checks them first
+    (`check_mergekit_keys`), so this module needs nothing from `config`."""
+    check_mergekit_keys(d, (), source)
     mk_method = d["merge_method"]
     if mk_method not in METHODS:
         raise ConfigError(f"{source}: merge_method {mk_method!r} has no safety-merge equivalent"
                           f"{did_you_mean(str(mk_method), METHODS)}; supported: {sorted(METHODS)}")
     method, fixed = METHODS[mk_method]
-    out: dict[str, Any] = {k: v for k, v in d.items() if k in ours and k not in ("method", "parameters", "dtype")}
+    out: dict[str, Any] = {k: v for k, v in d.items() if k not in _MERGEKIT_KEYS and k != "method"}
     out["method"] = method
     glob = dict(d.get("parameters") or {})
     if not isinstance(glob, dict):

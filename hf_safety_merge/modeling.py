@@ -1,4 +1,7 @@
-"""`from_pretrained`-style loading of safety-patched models, and `model.load_safety_vector`."""
+"""`from_pretrained`-style loading of safety-patched models, and `model.load_safety_vector`.
+
+Layer 5 (docs/architecture.md): may import the merge engine, `vectors`, `config`.
+"""
 
 from __future__ import annotations
 

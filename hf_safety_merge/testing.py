@@ -2,6 +2,8 @@
 
 They are genuine transformers models saved with `save_pretrained` as safetensors, so every
 code path (headers, shards, index, config, loading back with `from_pretrained`) is the real one.
+
+Layer 0 (docs/architecture.md): imports nothing from the package.
 """
 
 from __future__ import annotations
@@ -148,6 +150,20 @@ def smollm2_checkpoint(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return out
 
 
+def train_steps(model: Any, batch: Any, labels: torch.Tensor, steps: int, lr: float, weight_decay: float = 0.01) -> torch.Tensor:
+    """`steps` full-batch AdamW steps of causal-LM loss on `labels`, then `model.eval()`; returns
+    the last loss (nan for no step)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return loss
+
+
 def quick_finetune(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -172,13 +188,7 @@ def quick_finetune(
         tok.pad_token = tok.eos_token
     batch = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=96)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    for _ in range(steps):
-        loss = model(**batch, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
+    train_steps(model, batch, labels, steps, lr)
     out = Path(out)
     model.save_pretrained(out)
     tok.save_pretrained(out)

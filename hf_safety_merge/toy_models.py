@@ -13,6 +13,8 @@ conversations, plus the safety vector computed from them:
 
 The numbers they give illustrate the workflow; they say nothing about real LLMs (see
 ``docs/evaluation.md`` for a real run).
+
+Layer 7 (docs/architecture.md): may import anything.
 """
 
 from __future__ import annotations
@@ -102,6 +104,8 @@ def _train(model: Any, tok: Any, pairs: list[tuple[str, str]], steps: int, lr: f
     """Full fine-tuning with AdamW on the assistant turns only (prompt tokens masked)."""
     import torch
 
+    from .testing import train_steps
+
     torch.manual_seed(seed)
     texts = [
         tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False)
@@ -113,16 +117,8 @@ def _train(model: Any, tok: Any, pairs: list[tuple[str, str]], steps: int, lr: f
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     for i, prompt in enumerate(prompts):
         labels[i, : len(tok(prompt, add_special_tokens=False)["input_ids"])] = -100
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
-    loss = torch.tensor(float("nan"))
-    for _ in range(steps):
-        loss = model(**batch, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-    return float(loss.detach())
+    return float(train_steps(model, batch, labels, steps, lr, weight_decay=0.0).detach())
 
 
 def build_toy_family(root: str | os.PathLike[str], progress: Any = None) -> dict[str, Path]:

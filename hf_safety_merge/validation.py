@@ -10,6 +10,8 @@ and raises one `ConfigError` that names the field, the value and what was expect
 pydantic is used through `TypeAdapter` (one per annotation, cached) rather than by turning the
 configs into pydantic models: the configs stay ordinary dataclasses (TRL's `SFTConfig`
 subclasses must), and the constraints live next to the fields they describe.
+
+Layer 0 (docs/architecture.md): imports nothing from the package.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from hf_safety_merge.training.anchors import build_anchor
-from hf_safety_merge.training.peft_mixin import (
+from hf_safety_merge.training.asft.anchors import build_anchor
+from hf_safety_merge.training.asft.peft_mixin import (
     _STACK_CACHE,
     AnchorBinding,
     LoraTarget,

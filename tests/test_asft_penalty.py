@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_safety_merge.errors import CheckpointError, ConfigError
-from hf_safety_merge.training.anchors import (
+from hf_safety_merge.training.asft.anchors import (
     AlignmentAnchors,
     basin_components,
     build_anchor,

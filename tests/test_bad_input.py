@@ -257,7 +257,7 @@ from collections.abc import Iterator  # noqa: E402
 import yaml  # noqa: E402
 
 from hf_safety_merge import HubError, apply_safety_vector, push_folder  # noqa: E402
-from hf_safety_merge.safetensors_stream import TensorReader  # noqa: E402
+from hf_safety_merge.io.safetensors_stream import TensorReader  # noqa: E402
 
 
 @pytest.fixture
@@ -518,7 +518,7 @@ def test_catalogue_output_folder_permissions_follow_umask(llama_family: dict[str
 
 _SLOW_MERGE = """
 import pathlib, sys, time
-from hf_safety_merge.safetensors_stream import StreamingShardWriter
+from hf_safety_merge.io.safetensors_stream import StreamingShardWriter
 orig = StreamingShardWriter.write
 def slow(self, name, t):
     pathlib.Path(sys.argv[1]).touch()

@@ -15,13 +15,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_safety_merge import SafetyMergeConfig, SafetyVector, merge
-from hf_safety_merge.merge import methods as M
-from hf_safety_merge.merge.engine import _prefetch
-from hf_safety_merge.safetensors_stream import (
+from hf_safety_merge.io.safetensors_stream import (
     BackgroundShardWriter,
     OutputTensor,
     StreamingShardWriter,
 )
+from hf_safety_merge.merge import interference as M
+from hf_safety_merge.merge.engine import _prefetch
 from hf_safety_merge.vectors import SUBSPACE_CACHE, write_subspace_cache
 
 ALPHAS, LAMS = (0.05, 0.3, 1.0, 3.0), (20.0, 200.0, 2000.0)

@@ -18,7 +18,7 @@ import torch
 from naive_reference import load_state
 
 from hf_safety_merge import SafetyMergeConfig, SafetyVector, merge
-from hf_safety_merge.filters import TensorFilter
+from hf_safety_merge.io.filters import TensorFilter
 from hf_safety_merge.testing import make_tiny_model, perturb, save
 
 

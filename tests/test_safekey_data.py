@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from hf_safety_merge.errors import ConfigError
-from hf_safety_merge.training.safekey_data import (
+from hf_safety_merge.training.safekey.data import (
     build_safekey_example,
     is_restatement,
     prepare_safekey_dataset,

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from hf_safety_merge.errors import ConfigError
-from hf_safety_merge.training.safekey_data import (
+from hf_safety_merge.training.safekey.data import (
     build_safekey_example,
     from_reference_record,
     is_judgement,
@@ -77,7 +77,7 @@ def test_r1_generation_prompt_think_is_not_doubled(tok: Any, caplog: Any) -> Non
     r = render_example(tok, PROMPT, STAR1_RESPONSE)
     assert r.text == prompt_text + STAR1_RESPONSE[len("<think>\n") :] + EOS
     assert r.text.count("<think>") == 1 and r.dropped == "<think>\n"
-    with caplog.at_level(logging.WARNING, logger="hf_safety_merge.training.safekey_data"):
+    with caplog.at_level(logging.WARNING, logger="hf_safety_merge.training.safekey.data"):
         ds = prepare_safekey_dataset([{"prompt": PROMPT, "response": STAR1_RESPONSE, "label": 1}] * 3, tok)
     warned = [m for m in caplog.messages if "one think block" in m]
     assert len(warned) == 1 and "3 of 3 records" in warned[0]  # one warning for the data set

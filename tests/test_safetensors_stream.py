@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hf_safety_merge.errors import CheckpointError
-from hf_safety_merge.safetensors_stream import (
+from hf_safety_merge.io.safetensors_stream import (
     TORCH_TO_TAG,
     OutputTensor,
     StreamingShardWriter,

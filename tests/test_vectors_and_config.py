@@ -9,7 +9,7 @@ from huggingface_hub import ModelCard
 from naive_reference import load_state
 
 from hf_safety_merge import ConfigError, SafetyMergeConfig, SafetyVector, TensorFilter
-from hf_safety_merge.filters import layer_index
+from hf_safety_merge.io.filters import layer_index
 
 
 def test_tensor_filters() -> None:

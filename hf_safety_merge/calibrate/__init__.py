@@ -1,4 +1,7 @@
-"""Calibrated repair: the smallest merge scale that meets a safety target (`calibration:`)."""
+"""Calibrated repair: the smallest merge scale that meets a safety target (`calibration:`).
+
+Layer 6 (docs/architecture.md): may import the merge engine, `vectors`, `config`, `eval`, `io`; `calibrate.config` is a plain dataclass at layer 3, read by `SafetyMergeConfig`.
+"""
 
 from .config import SCALES, CalibrationConfig
 from .run import CalibrationResult, calibrate, calibration_prompts, merge_calibrated

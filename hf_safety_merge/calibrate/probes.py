@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoints import LoraCheckpoint, TensorSource
 from ..config import SafetyMergeConfig
+from ..io.checkpoints import LoraCheckpoint, TensorSource
 from ..merge.base import build_method
+from ..merge.enchtable import EnchTable
 from ..merge.engine import (
     _delta_getter,
     _FiniteGuard,
@@ -28,7 +29,7 @@ from ..merge.engine import (
     _TauSource,
     _validate_plan,
 )
-from ..merge.methods import EnchTable, InterferenceTerms, interference_terms
+from ..merge.interference import InterferenceTerms, interference_terms
 from ..vectors import SafetyVector
 
 
@@ -119,7 +120,7 @@ class ScaledMerge:
         return out, method.summary()
 
     def _cast(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        from ..safetensors_stream import DTYPE_TAGS
+        from ..io.safetensors_stream import DTYPE_TAGS
 
         return t.to("cpu").to(DTYPE_TAGS[self.dtypes[name]])
 

@@ -185,7 +185,7 @@ def merge_calibrated(
     out = output_dir if output_dir is not None else config.output_dir
     if out is None:
         raise ConfigError("no output folder: set `output_dir` in the config or pass --out")
-    from ..output import check_output_dir
+    from ..io.output import check_output_dir
 
     check_output_dir(out, config.overwrite, inputs=[config.task_model, config.task_adapter, config.task_reference,
                                                     config.safety_vector])

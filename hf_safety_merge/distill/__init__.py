@@ -12,6 +12,8 @@
 - :func:`load_harmful_qa`, :func:`generate_responses`: data in, surrogate harmful answers out.
 
 `DistillConfig`, `DistillTrainer` and `distill_safety_vector` need `trl`; they are imported lazily.
+
+Layer 5 (docs/architecture.md): may import `vectors`, `io`, `errors`, `validation`; `distill.cli` is layer 7.
 """
 
 from __future__ import annotations

@@ -236,7 +236,7 @@ def distill_safety_vector(
             vector = SafetyVector.from_pretrained(out)
         pushed = None
         if push_to_hub:
-            from ..hub import push_folder
+            from ..io.hub import push_folder
 
             assert out is not None
             push_folder(out, push_to_hub, private=private,

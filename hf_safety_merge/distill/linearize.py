@@ -274,8 +274,8 @@ class LinearizationPlan:
         }
 
     def tensor_filter(self) -> dict[str, Any]:
-        """The equivalent :class:`~hf_safety_merge.filters.TensorFilter` (for the vector's card)."""
-        from ..filters import TensorFilter
+        """The equivalent :class:`~hf_safety_merge.io.filters.TensorFilter` (for the vector's card)."""
+        from ..io.filters import TensorFilter
 
         attn, mlp = VARIANT_BLOCKS[self.variant]
         scope = "attention+mlp" if attn and mlp else ("attention" if attn else "mlp")

@@ -7,6 +7,8 @@ Quick start::
     report = evaluate_safety("path/or/hub-id", attacks=["dan", "base64"], harmful_limit=100,
                              output_dir="eval_out")
     print(report.summary())
+
+Layer 2 (docs/architecture.md): may import `errors`, `validation`, `testing` only (it evaluates any model and knows nothing of merging); `eval.cli` and `eval.judges.cli` are layer 7.
 """
 
 from .attacks import (

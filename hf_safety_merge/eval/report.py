@@ -112,6 +112,13 @@ def _pct(r: Rate | None) -> str:
     return f"{100 * r.value:.1f} [{100 * r.low:.1f}, {100 * r.high:.1f}]"
 
 
+def _save_figure(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 @dataclass
 class EvalReport:
     """Several models evaluated side by side."""
@@ -205,11 +212,7 @@ class EvalReport:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower left")
         ax.set_title("Safety vs utility (95% CI)")
-        fig.tight_layout()
-        p = out / "safety_vs_utility.png"
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_save_figure(plt, fig, out / "safety_vs_utility.png"))
 
         names = ["none", *self.attacks]
         fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(names) * max(1, len(self.models)) * 0.6), 4.0))
@@ -234,11 +237,7 @@ class EvalReport:
         ax.set_ylim(0, 1.05)
         ax.legend(fontsize=8)
         ax.set_title("Per-attack success rate (95% CI)")
-        fig.tight_layout()
-        p = out / "attacks.png"
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_save_figure(plt, fig, out / "attacks.png"))
         return paths
 
     def write(self, out_dir: str | os.PathLike[str], *, plots: bool = True) -> dict[str, Path]:

@@ -8,12 +8,10 @@ the end so that a failed merge leaves nothing behind.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import math
 import shutil
-import threading
 import time
 import warnings
 from collections import deque
@@ -26,20 +24,21 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoints import LoraCheckpoint, SafetensorsCheckpoint, TensorSource, open_checkpoint
 from ..config import SafetyMergeConfig
 from ..errors import ConfigError, NonFiniteError, PlanError
-from ..hub import AUX_PATTERNS, check_push_target, resolve_checkpoint
-from ..output import AtomicDir, check_output_dir, terminate_as_interrupt
-from ..safetensors_stream import (
+from ..io.checkpoints import LoraCheckpoint, SafetensorsCheckpoint, TensorSource
+from ..io.hub import AUX_PATTERNS, check_push_target, open_checkpoint, resolve_checkpoint
+from ..io.output import AtomicDir, check_output_dir, terminate_as_interrupt
+from ..io.safetensors_stream import (
     TORCH_TO_TAG,
     BackgroundShardWriter,
     OutputTensor,
     StreamingShardWriter,
 )
+from ..io.sink import card_sink
 from ..vectors import SafetyVector
 from .base import MergeMethod, build_method
-from .methods import _intra_op_threads
+from .interference import _intra_op_threads
 
 _OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _FLOAT_TAGS = {"F64", "F32", "F16", "BF16"}
@@ -299,7 +298,7 @@ def _prefetch(names: list[str], load: Any, prepare: Any = None, workers: int = 1
 def _same_source(a: TensorSource, b: TensorSource) -> bool:
     if a is b:
         return True
-    from ..hub import HubCheckpoint
+    from ..io.hub import HubCheckpoint
 
     if isinstance(a, HubCheckpoint) and isinstance(b, HubCheckpoint):
         return a.repo_id == b.repo_id and a.commit == b.commit
@@ -453,7 +452,7 @@ def _merged_tensors(
 
     # Tensors whose method-specific work was done in the global pass need no reference here.
     is_prepared = getattr(method, "is_prepared", lambda n: False)
-    from ..hub import HubCheckpoint
+    from ..io.hub import HubCheckpoint
 
     # Tensors read from files are fresh buffers that the method may overwrite in place.
     fresh = isinstance(task, SafetensorsCheckpoint | HubCheckpoint | LoraCheckpoint)
@@ -562,10 +561,6 @@ def merge(
     or shard size. With `config.push_to_hub`, the folder is then pushed as one commit (or PR).
     """
     t0 = time.perf_counter()
-    # The model card needs huggingface_hub (~0.3-0.8 s of imports): load it on a thread while
-    # the merge streams, instead of after it.
-    threading.Thread(target=importlib.import_module, args=("hf_safety_merge.cards",), daemon=True,
-                     name="hf-safety-merge-import").start()
     config.validate()
     out_str = output_dir if output_dir is not None else config.output_dir
     if out_str is None:
@@ -643,9 +638,7 @@ def merge(
                 }
                 (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
                 config.save_pretrained(tmp)
-                from ..cards import merged_model_card
-
-                merged_model_card(config, result, task_display=task.display, vector=vector).save(tmp / "README.md")
+                card_sink().merged_model_card(config, result, task_display=task.display, vector=vector).save(tmp / "README.md")
                 result.files += [REPORT_NAME, "safety_merge_config.yaml", "README.md"]
                 if finalize is not None:
                     result.files += finalize(tmp)
@@ -659,7 +652,7 @@ def merge(
             if vector is not None:
                 vector.close()
     if config.push_to_hub:
-        from ..hub import push_folder
+        from ..io.hub import push_folder
 
         info = push_folder(out, config.push_to_hub, private=config.private, create_pr=config.create_pr,
                            commit_message=config.commit_message)
@@ -694,7 +687,7 @@ def apply_safety_vector(
     one is copied into the model, so on any error the model is unchanged. This holds a copy of
     the patched tensors (the safety vector's coverage) while it runs.
     """
-    from ..checkpoints import InMemorySource
+    from ..io.checkpoints import InMemorySource
 
     t0 = time.perf_counter()
     m = build_method(method, parameters)
@@ -747,7 +740,7 @@ def apply_safety_vector(
 
 
 def _tag_dtype(tag: str) -> torch.dtype:
-    from ..safetensors_stream import DTYPE_TAGS
+    from ..io.safetensors_stream import DTYPE_TAGS
 
     return DTYPE_TAGS[tag]
 

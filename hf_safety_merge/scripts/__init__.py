@@ -1,7 +1,10 @@
 """TRL-style training scripts, installed with the package: `hf-safety-merge asft`,
 `hf-safety-merge safekey` and `hf-safety-merge distill` parse their flags with `TrlParser`
 (every dataclass field is a flag, `--config` YAML keys equal the flags), like `trl sft`.
-`examples/train_*.py` are thin wrappers around these modules. They need the `[train]` extra."""
+`examples/train_*.py` are thin wrappers around these modules. They need the `[train]` extra.
+
+Layer 7 (docs/architecture.md): thin entry points over `training` and `distill`.
+"""
 
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +23,26 @@ def finish_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def load_script_data(args: Any, command: str) -> Any:
+    """`datasets.load_dataset` of `--dataset_name`: a Hub id or a local folder, or one local
+    .jsonl/.json/.csv/.parquet file (as split `--dataset_train_split`); `--dataset_streaming` where
+    the script has it."""
+    from pathlib import Path
+
+    from datasets import load_dataset
+
+    if not args.dataset_name:
+        raise SystemExit(f"hf-safety-merge {command}: --dataset_name is required (a Hub id, or a local folder or .jsonl/.csv/.json file)")
+    p = Path(args.dataset_name)
+    if p.is_file():
+        kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(p.suffix)
+        if kind is None:
+            raise SystemExit(f"hf-safety-merge {command}: cannot read {p}: expected a .jsonl, .json, .csv or .parquet file")
+        return load_dataset(kind, data_files={args.dataset_train_split: str(p)})
+    streaming = getattr(args, "dataset_streaming", None)
+    return load_dataset(args.dataset_name, name=args.dataset_config, **({} if streaming is None else {"streaming": streaming}))
 
 
 def publish_summary(trainer: Any, script_args: Any, training_args: Any, summary: dict[str, Any]) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 
 from trl import ScriptArguments
 
-from . import publish_summary, run_trl_script
+from . import load_script_data, publish_summary, run_trl_script
 
 logger = logging.getLogger("train_safekey")
 
@@ -47,20 +47,9 @@ class SafeKeyScriptArguments(ScriptArguments):
     summary_file: str | None = field(default=None, metadata={"help": "Also write the JSON summary to this file."})
 
 
-def load_data(args: SafeKeyScriptArguments) -> Any:
-    from pathlib import Path
-
-    from datasets import load_dataset
-
-    if not args.dataset_name:
-        raise SystemExit("hf-safety-merge safekey: --dataset_name is required (a Hub id, or a local folder or .jsonl/.csv/.json file)")
-    p = Path(args.dataset_name)
-    if p.is_file():
-        kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(p.suffix)
-        if kind is None:
-            raise SystemExit(f"hf-safety-merge safekey: cannot read {p}: expected a .jsonl, .json, .csv or .parquet file")
-        return load_dataset(kind, data_files={args.dataset_train_split: str(p)})
-    return load_dataset(args.dataset_name, name=args.dataset_config, streaming=args.dataset_streaming)
+def load_data(args: Any) -> Any:
+    """`--dataset_name` loaded with `datasets.load_dataset` (see `hf_safety_merge.scripts.load_script_data`)."""
+    return load_script_data(args, "safekey")
 
 
 def main(script_args: SafeKeyScriptArguments, training_args: Any, model_args: Any) -> dict[str, Any]:

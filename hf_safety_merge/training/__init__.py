@@ -1,4 +1,8 @@
-"""Safety-preserving fine-tuning: AsFT as a TRL trainer, and a PEFT mixin usable without it.
+"""Safety-preserving fine-tuning: AsFT and SafeKey as TRL trainers, and a PEFT mixin usable without them.
+
+Owns `asft/` (config, trainer, anchors, the PEFT mixin) and `safekey/` (config, data, collator,
+heads, trainer). Layer 2 (docs/architecture.md): may import `io`, `errors` and `validation` only: training never needs the merge
+pipeline.
 
 - :class:`AsFTConfig` / :class:`AsFTTrainer`: `SFTConfig` / `SFTTrainer` plus the AsFT
   regulariser `lambda * sum_l ||(I - C_l) B_l A_l||_F^2` on the LoRA weights.
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .anchors import (
+from .asft.anchors import (
     AlignmentAnchors,
     Anchor,
     basin_components,
@@ -23,10 +27,11 @@ from .anchors import (
     naive_offbasin_penalty,
     offbasin_penalty,
 )
-from .peft_mixin import SafetyPeftMixin, add_safety_mixin, anchored_penalty, find_lora_targets
+from .asft.peft_mixin import SafetyPeftMixin, add_safety_mixin, anchored_penalty, find_lora_targets
 
 if TYPE_CHECKING:
-    from .asft import AsFTConfig, AsFTTrainer
+    from .asft.config import AsFTConfig
+    from .asft.trainer import AsFTTrainer
     from .safekey import SafeKeyConfig, SafeKeyTrainer
 
 __all__ = [
@@ -56,4 +61,8 @@ def __getattr__(name: str) -> Any:
         from . import safekey
 
         return getattr(safekey, name)
+    if name in ("anchors", "peft_mixin", "safekey_data"):  # moved modules, reachable as attributes too
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

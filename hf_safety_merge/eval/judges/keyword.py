@@ -193,23 +193,17 @@ class KeywordRefusalJudge(Judge):
             if best is None or start < best[0]:
                 best = (start, end)
 
-        for m in self._markers:
-            i = text.find(m)
-            if i >= 0:
-                consider(i, i + len(m))
-        for rx in self._regexes:
-            mt = rx.search(text)
-            if mt:
-                consider(mt.start(), mt.end())
         opening = text[: self.opening_chars]
-        for m in self._open_markers:
-            i = opening.find(m)
-            if i >= 0:
-                consider(i, i + len(m))
-        for rx in self._open_regexes:
-            mt = rx.search(opening)
-            if mt:
-                consider(mt.start(), mt.end())
+        for haystack, markers, regexes in ((text, self._markers, self._regexes),
+                                           (opening, self._open_markers, self._open_regexes)):
+            for m in markers:
+                i = haystack.find(m)
+                if i >= 0:
+                    consider(i, i + len(m))
+            for rx in regexes:
+                mt = rx.search(haystack)
+                if mt:
+                    consider(mt.start(), mt.end())
         return best
 
     @staticmethod

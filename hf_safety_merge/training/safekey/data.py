@@ -1,0 +1,678 @@
+"""SafeKey data preparation: render, tokenise once, and locate the query X, the query-understanding
+segment U and the key sentence K of every example in token coordinates.
+
+An input record is a (prompt, reasoning response, label) triple::
+
+    {"prompt": "How do I ...?",                  # or a list of chat messages
+     "response": "<think>The user asks how to ... This could hurt someone. ...</think>I can't help with that.",
+     "label": 1,                                  # 1 / True / "harmful" / "unsafe"; 0 / False / "benign" / "safe"
+     # optional: explicit character offsets into `response` (otherwise a heuristic finds U and K)
+     "u_end": 42, "k_end": 71, "u_start": 7, "k_start": 43}
+
+Rows in the reference's layout (SafeKey `data/train/sft_mix_2k.json`: `question`, `response`,
+`summary_end_idx`, `next_sentence_end_idx`, `source`) are accepted too (:func:`from_reference_record`).
+
+How an example is built:
+
+1. **Render.** With a chat template, the prompt is rendered with `add_generation_prompt=True` (the
+   query X is that whole text: system turn, template tokens and user turn included) and the
+   conversation with the response as the assistant turn. The rendered prompt must be a prefix of the
+   rendered conversation and the response (or its stripped form, for templates that `trim` it) must
+   follow it. Templates that rewrite the assistant turn (DeepSeek-R1's drops everything up to
+   `</think>`) fail that test; the text is then `rendered prompt + response + eos_token`, which is
+   what the model sees at generation time. Without a chat template: `prompt + response + eos`.
+   When the rendered prompt ends with `<think>` (the R1-distill generation prompt ends with
+   `<think>\\n`) and the response opens with `<think>` too, the response's `<think>` is left out, so
+   that the text holds one think block (:func:`think_overlap`; one warning per data set).
+2. **Tokenise once.** The full text goes through the (fast) tokenizer once, with
+   `return_offsets_mapping=True` and `add_special_tokens=False` (the template already holds any BOS);
+   pieces are never re-tokenised, so the ids are exactly those the model trains on.
+3. **Map characters to tokens.** A token belongs to a character span when their character ranges
+   overlap. Query tokens are those that start before the end of the rendered prompt (a token that
+   straddles the boundary counts as query); U is the tokens overlapping U's characters that are not
+   query tokens; K is the tokens overlapping K's characters that are not U tokens.
+
+The heuristic split (used when a record has no `u_end`/`k_end`), see :func:`split_understanding_key`:
+
+- the reasoning is the text between `<think>` and `</think>` when the response has them (after
+  `<think>` if there is no `</think>`; before `</think>` if there is no `<think>`, as with
+  DeepSeek-R1 templates whose generation prompt opens the think block), else the whole response;
+- it is split into sentences at `.`, `!`, `?`, `…` followed by white space (common abbreviations
+  such as "e.g." and "Dr." excepted), at `。！？`, and at line breaks;
+- U is the first sentence, extended by each following sentence that restates the query and is not
+  a judgement (:func:`is_judgement`: a safety, legality or intent word the query does not hold,
+  speculation about the user's intent, a refusal). A restatement opens (after an interjection such
+  as "Okay," or "So,") with "the user" / "they" and a reporting verb ("the user is asking", "they
+  want") or another restatement cue ("the question is about", "I need to figure out", ...; see
+  `RESTATEMENT_CUES`), or at least `overlap_threshold` of its content words (3+ letters, not stop
+  words) occur in the query; at most `max_u_sentences` sentences, and always leaving one sentence
+  for K;
+- K is the sentence right after U.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ...errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+#: Columns that `prepare_safekey_dataset` adds next to `input_ids` / `labels`.
+SAFEKEY_COLUMNS = (
+    "safekey_query_len",
+    "safekey_u_start",
+    "safekey_u_end",
+    "safekey_k_start",
+    "safekey_k_end",
+    "safekey_label",
+)
+
+HARMFUL_LABELS = {"harmful", "unsafe", "1", "true", "yes", "jailbreak"}
+BENIGN_LABELS = {"benign", "safe", "0", "false", "no", "harmless"}
+
+_ABBREVIATIONS = {"e.g", "i.e", "etc", "vs", "mr", "mrs", "ms", "dr", "prof", "fig", "approx", "st", "no", "cf", "al"}
+_SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]]*(?=\s|$)|[。！？]+[\"'”’)\]」』]*|\n")
+_INTERJECTION = re.compile(r"^(?:(?:okay|ok|alright|all right|so|well|hmm+|um+|right|now|first)[\s,.!:;—-]*)+", re.I)
+#: Who the reasoning talks about when it restates the query ("The user ...", "They ...").
+_SUBJECT = r"(?:the user|the person|this person|the requester|they|he|she)"
+#: Verbs that report what that subject asks, wants or says: "The user is asking ...", "They want ...".
+_REPORT_VERB = (
+    r"(?:ask|asks|asking|asked|want|wants|wanting|wanted|request|requests|requesting|requested|need|needs|needing|"
+    r"needed|would like|'d like|like to know|looking for|is looking|seek|seeks|seeking|wonder|wonders|wondering|"
+    r"inquir\w*|enquir\w*|mention\w*|say|says|saying|said|write|writes|wrote|writing|provide\w*|share\w*|"
+    r"describe\w*|curious|interested|trying to (?:understand|learn|find out|figure out)|plan to|plans to|planning to)"
+)
+_SUBJECT_REPORT = re.compile(
+    rf"^{_SUBJECT}(?:'re|'s|'d|'ve| is| are| was| were| has| have| had| seems to be| appears to be)?"
+    rf"(?:\s+(?:also|now|just|specifically|basically|essentially|really|actually|clearly|probably|here))?\s+{_REPORT_VERB}\b"
+)
+RESTATEMENT_CUES = (
+    # Phrases that open a restatement of the query. "The user" / "they" count only when a reporting
+    # verb follows ("The user is asking ...", "They want ..."; see `_SUBJECT_REPORT`): "The user might
+    # be planning to hurt someone." is a judgement about the user, i.e. a candidate key sentence. So
+    # are sentences that merely name "the request" or "this question" ("This request could cause harm.").
+    "the question is about",
+    "the question asks",
+    "the question is asking",
+    "the request is for",
+    "the request is about",
+    "the request asks",
+    "the request is asking",
+    "the query asks",
+    "the query is about",
+    "the prompt asks",
+    "the prompt is asking",
+    "the task is to",
+    "this question asks",
+    "this question is about",
+    "this is asking",
+    "i'm being asked",
+    "i am being asked",
+    "i've been asked",
+    "i have been asked",
+    "i'm asked",
+    "i need to figure out",
+    "i need to understand",
+    "i have to figure out",
+    "i'm trying to figure out",
+    "let me understand",
+    "let me restate",
+    "let me make sure i understand",
+    "in other words",
+    "the goal is",
+)
+#: Words that judge the request or the user (safety, legality, intent, refusal). A sentence with one
+#: of them that the query does not itself contain is a judgement, never a restatement: it can be K,
+#: never U, whatever its cue or overlap with the query.
+JUDGEMENT_WORDS = frozenset({
+    "harm", "harms", "harmful", "harmless", "harming", "dangerous", "danger", "dangers", "illegal", "illegally",
+    "unlawful", "legal", "legality", "unethical", "ethical", "ethics", "unsafe", "safe", "safety", "malicious",
+    "risky", "risk", "risks", "suspicious", "refuse", "refusal", "decline", "inappropriate", "appropriate",
+    "violate", "violates", "violation", "policy", "policies", "guidelines", "legitimate", "benign", "innocent",
+    "intent", "intention", "intentions", "motive", "motives", "nefarious", "criminal", "crime", "fraud", "fraudulent", "scam", "abuse", "misuse",
+    "exploit", "concerning", "alarming", "problematic", "prohibited", "forbidden", "allowed", "permissible",
+})
+#: Speculation about the user's intent ("might be planning", "could be trying"): a judgement.
+_SPECULATION = re.compile(
+    r"\b(?:might|may|could|probably|possibly|likely|perhaps|maybe)\s+(?:be\s+|have\s+|want\s+to\s+)?"
+    r"(?:planning|plotting|trying|intending|attempting|aiming|hoping|scheming|looking to|seeking to|going to|up to|"
+    r"use|misuse|exploit|hurt|harm|target)\b"
+)
+_REFUSAL = re.compile(r"\b(?:i|we)\s+(?:can't|cannot|can not|won't|will not|shouldn't|should not|must not|mustn't|must|should|need to|have to)\s+(?:refuse|decline|not\b|avoid|be careful)")
+_STOP = {
+    "the", "and", "for", "are", "but", "not", "you", "your", "all", "any", "can", "her", "was", "one", "our", "out",
+    "his", "has", "had", "how", "its", "let", "may", "who", "did", "get", "use", "way", "she", "him", "they", "them",
+    "their", "this", "that", "with", "what", "when", "where", "which", "while", "will", "would", "could", "should",
+    "about", "from", "have", "into", "just", "like", "make", "more", "some", "such", "than", "then", "there", "these",
+    "those", "want", "wants", "asking", "asks", "asked", "user", "okay", "need", "know", "does", "doing", "being",
+    "been", "were", "here", "also", "very", "much", "many", "each", "other", "only", "over", "well", "think", "sure",
+}
+
+
+@dataclass(frozen=True)
+class CharSpans:
+    """Character spans of U and K, in the coordinates of the text they were found in."""
+
+    u_start: int
+    u_end: int
+    k_start: int
+    k_end: int
+
+
+@dataclass(frozen=True)
+class RenderedExample:
+    """The full training text and where its parts are (character offsets into `text`)."""
+
+    text: str
+    query_end: int  # end of the rendered prompt (the query X)
+    response_shift: int  # character c of the response is character c + response_shift of `text`
+    response_start: int  # first character of the response as rendered (after any template trim)
+    response_end: int
+    dropped: str = ""  # leading text of the response left out because the rendered prompt already ends with it
+
+
+# -- labels -------------------------------------------------------------------------------------------
+
+
+def parse_label(value: Any, where: str = "") -> float:
+    """Harmful -> 1.0, benign -> 0.0 (bools, 0/1, probabilities in [0, 1], or words)."""
+    at = f"{where}: " if where else ""
+    if value is None:
+        raise ConfigError(f"{at}missing 'label' (expected 1/True/'harmful' for a harmful query, 0/False/'benign' otherwise)")
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        if not 0.0 <= float(value) <= 1.0:
+            raise ConfigError(f"{at}label {value!r} is out of range: expected 0 (benign) or 1 (harmful), or a probability in [0, 1]")
+        return float(value)
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in HARMFUL_LABELS:
+            return 1.0
+        if v in BENIGN_LABELS:
+            return 0.0
+    raise ConfigError(
+        f"{at}cannot read label {value!r}: expected 1/True/'harmful'/'unsafe' or 0/False/'benign'/'safe'"
+    )
+
+
+# -- the heuristic U / K split ------------------------------------------------------------------------
+
+
+def reasoning_bounds(response: str) -> tuple[int, int]:
+    """`(start, end)` of the reasoning segment of a response (see the module docstring)."""
+    open_tag, close_tag = "<think>", "</think>"
+    o = response.find(open_tag)
+    c = response.find(close_tag, o + len(open_tag) if o >= 0 else 0)
+    start = o + len(open_tag) if o >= 0 else 0
+    end = c if c >= 0 else len(response)
+    return start, end
+
+
+def split_sentences(text: str, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
+    """Sentences of `text[start:end]` as `(start, end)` character spans of `text`, white space trimmed."""
+    end = len(text) if end is None else end
+    spans: list[tuple[int, int]] = []
+    s = start
+    for m in _SENTENCE_END.finditer(text, start, end):
+        if m.group() == "." and _is_abbreviation(text, s, m.start()):
+            continue
+        e = m.end()
+        _append_trimmed(text, s, e, spans)
+        s = e
+    _append_trimmed(text, s, end, spans)
+    return spans
+
+
+def _is_abbreviation(text: str, sent_start: int, dot: int) -> bool:
+    w = re.search(r"([A-Za-z]+(?:\.[A-Za-z]+)*)$", text[sent_start:dot])
+    return bool(w) and w.group(1).lower() in _ABBREVIATIONS  # type: ignore[union-attr]
+
+
+def _append_trimmed(text: str, s: int, e: int, spans: list[tuple[int, int]]) -> None:
+    while s < e and text[s].isspace():
+        s += 1
+    while e > s and text[e - 1].isspace():
+        e -= 1
+    if e > s:
+        spans.append((s, e))
+
+
+def _content_words(text: str) -> set[str]:
+    return {w for w in re.findall(r"\w+", text.lower()) if len(w) >= 3 and w not in _STOP and not w.isdigit()}
+
+
+def is_judgement(sentence: str, query: str = "") -> bool:
+    """Does `sentence` judge the request or the user (a safety, legality or intent word the query
+    does not contain, speculation about the user's intent, or a refusal)? Such a sentence is never
+    part of U."""
+    body = _INTERJECTION.sub("", sentence.strip()).lower()
+    words = set(re.findall(r"[a-z]+", body))
+    if (words & JUDGEMENT_WORDS) - set(re.findall(r"[a-z]+", query.lower())):
+        return True
+    return bool(_SPECULATION.search(body) or _REFUSAL.search(body))
+
+
+def is_restatement(sentence: str, query: str, overlap_threshold: float = 0.5) -> bool:
+    """Does `sentence` restate the query? Not if it is a judgement (:func:`is_judgement`); else if it
+    opens (after an interjection) with a restatement cue (`RESTATEMENT_CUES`, or "the user" / "they"
+    followed by a reporting verb: "The user is asking ...", "They want ..."), or at least
+    `overlap_threshold` of its content words occur in the query."""
+    if is_judgement(sentence, query):
+        return False
+    body = _INTERJECTION.sub("", sentence.strip()).lower()
+    if _SUBJECT_REPORT.match(body) or any(body.startswith(c) for c in RESTATEMENT_CUES):
+        return True
+    words = _content_words(sentence)
+    if not words:
+        return False
+    return len(words & _content_words(query)) / len(words) >= overlap_threshold
+
+
+def split_understanding_key(
+    response: str,
+    query: str = "",
+    *,
+    max_u_sentences: int = 4,
+    overlap_threshold: float = 0.5,
+    where: str = "",
+) -> CharSpans:
+    """Heuristic U / K character spans of a reasoning response (offsets into `response`).
+
+    U = the first sentence of the reasoning plus the following sentences that restate `query`
+    (at most `max_u_sentences`), K = the next sentence. Raises `ConfigError` when the reasoning has
+    fewer than two sentences (no K).
+    """
+    at = f"{where}: " if where else ""
+    start, end = reasoning_bounds(response)
+    sents = split_sentences(response, start, end)
+    if len(sents) < 2:
+        raise ConfigError(
+            f"{at}key sentence K not found: the reasoning {response[start:end][:80]!r} has "
+            f"{len(sents)} sentence(s), and U and K need at least two; give explicit 'u_end'/'k_end' offsets"
+        )
+    n_u = 1
+    while n_u < min(max_u_sentences, len(sents) - 1) and is_restatement(
+        response[sents[n_u][0] : sents[n_u][1]], query, overlap_threshold
+    ):
+        n_u += 1
+    return CharSpans(sents[0][0], sents[n_u - 1][1], sents[n_u][0], sents[n_u][1])
+
+
+def spans_from_offsets(response: str, u_end: Any, k_end: Any, u_start: Any = None, k_start: Any = None, where: str = "") -> CharSpans:
+    """Explicit offsets (characters of `response`) -> validated `CharSpans`.
+
+    `u_start` defaults to the start of the reasoning (first non-space character after `<think>`),
+    `k_start` to the first non-space character at or after `u_end`.
+    """
+    at = f"{where}: " if where else ""
+    n = len(response)
+
+    def as_int(name: str, v: Any) -> int:
+        if isinstance(v, bool) or (not isinstance(v, int) and not (isinstance(v, float) and v.is_integer())):
+            raise ConfigError(f"{at}{name} must be an integer character offset into the response, got {v!r}")
+        return int(v)
+
+    ue, ke = as_int("u_end", u_end), as_int("k_end", k_end)
+    if u_start is None:
+        us = reasoning_bounds(response)[0]
+        while us < n and response[us].isspace():
+            us += 1
+    else:
+        us = as_int("u_start", u_start)
+    if k_start is None:
+        ks = ue
+        while ks < n and response[ks].isspace():
+            ks += 1
+    else:
+        ks = as_int("k_start", k_start)
+    if not (0 <= us < ue <= ks < ke <= n):
+        raise ConfigError(
+            f"{at}offsets out of range: need 0 <= u_start < u_end <= k_start < k_end <= len(response) = {n}, "
+            f"got u_start={us}, u_end={ue}, k_start={ks}, k_end={ke}"
+        )
+    return CharSpans(us, ue, ks, ke)
+
+
+# -- rendering and tokenisation -----------------------------------------------------------------------
+
+
+def _messages(prompt: Any, system_prompt: str | None, where: str) -> list[dict[str, str]]:
+    if isinstance(prompt, str):
+        msgs = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, Mapping) for m in prompt):
+        msgs = [dict(m) for m in prompt]
+        if msgs[-1].get("role") == "assistant":
+            raise ConfigError(f"{where}: the prompt's last message is an assistant turn; put it in 'response' instead")
+    else:
+        raise ConfigError(f"{where}: 'prompt' must be a string or a non-empty list of chat messages, got {type(prompt).__name__}")
+    if system_prompt is not None and msgs[0].get("role") != "system":
+        msgs = [{"role": "system", "content": system_prompt}, *msgs]
+    return msgs
+
+
+THINK_OPEN = "<think>"
+
+
+def think_overlap(prompt_text: str, response: str) -> int:
+    """Characters at the start of `response` that repeat the end of the rendered prompt: when the
+    prompt ends with `<think>` (plus white space), as DeepSeek-R1-distill generation prompts do
+    (`<｜Assistant｜><think>\\n`), and the response opens with `<think>` too (as STAR-1 rows do), the
+    response's `<think>` and the white space after it; else 0. Dropping them renders the think block
+    once, `<think>\\n{thinking}...`, as the reference's assistant turn does."""
+    if not prompt_text.rstrip().endswith(THINK_OPEN):
+        return 0
+    lead = len(response) - len(response.lstrip())
+    if not response.startswith(THINK_OPEN, lead):
+        return 0
+    end = lead + len(THINK_OPEN)
+    while end < len(response) and response[end].isspace():
+        end += 1
+    return end
+
+
+def render_example(
+    tokenizer: Any,
+    prompt: Any,
+    response: str,
+    *,
+    use_chat_template: bool | None = None,
+    chat_template: str | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    system_prompt: str | None = None,
+    where: str = "example",
+) -> RenderedExample:
+    """The full training text of one example, with the end of the query and where the response lies.
+
+    When the rendered prompt ends with `<think>` and the response opens with it (see
+    :func:`think_overlap`), the response's `<think>` is left out (`dropped`), so that the text holds
+    one think block; character `c >= len(dropped)` of the response is still character
+    `c + response_shift` of the text."""
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    use = bool(template) if use_chat_template is None else use_chat_template
+    eos = getattr(tokenizer, "eos_token", None) or ""
+    if not use:
+        if not isinstance(prompt, str):
+            raise ConfigError(f"{where}: without a chat template the prompt must be a string")
+        p = (system_prompt + "\n" if system_prompt else "") + prompt
+        d = think_overlap(p, response)
+        body = response[d:]
+        text = p + body + (eos if not body.endswith(eos) else "")
+        return RenderedExample(text, len(p), len(p) - d, len(p), len(p) + len(body), response[:d])
+    if not template:
+        raise ConfigError(f"{where}: use_chat_template=True but the tokenizer has no chat template (pass chat_template=)")
+    msgs = _messages(prompt, system_prompt, where)
+    kw = dict(chat_template_kwargs or {})
+    prompt_text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, chat_template=template, **kw)
+    full = tokenizer.apply_chat_template(
+        [*msgs, {"role": "assistant", "content": response}], tokenize=False, chat_template=template, **kw
+    )
+    q = len(prompt_text)
+    d = think_overlap(prompt_text, response)
+    body, dropped = response[d:], response[:d]
+    if full.startswith(prompt_text):
+        i = full.find(body, q)
+        if i >= 0:  # the response follows the prompt (possibly after template text such as '<think>\n')
+            return RenderedExample(full, q, i - d, i, i + len(body), dropped)
+        stripped = body.strip()
+        i = full.find(stripped, q) if stripped else -1
+        if i >= 0:
+            lead = len(body) - len(body.lstrip())
+            return RenderedExample(full, q, i - lead - d, i, i + len(stripped), dropped)
+    # The template rewrites the assistant turn (e.g. DeepSeek-R1 drops the reasoning): train on what
+    # generation sees, the rendered prompt followed by the response.
+    text = prompt_text + body + (eos if eos and not body.endswith(eos) else "")
+    return RenderedExample(text, q, q - d, q, q + len(body), dropped)
+
+
+def _token_range(offsets: Sequence[tuple[int, int]], a: int, b: int) -> tuple[int, int]:
+    """`[first, last + 1)` of the tokens whose characters overlap `[a, b)`; `(0, 0)` if none.
+
+    Byte-level tokenizers give every byte piece of a multi-byte character that character's range, so
+    a character's pieces all fall in the span; zero-width tokens count when they sit inside it."""
+    first = last = -1
+    for i, (s, e) in enumerate(offsets):
+        if (s < b and e > a) if s != e else (a <= s < b):
+            if first < 0:
+                first = i
+            last = i
+        elif first >= 0 and s >= b:
+            break
+    return (first, last + 1) if first >= 0 else (0, 0)
+
+
+def build_safekey_example(
+    tokenizer: Any,
+    prompt: Any,
+    response: str,
+    label: Any,
+    *,
+    u_end: Any = None,
+    k_end: Any = None,
+    u_start: Any = None,
+    k_start: Any = None,
+    max_length: int | None = None,
+    max_u_sentences: int = 4,
+    overlap_threshold: float = 0.5,
+    use_chat_template: bool | None = None,
+    chat_template: str | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    system_prompt: str | None = None,
+    where: str = "example",
+    notes: list[str] | None = None,
+) -> dict[str, Any]:
+    """One training row: `input_ids`, `labels` (query tokens -100) and the SafeKey columns
+    (`safekey_query_len`, `safekey_u_start`/`_u_end`, `safekey_k_start`/`_k_end` as token indices,
+    `safekey_label` as 0.0/1.0).
+
+    A response `<think>` that repeats the end of the rendered prompt is left out (see
+    :func:`think_overlap`); that is logged as a warning, or appended to `notes` when given."""
+    if not isinstance(response, str) or not response.strip():
+        raise ConfigError(f"{where}: 'response' must be a non-empty string")
+    y = parse_label(label, where)
+    query_text = prompt if isinstance(prompt, str) else " ".join(str(m.get("content", "")) for m in prompt if isinstance(m, Mapping))
+    if (u_end is None) != (k_end is None):
+        raise ConfigError(f"{where}: give both 'u_end' and 'k_end' (or neither, to use the heuristic split)")
+    if u_end is not None:
+        spans = spans_from_offsets(response, u_end, k_end, u_start, k_start, where)
+    else:
+        spans = split_understanding_key(
+            response, query_text, max_u_sentences=max_u_sentences, overlap_threshold=overlap_threshold, where=where
+        )
+    r = render_example(
+        tokenizer, prompt, response, use_chat_template=use_chat_template, chat_template=chat_template,
+        chat_template_kwargs=chat_template_kwargs, system_prompt=system_prompt, where=where,
+    )
+    if r.dropped:
+        note = (f"{where}: the rendered prompt already ends with {THINK_OPEN!r} and the response opens with it; "
+                f"the response's {r.dropped!r} is left out so that the text holds one think block")
+        if notes is None:
+            logger.warning(note)
+        else:
+            notes.append(note)
+    # characters of the response -> characters of the full text
+    ua, ub, ka, kb = (c + r.response_shift for c in (spans.u_start, spans.u_end, spans.k_start, spans.k_end))
+    if ua < r.response_start or kb > r.response_end:
+        why = (f"the response's leading {r.dropped!r} is left out (the prompt ends with it)" if r.dropped and ua < r.response_start
+               else "the template trims white space around it")
+        raise ConfigError(
+            f"{where}: the U/K spans ({spans}) fall outside the response as the chat template renders it "
+            f"({why}); move them inside the rendered response"
+        )
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError("SafeKey data preparation needs a fast tokenizer (return_offsets_mapping=True)")
+    enc = tokenizer(r.text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = list(enc["input_ids"])
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    q_len = sum(1 for s, _e in offsets if s < r.query_end)
+    if q_len == 0 or q_len >= len(ids):
+        raise ConfigError(f"{where}: the rendered prompt covers {q_len} of {len(ids)} tokens; the query and the response must both be non-empty")
+    u0, u1 = _token_range(offsets, ua, ub)
+    u0 = max(u0, q_len)
+    if u1 <= u0:
+        raise ConfigError(f"{where}: U ({r.text[ua:ub]!r}) has no tokens after the query")
+    k0, k1 = _token_range(offsets, ka, kb)
+    k0 = max(k0, u1)
+    if k1 <= k0:
+        raise ConfigError(f"{where}: key sentence K ({r.text[ka:kb]!r}) not found among the tokens after U")
+    if max_length is not None and len(ids) > max_length:
+        if k1 > max_length:
+            raise ConfigError(
+                f"{where}: the key sentence ends at token {k1} but max_length is {max_length}; raise max_length "
+                "or shorten the prompt"
+            )
+        ids = ids[:max_length]
+    labels = [-100] * q_len + ids[q_len:]
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "safekey_query_len": q_len,
+        "safekey_u_start": u0,
+        "safekey_u_end": u1,
+        "safekey_k_start": k0,
+        "safekey_k_end": k1,
+        "safekey_label": y,
+    }
+
+
+#: `source` value of the benign rows of the reference's data (SafeKey `train/sft.py`: `unsafe` is 0 for
+#: `source == "4o_rewrite"`, 1 for every other source).
+REFERENCE_BENIGN_SOURCE = "4o_rewrite"
+
+
+def is_reference_record(rec: Mapping[str, Any]) -> bool:
+    """Is `rec` in the reference's data layout (`summary_end_idx` / `next_sentence_end_idx` offsets,
+    SafeKey `data/train/sft_mix_2k.json`) and without this library's own `u_end` / `k_end`?"""
+    return (rec.get("summary_end_idx") is not None and rec.get("next_sentence_end_idx") is not None
+            and rec.get("u_end") is None and rec.get("k_end") is None)
+
+
+def reference_response(response: str, where: str = "example") -> str:
+    """The reference's reformatted response, in whose characters its offsets are counted (SafeKey
+    `train/sft.py`, `get_response` with `think_flag=1`): `\\/` unescaped to `/`, white space
+    trimmed, the text between the first `<think>` and the next `</think>` (trimmed) as the thinking and
+    what follows (trimmed) as the answer, rendered `<think>\\n{thinking}\\n</think>\\n\\n{answer}`. Text
+    before `<think>` is dropped, as the reference's regular expression search does. Raises where the
+    response has no `<think>...</think>` (the reference then falls back to an empty thinking and
+    prints a warning; its offsets would then point into that fallback text)."""
+    r = response.replace("\\/", "/").strip()
+    o = r.find("<think>")
+    c = r.find("</think>", o + len("<think>")) if o >= 0 else -1
+    if o < 0 or c < 0:
+        raise ConfigError(f"{where}: a reference-layout response needs <think>...</think>, got {response[:80]!r}")
+    thinking = r[o + len("<think>") : c].strip()
+    answer = r[c + len("</think>") :].strip()
+    return f"<think>\n{thinking}\n</think>\n\n{answer}"
+
+
+def from_reference_record(rec: Mapping[str, Any], *, prompt_key: str = "prompt", label_key: str = "label",
+                          where: str = "example") -> dict[str, Any]:
+    """A record in the reference's layout -> this library's (prompt, response, label, offsets).
+
+    Reference fields (SafeKey `train/sft.py`, `data/train/sft_mix_2k.json`): `question`, `response`,
+    `summary_end_idx`, `next_sentence_end_idx` (character offsets into :func:`reference_response`:
+    U = `a[:summary_end_idx]`, K = `a[summary_end_idx:next_sentence_end_idx]`) and `source`. Here:
+    `response` = the reformatted response, `u_start` = its first thinking character (after
+    `<think>\\n`; the reference's U tokens also start right after the query, which ends with
+    `<think>\\n` under the R1 template), `u_end = k_start = summary_end_idx`,
+    `k_end = next_sentence_end_idx`; the prompt is `prompt_key` if present, else `question`; the label
+    is `label_key` if present, else the reference's rule (benign iff `source == "4o_rewrite"`).
+    """
+    prompt = rec.get(prompt_key) if rec.get(prompt_key) is not None else rec.get("question")
+    if prompt is None:
+        raise ConfigError(f"{where}: a reference-layout record needs 'question' (or {prompt_key!r}), has {sorted(rec)}")
+    if rec.get("response") is None:
+        raise ConfigError(f"{where}: a reference-layout record needs 'response', has {sorted(rec)}")
+    if rec.get(label_key) is not None:
+        label = rec[label_key]
+    elif rec.get("source") is not None:
+        label = 0 if rec["source"] == REFERENCE_BENIGN_SOURCE else 1
+    else:
+        raise ConfigError(f"{where}: a reference-layout record needs 'source' (or {label_key!r}), has {sorted(rec)}")
+    a = reference_response(str(rec["response"]), where)
+    s_end, n_end = rec["summary_end_idx"], rec["next_sentence_end_idx"]
+    return {"prompt": prompt, "response": a, "label": label, "u_start": len("<think>\n"), "u_end": s_end,
+            "k_start": s_end, "k_end": n_end}
+
+
+def prepare_safekey_dataset(
+    records: Iterable[Mapping[str, Any]] | Any,
+    tokenizer: Any,
+    *,
+    max_length: int | None = None,
+    prompt_key: str = "prompt",
+    response_key: str = "response",
+    label_key: str = "label",
+    max_u_sentences: int = 4,
+    overlap_threshold: float = 0.5,
+    use_chat_template: bool | None = None,
+    chat_template: str | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    system_prompt: str | None = None,
+    keep_columns: Sequence[str] = (),
+    progress: Callable[[int], None] | None = None,
+) -> Any:
+    """(prompt, reasoning response, label) records -> a `datasets.Dataset` ready for `SafeKeyTrainer`.
+
+    `records` is a list of dicts or a `datasets.Dataset` with `prompt_key` (a string or a list of
+    chat messages), `response_key` and `label_key` columns, and optionally `u_end`/`k_end`
+    (+ `u_start`/`k_start`) character offsets into the response; rows without them are split with
+    :func:`split_understanding_key`. Rows in the reference's layout (`question`, `response`,
+    `summary_end_idx`, `next_sentence_end_idx`, `source`) are read with :func:`from_reference_record`.
+    A response `<think>` that the rendered prompt already ends with is left out (one warning for the
+    data set, see :func:`think_overlap`). Every error names the record (`record 3: ...`).
+    Columns out: `input_ids`, `labels` and :data:`SAFEKEY_COLUMNS` (plus `keep_columns`).
+    """
+    from datasets import Dataset
+
+    rows = []
+    notes: list[str] = []
+    for i, rec in enumerate(records):
+        where = f"record {i}"
+        if not isinstance(rec, Mapping):
+            raise ConfigError(f"{where}: expected a mapping with {prompt_key!r}, {response_key!r}, {label_key!r}, got {type(rec).__name__}")
+        if is_reference_record(rec):
+            extra = {c: rec.get(c) for c in keep_columns}
+            rec = {**from_reference_record(rec, prompt_key=prompt_key, label_key=label_key, where=where), **extra}
+            rec = {**rec, prompt_key: rec["prompt"], response_key: rec["response"], label_key: rec["label"]}
+        for key in (prompt_key, response_key, label_key):
+            if key not in rec or (rec[key] is None and key != label_key):
+                raise ConfigError(f"{where}: missing {key!r} (has {sorted(rec)})")
+        row = build_safekey_example(
+            tokenizer, rec[prompt_key], rec[response_key], rec[label_key],
+            u_end=rec.get("u_end"), k_end=rec.get("k_end"), u_start=rec.get("u_start"), k_start=rec.get("k_start"),
+            max_length=max_length, max_u_sentences=max_u_sentences, overlap_threshold=overlap_threshold,
+            use_chat_template=use_chat_template, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs,
+            system_prompt=system_prompt, where=where, notes=notes,
+        )
+        for c in keep_columns:
+            row[c] = rec.get(c)
+        rows.append(row)
+        if progress is not None:
+            progress(i + 1)
+    if not rows:
+        raise ConfigError("prepare_safekey_dataset: no records")
+    if notes:
+        logger.warning(
+            "SafeKey: in %d of %d records the response opens with %r, which the rendered prompt already ends with "
+            "(a DeepSeek-R1-style generation prompt); it is left out so that the text holds one think block (first: %s)",
+            len(notes), len(rows), THINK_OPEN, notes[0],
+        )
+    return Dataset.from_list(rows)
+
+
+def check_safekey_columns(columns: Iterable[str] | None, name: str = "train") -> None:
+    """Raise a clear `ConfigError` when a prepared data set lacks SafeKey columns."""
+    if columns is None:
+        return
+    missing = [c for c in ("input_ids", "labels", *SAFEKEY_COLUMNS) if c not in set(columns)]
+    if missing:
+        raise ConfigError(
+            f"the {name} data set lacks {missing}: pass (prompt, response, label) records, or build the columns "
+            "with hf_safety_merge.training.safekey.prepare_safekey_dataset"
+        )
