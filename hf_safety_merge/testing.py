@@ -19,7 +19,7 @@ ARCHS = ("llama", "qwen2", "mistral")
 
 def tiny_config(arch: str = "llama", **overrides: Any) -> Any:
     """A few-million-parameter config of a real architecture."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common: dict[str, Any] = dict(
         vocab_size=1024,
@@ -32,7 +32,9 @@ def tiny_config(arch: str = "llama", **overrides: Any) -> Any:
         tie_word_embeddings=False,
     )
     common.update(overrides)
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch]
+    if arch == "qwen3":  # Qwen3 sets head_dim on its own (default 128)
+        common.setdefault("head_dim", common["hidden_size"] // common["num_attention_heads"])
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}[arch]
     return cls(**common)
 
 

@@ -249,7 +249,7 @@ def test_published_output_strings_parse() -> None:
 
 
 def test_get_judge_names() -> None:
-    assert available_judges() == ["harmbench", "keyword", "learned", "llama_guard3", "md_judge", "wildguard"]
+    assert available_judges() == ["harmbench", "keyword", "learned", "llama_guard3", "md_judge", "qwen3guard", "wildguard"]
     assert isinstance(get_judge("wild-guard"), WildGuardJudge)
     assert isinstance(get_judge("keyword"), KeywordRefusalJudge)
     assert isinstance(get_judge("Llama-Guard-3"), LlamaGuard3Judge)

