@@ -118,7 +118,7 @@ def test_study_end_to_end_on_a_tiny_model(shared_data: Path, tmp_path: Path) -> 
         safekey_last_k_epochs=1, safekey_task_rows=8, threads=1, distill_variants=("attn",),
         sweep_enchtable_betas=(1.0,), sweep_resta_betas=(), sweep_asft_lambdas=(10.0,),
         methods=("enchtable", "calibrated", "resta", "safe_lora", "ties", "asft", "safekey"),
-        calibration_prompts=6, calibration_probes=3, attacks=("dan",),
+        calibration_prompts=6, calibration_probes=3, attacks=("prefill",),  # short prompts: DAN is tested in test_prefix_cache
     )
     work = tmp_path / "work"
     payload = run_study(cfg, work)
@@ -130,7 +130,7 @@ def test_study_end_to_end_on_a_tiny_model(shared_data: Path, tmp_path: Path) -> 
     for n in ("ft-full+enchtable-attn-beta1", "ft-full+safe_lora-all", "ft-full+ties", "ft-lora+ties", "asft-lam10"):
         assert rows[n]["group"] == "sweep", n
     h, s = rows["ft-full+enchtable-attn"]["rates"], rows["ft-full+ties"]["rates"]
-    assert (h["unsafe"]["n"], h["unsafe_ood"]["n"], h["over_refusal"]["n"], h["task"]["n"], h["attack_dan"]["n"]) == (8, 6, 8, 8, 8)
+    assert (h["unsafe"]["n"], h["unsafe_ood"]["n"], h["over_refusal"]["n"], h["task"]["n"], h["attack_prefill"]["n"]) == (8, 6, 8, 8, 8)
     assert (s["unsafe"]["n"], s["unsafe_ood"], s["over_refusal"]["n"], s["task"]["n"]) == (4, None, 4, 4)
     reg = rows["ft-full+enchtable-attn"]["regime"]
     assert reg["alpha"] == pytest.approx(0.1 * reg["ratio"], rel=1e-6)  # alpha = beta ||tau|| / ||Delta_s||
