@@ -121,7 +121,7 @@ class StudyConfig:
     sweep_eval_benign: PositiveInt = 60
     sweep_eval_task: PositiveInt = 60
     max_new_tokens: PositiveInt = 48
-    eval_batch_size: PositiveInt = 32
+    eval_batch_size: PositiveInt = 16
     judge: str = "auto"
     methods: Sequence[str] = METHODS
 
