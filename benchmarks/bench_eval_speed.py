@@ -1,4 +1,4 @@
-"""The study's evaluation mix, generated five ways: what each exact speed-up buys.
+"""The study's evaluation mix, generated six ways: what each exact speed-up buys.
 
     HF_SAFETY_DATA_DIR=../shared/data python benchmarks/bench_eval_speed.py            # SmolLM2-135M-Instruct
     HF_SAFETY_DATA_DIR=../shared/data python benchmarks/bench_eval_speed.py --n 8 --tiny   # smoke test
@@ -10,7 +10,8 @@ compliance prefill, XSTest-safe, arithmetic. Configurations, each on the same pr
 1. ``naive``: batch 16 in request order, no prefix cache;
 2. ``+ bucketing``: batches of similar prompt length (``sort_by_length``);
 3. ``+ prefix cache``: each DAN preamble's key/value cache computed once (``prefix_cache_min_tokens=64``);
-4. and 5. the same at batch 32, without and with the prefix cache.
+4. and 5. the same at batch 32, without and with the prefix cache;
+6. a token budget: at most 64 rows and 8192 tokens a batch (``max_batch_tokens``), with the cache.
 
 Rows stop at EOS in every configuration (a batch ends when all its rows have). Greedy, 48 new
 tokens. Prints the table and writes ``benchmarks/results/eval_speed.json``, with the share of
@@ -41,6 +42,8 @@ CONFIGS = (
     ("+ prefix cache", dict(batch_size=16, sort_by_length=True, prefix_cache_min_tokens=64)),
     ("batch 32 + bucketing", dict(batch_size=32, sort_by_length=True, prefix_cache_min_tokens=0)),
     ("batch 32 + prefix cache", dict(batch_size=32, sort_by_length=True, prefix_cache_min_tokens=64)),
+    ("<= 64 rows, <= 8192 tokens + prefix cache", dict(batch_size=64, max_batch_tokens=8192, sort_by_length=True,
+                                                      prefix_cache_min_tokens=64)),
 )
 
 

@@ -96,3 +96,24 @@ def test_config_rejects_negative(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="prefix_cache_min_tokens must be >= 0"):
         GenerationConfig(prefix_cache_min_tokens=-1).validate()
+
+
+def test_token_budget_batches(tiny: tuple[object, object]) -> None:
+    """max_batch_tokens: long prompts in small batches, short ones in large, every row once, the
+    same responses as fixed-size batches."""
+    model, tok = tiny
+    reqs = _requests()
+    cfg = GenerationConfig(max_new_tokens=6, batch_size=64, max_batch_tokens=600, prefix_cache_min_tokens=0)
+    gen = Generator(model, tok, cfg)
+    batches = gen.plan_batches(reqs)
+    assert sorted(i for b in batches for i in b) == list(range(len(reqs)))
+    lengths = gen.backend.count_tokens([gen.render(r) for r in reqs])
+    for b in batches:
+        assert len(b) == 1 or len(b) * (max(lengths[i] for i in b) + 6) <= 600
+    assert max(len(b) for b in batches) > min(len(b) for b in batches)
+    fixed = Generator(model, tok, GenerationConfig(max_new_tokens=6, batch_size=4, prefix_cache_min_tokens=0))
+    assert [r["response"] for r in gen.generate(reqs, progress=False)] == [r["response"] for r in fixed.generate(reqs, progress=False)]
+    from hf_safety_merge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max_batch_tokens must be >= 1"):
+        GenerationConfig(max_batch_tokens=0).validate()

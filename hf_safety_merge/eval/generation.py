@@ -66,6 +66,10 @@ class GenerationConfig:
         backend: ``"transformers"``, ``"vllm"`` or ``"auto"`` (vLLM when installed and the model
             is a path).
         seed: torch seed set before sampling.
+        max_batch_tokens: with it, a batch holds at most ``batch_size`` rows *and* at most this
+            many tokens (rows x (longest prompt + ``max_new_tokens``)), so short prompts go in
+            large batches and long ones (jailbreak preambles) in small ones. None: ``batch_size``
+            rows always.
         prefix_cache_min_tokens: prompts that share an opening of at least this many tokens
             (e.g. one jailbreak preamble wrapped around many requests) have its key/value cache
             computed once per model and reused in every batch (transformers backend; 0: off).
@@ -83,6 +87,7 @@ class GenerationConfig:
     backend: str = "transformers"
     seed: int = 0
     prefix_cache_min_tokens: int = 64
+    max_batch_tokens: int | None = None
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -91,6 +96,8 @@ class GenerationConfig:
             raise ConfigError(f"GenerationConfig.batch_size must be >= 1, got {self.batch_size}")
         if self.backend not in ("transformers", "vllm", "auto"):
             raise ConfigError(f"GenerationConfig.backend must be transformers, vllm or auto, got {self.backend!r}")
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
+            raise ConfigError(f"GenerationConfig.max_batch_tokens must be >= 1 or None, got {self.max_batch_tokens}")
         if self.prefix_cache_min_tokens < 0:
             raise ConfigError(f"GenerationConfig.prefix_cache_min_tokens must be >= 0, got {self.prefix_cache_min_tokens}")
 
@@ -422,11 +429,29 @@ class Generator:
         """Batches of request indices over the *whole* list (longest prompts first when
         ``sort_by_length``), independent of which rows are already done."""
         order = list(range(len(requests)))
-        if self.config.sort_by_length and len(requests) > 1:
+        budget = self.config.max_batch_tokens
+        lengths: list[int] = []
+        if (self.config.sort_by_length or budget) and len(requests) > 1:
             lengths = self.backend.count_tokens([self.render(r) for r in requests])
+        if self.config.sort_by_length and lengths:
             order.sort(key=lambda i: (-lengths[i], i))
         bs = self.config.batch_size
-        return [order[i:i + bs] for i in range(0, len(order), bs)]
+        if not budget or not lengths:
+            return [order[i:i + bs] for i in range(0, len(order), bs)]
+        # at most batch_size rows, and rows x (longest prompt + new tokens) <= max_batch_tokens
+        batches: list[list[int]] = []
+        cur: list[int] = []
+        longest = 0
+        for i in order:
+            n = max(longest, lengths[i])
+            if cur and (len(cur) + 1 > bs or (len(cur) + 1) * (n + self.config.max_new_tokens) > budget):
+                batches.append(cur)
+                cur, n = [], lengths[i]
+            cur.append(i)
+            longest = n
+        if cur:
+            batches.append(cur)
+        return batches
 
     def generate(
         self,

@@ -70,7 +70,8 @@ class SafetyEvalConfig:
             not an attempt).
         refusal_judge: the judge of refusals on benign prompts (must have refusal labels; same
             default).
-        max_new_tokens, batch_size, system_prompt: generation settings.
+        max_new_tokens, batch_size, max_batch_tokens, system_prompt: generation settings (see
+            :class:`~hf_safety_merge.eval.generation.GenerationConfig`).
         code_timeout: seconds per pass@1 test run.
         data_dir: where built-in prompt sets and DAN preambles are found.
         backend: ``transformers``, ``vllm`` (needs ``vllm`` and a model path / Hub id) or
@@ -95,6 +96,7 @@ class SafetyEvalConfig:
     refusal_judge: Any = DEFAULT_JUDGE
     max_new_tokens: PositiveInt = 64
     batch_size: PositiveInt = 16
+    max_batch_tokens: PositiveInt | None = None
     system_prompt: str | None = None
     code_timeout: PositiveFloat = 10.0
     data_dir: str | None = None
@@ -247,7 +249,8 @@ def evaluate_safety(
             for it in sets[key]:
                 requests.append(GenerationRequest(f"{key}/{it.id}", it.text, meta={"set": key, "item": it.id}))
 
-    gcfg = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, system_prompt=cfg.system_prompt)
+    gcfg = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, system_prompt=cfg.system_prompt,
+                            max_batch_tokens=cfg.max_batch_tokens)
     gen = Generator(m, tok, gcfg, model_name=name, backend=backend)
     out = Path(output_dir) / _safe_name(name) if output_dir is not None else None
     t1 = time.perf_counter()
