@@ -22,7 +22,9 @@ def _prompt_set(name: str, texts: list[str], refs: list[str] | None = None) -> A
 
 
 def _read_jsonl(p: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()] if p.is_file() else []
+    from ..eval.generation import read_jsonl
+
+    return read_jsonl(p) if p.is_file() else []
 
 
 def _outcomes(folder: Path, prefix: str = "", refs: dict[str, str] | None = None) -> dict[str, dict[str, bool]]:
