@@ -13,6 +13,7 @@ import pytest
 
 from hf_safety_merge.errors import ConfigError
 from hf_safety_merge.study import StudyConfig, arithmetic, load_study_data
+from hf_safety_merge.study.config import FULL_HEADLINE_ROWS
 from hf_safety_merge.study.stats import mcnemar, pareto_front
 
 
@@ -44,6 +45,15 @@ def test_presets_and_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="eval_attack=5 must be 0 or eval_harmful"):
         StudyConfig.preset("full", eval_attack=5)
     p = tmp_path / "s.yaml"
+    # a typo in headline_rows would demote a decisive row: it fails before any work starts
+    from hf_safety_merge.study import run_study
+    from hf_safety_merge.study.run import planned_rows
+
+    head, sweep = planned_rows(full)
+    assert set(FULL_HEADLINE_ROWS) <= set(head) and "ft-full+ties" in sweep
+    with pytest.raises(ConfigError, match="headline_rows entry 'ft-ful' .*did you mean 'ft-full'"):
+        run_study(full.replace(headline_rows=["ft-ful"]), tmp_path / "never")
+    assert not (tmp_path / "never").exists()
     p.write_text("preset: demo\neval_task: 50\n")
     assert StudyConfig.from_file(p).eval_task == 50
     p.write_text("- a\n")
@@ -65,7 +75,7 @@ def test_data_splits_are_disjoint(shared_data: Path) -> None:
     assert not {r["prompt"] for r in d.task_train} & {r["prompt"] for r in d.task_eval}
     assert len({r["prompt"] for r in d.task_train}) == len(d.task_train) == cfg.task_train
     sizes = d.sizes()
-    assert sizes["eval_harmful"] == 100 and sizes["eval_harmful_ood"] == 100 and sizes["eval_benign"] == 125
+    assert sizes["eval_harmful"] == 100 and sizes["eval_harmful_ood"] == 50 and sizes["eval_benign"] == 125
     assert sizes["task_eval"] == 150 and sizes["break_harmful"] == 100 and sizes["align_harmful"] == cfg.align_harmful
     assert load_study_data(cfg).eval_harmful == d.eval_harmful  # seeded
     with pytest.raises(ConfigError, match=r"advbench.csv: the AdvBench splits need"):
@@ -123,11 +133,12 @@ def test_study_end_to_end_on_a_tiny_model(shared_data: Path, tmp_path: Path) -> 
     work = tmp_path / "work"
     payload = run_study(cfg, work)
     rows = {r["model"]: r for r in payload["rows"]}
-    assert list(rows)[:4] == ["base", "aligned", "ft-full", "ft-lora"]
-    for n in ("ft-full+enchtable-attn", "ft-lora+enchtable-attn", "ft-full+enchtable-attn-calibrated",
-              "ft-full+resta", "ft-full+safe_lora", "ft-lora+safe_lora", "asft", "safekey", "sft-reasoning"):
+    # the full preset's headline rows come first; the rest of the headline plan is demoted to the sweep evaluation
+    assert list(rows)[:4] == ["aligned", "ft-full", "ft-lora", "ft-full+enchtable-attn"]
+    for n in FULL_HEADLINE_ROWS:
         assert rows[n]["group"] == "headline", n
-    for n in ("ft-full+enchtable-attn-beta1", "ft-full+safe_lora-all", "ft-full+ties", "ft-lora+ties", "asft-lam10"):
+    for n in ("base", "ft-lora+enchtable-attn", "ft-full+enchtable-attn-calibrated", "ft-full+resta", "ft-full+safe_lora",
+              "ft-full+enchtable-attn-beta1", "ft-full+safe_lora-all", "ft-full+ties", "ft-lora+ties", "asft-lam10"):
         assert rows[n]["group"] == "sweep", n
     h, s = rows["ft-full+enchtable-attn"]["rates"], rows["ft-full+ties"]["rates"]
     assert (h["unsafe"]["n"], h["unsafe_ood"]["n"], h["over_refusal"]["n"], h["task"]["n"], h["attack_prefill"]["n"]) == (8, 6, 8, 8, 8)

@@ -18,6 +18,9 @@ from ..validation import NonNegativeInt, PositiveFloat, PositiveInt, load_yaml, 
 METHODS = ("enchtable", "calibrated", "resta", "safe_lora", "ties", "dare", "asft", "safekey")
 #: EnchTable distillation variants of the reference (docs/distillation.md)
 VARIANTS = ("attn", "ffn", "attn_ffn", "attn_block", "attn_block_ffn")
+#: the rows the ``full`` preset evaluates in full: the ones each paper's verdict rests on
+FULL_HEADLINE_ROWS = ("aligned", "ft-full", "ft-full+enchtable-attn", "ft-lora", "ft-lora+safe_lora", "asft",
+                      "sft-reasoning", "safekey")
 UnitFloat = Annotated[float, Field(ge=0, le=1)]
 
 
@@ -25,8 +28,9 @@ UnitFloat = Annotated[float, Field(ge=0, le=1)]
 class StudyConfig:
     """What the study runs. Load from YAML/JSON with :meth:`from_file`; presets ``demo`` and ``full``.
 
-    The ``full`` defaults follow the reference scripts, scaled only where 2 CPU cores force it;
-    docs/study.md has the table (stage | reference | ours | why).
+    The defaults (the ``full`` preset, which adds ``headline_rows=FULL_HEADLINE_ROWS``) follow the
+    reference scripts, scaled only where 2 CPU cores force it; docs/study.md has the table (stage |
+    reference | ours | why).
 
     Attributes:
         model: the unaligned starting model: ``smollm2`` (the embedded SmolLM2-135M-Instruct), a
@@ -38,6 +42,10 @@ class StudyConfig:
         align_harmful / align_benign / align_epochs / align_lr: the safety tuning that makes the
             aligned reference (harmful AdvBench prompts -> refusals, benign prompts -> the base
             model's own answers).
+        align_method / align_lora_r / align_lora_alpha: ``lora`` (default) trains a LoRA adapter on
+            ``lora_target_modules`` and merges it, so ``V = W_aligned - W_base`` has rank <= r and
+            AsFT's ``C`` has eigenvalues near 1 (a full fine-tune spreads V over many directions:
+            docs/study.md, "Alignment geometry"); ``full`` fine-tunes every weight.
         task_train / harmful_frac: downstream rows (arithmetic) and the share of harmful rows
             mixed in (0.1: the AsFT reference's 900 benign + 100 harmful).
         break_modes: ``full`` and/or ``lora`` downstream fine-tunes of the aligned model.
@@ -64,6 +72,9 @@ class StudyConfig:
             rows (the first prompts of the headline AdvBench, XSTest-safe and task sets; no attacks).
         max_new_tokens / eval_batch_size: generation settings.
         judge: the harm and refusal judge (``auto``: the learned judge, docs/evaluation.md).
+        headline_rows: the rows that get the full (headline) evaluation and are built, evaluated and
+            reported first; every other row gets the sweep evaluation after them. Empty: every row
+            of the headline plan.
         methods: which method families run (``METHODS``).
     """
 
@@ -74,14 +85,17 @@ class StudyConfig:
     threads: NonNegativeInt = 0
     align_harmful: PositiveInt = 144
     align_benign: PositiveInt = 288
-    align_epochs: PositiveFloat = 4.0
-    align_lr: PositiveFloat = 1e-4
+    align_epochs: PositiveFloat = 1.0
+    align_lr: PositiveFloat = 1e-3
+    align_method: Literal["full", "lora"] = "lora"
+    align_lora_r: PositiveInt = 8
+    align_lora_alpha: PositiveInt = 32
     task_train: PositiveInt = 900
     harmful_frac: Annotated[float, Field(ge=0, lt=1)] = 0.1
     break_modes: Sequence[Literal["full", "lora"]] = ("full", "lora")
-    task_epochs: PositiveFloat = 2.0
+    task_epochs: PositiveFloat = 1.0
     task_lr: PositiveFloat = 5e-5
-    lora_epochs: PositiveFloat = 2.0
+    lora_epochs: PositiveFloat = 1.0
     lora_lr: PositiveFloat = 5e-5
     lora_r: PositiveInt = 8
     lora_alpha: PositiveInt = 32
@@ -94,7 +108,7 @@ class StudyConfig:
     distill_epochs: PositiveFloat = 4.0
     distill_lr: PositiveFloat = 1e-5
     distill_batch_size: PositiveInt = 16
-    distill_variants: Sequence[Literal["attn", "ffn", "attn_ffn", "attn_block", "attn_block_ffn"]] = ("attn", "ffn")
+    distill_variants: Sequence[Literal["attn", "ffn", "attn_ffn", "attn_block", "attn_block_ffn"]] = ("attn",)
     enchtable_betas: Sequence[PositiveFloat] = (0.1,)
     sweep_variant: Literal["attn", "ffn", "attn_ffn", "attn_block", "attn_block_ffn"] = "attn"
     sweep_enchtable_betas: Sequence[PositiveFloat] = (0.05, 0.2, 0.5, 1.0)
@@ -103,7 +117,7 @@ class StudyConfig:
     safe_lora_sweep: bool = True
     asft_lambdas: Sequence[Annotated[float, Field(ge=0)]] = (1.0,)
     sweep_asft_lambdas: Sequence[Annotated[float, Field(ge=0)]] = (0.1, 10.0)
-    safekey_task_rows: PositiveInt = 96
+    safekey_task_rows: PositiveInt = 48
     safekey_epochs: PositiveFloat = 5.0
     safekey_last_k_epochs: PositiveFloat = 2.0
     safekey_lr: PositiveFloat = 1e-5
@@ -112,18 +126,19 @@ class StudyConfig:
     calibration_max_unsafe: UnitFloat = 0.05
     calibration_probes: Annotated[int, Field(ge=2, le=64)] = 8
     eval_harmful: PositiveInt = 100
-    eval_harmful_ood: NonNegativeInt = 100
+    eval_harmful_ood: NonNegativeInt = 50
     eval_benign: PositiveInt = 125
     eval_task: PositiveInt = 150
     eval_attack: NonNegativeInt = 100
     attacks: Sequence[str] = ("dan", "prefill")
-    sweep_eval_harmful: PositiveInt = 60
-    sweep_eval_benign: PositiveInt = 60
-    sweep_eval_task: PositiveInt = 60
+    sweep_eval_harmful: PositiveInt = 40
+    sweep_eval_benign: PositiveInt = 40
+    sweep_eval_task: PositiveInt = 40
     max_new_tokens: PositiveInt = 48
     eval_batch_size: PositiveInt = 16
     judge: str = "auto"
     methods: Sequence[str] = METHODS
+    headline_rows: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         self.validate()
@@ -133,10 +148,10 @@ class StudyConfig:
         """``full``: the study in the papers' regimes (about 150 min on 2 CPU cores); ``demo``: the
         headline only (a broken full fine-tune repaired by EnchTable at beta 0.1, and RESTA)."""
         if name == "full":
-            cfg = cls()
+            cfg = cls(headline_rows=FULL_HEADLINE_ROWS)
         elif name == "demo":
             cfg = cls(
-                align_harmful=80, align_benign=160, align_epochs=2.0, task_train=360, break_modes=("full",),
+                align_harmful=80, align_benign=160, align_epochs=1.0, task_train=360, break_modes=("full",),
                 distill_harmful=64, distill_variants=("attn",), sweep_enchtable_betas=(), sweep_resta_betas=(),
                 safe_lora_sweep=False, methods=("enchtable", "resta"), eval_harmful=48, eval_harmful_ood=0,
                 eval_benign=48, eval_task=48, eval_attack=0, attacks=(), max_new_tokens=40, sweep_eval_harmful=48,

@@ -25,6 +25,30 @@ class Built:
     align_vec: Path | None
     broken: dict[str, Row]
     vectors: dict[str, Path]
+    deferred: list[tuple[Row, Callable[[], Row]]]  # headline-plan rows not in ``headline_rows``
+
+
+class _Plan:
+    """Rows in plan order: a row named in ``headline_rows`` (or every row, when it is empty) is
+    built now and evaluated in full; any other is demoted to the sweep evaluation and built after
+    the headline rows are reported."""
+
+    def __init__(self, cfg: StudyConfig) -> None:
+        self.keep = set(cfg.headline_rows)
+        self.rows: list[Row] = []
+        self.deferred: list[tuple[Row, Callable[[], Row]]] = []
+
+    def headline(self, name: str) -> bool:
+        return not self.keep or name in self.keep
+
+    def add(self, row: Row, build: Callable[[], Row] | None = None) -> None:
+        """`row` as planned; `build` makes it (returns the built row), or None when it exists."""
+        if not self.headline(row.name):
+            row.group = "sweep"
+            if build is not None:
+                self.deferred.append((row, build))
+                return
+        self.rows.append(build() if build is not None else row)
 
 
 def build_headline(st: Stages) -> tuple[list[Row], dict[str, Any], Built]:
@@ -38,22 +62,26 @@ def build_headline(st: Stages) -> tuple[list[Row], dict[str, Any], Built]:
     diag: dict[str, Any] = {}
     base = st.base()
     aligned = st.align(base)
-    rows = [Row("base", base), Row("aligned", aligned)]
+    plan = _Plan(c)
+    plan.add(Row("base", base))
+    plan.add(Row("aligned", aligned))
     m = set(c.methods)
     align_vec = None
     if m & {"safe_lora", "asft"}:
         align_vec = st.alignment_vector(aligned, base)
         diag["alignment"] = alignment_geometry(align_vec, tuple(c.lora_target_modules))
         g = diag["alignment"]
-        st.log(f"      alignment direction on {g['n']} {'/'.join(c.lora_target_modules)} matrices: ||V||_F median "
-               f"{g['fro_median']:.3f}, top eigenvalue of C median {g['top_eig_median']:.3f}, "
-               f"share >= 0.5: {g['share_top_eig_ge_0.5']:.2f}")
+        if g["n"]:
+            st.log(f"      alignment direction on {g['n']} {'/'.join(c.lora_target_modules)} matrices: ||V||_F median "
+                   f"{g['fro_median']:.3f}, top eigenvalue of C median {g['top_eig_median']:.3f}, "
+                   f"share >= 0.5: {g['share_top_eig_ge_0.5']:.2f}")
     broken: dict[str, Row] = {}
     if "full" in c.break_modes:
         broken["full"] = Row("ft-full", st.break_full(aligned))
     if "lora" in c.break_modes:
         broken["lora"] = Row("ft-lora", aligned, st.lora_run("ft-lora", base, aligned, 0.0))
-    rows += broken.values()
+    for b in broken.values():
+        plan.add(b)
     vectors: dict[str, Path] = {str(v): st.distill(aligned, str(v)) for v in c.distill_variants}
     for b in broken.values():
         t, lora = _task(b)
@@ -62,29 +90,44 @@ def build_headline(st: Stages) -> tuple[list[Row], dict[str, Any], Built]:
             for v, vec in vectors.items():
                 for beta in c.enchtable_betas:
                     tag = "" if beta == 0.1 else f"-beta{beta:g}"
-                    rows.append(st.merge(Row(f"{pre}+enchtable-{v}{tag}", t, None, pre, "enchtable", setting=f"{v}, beta {beta:g}"),
-                                         "enchtable", {"beta": beta}, vec, t, lora, aligned))
+                    row = Row(f"{pre}+enchtable-{v}{tag}", t, None, pre, "enchtable", setting=f"{v}, beta {beta:g}")
+                    plan.add(row, lambda row=row, beta=beta, vec=vec, t=t, lora=lora: st.merge(  # type: ignore[misc]
+                        row, "enchtable", {"beta": beta}, vec, t, lora, aligned))
         if "calibrated" in m:
-            rows.append(st.calibrated(Row(f"{pre}+enchtable-{c.sweep_variant}-calibrated", t, None, pre, "calibrated",
-                                          setting=f"{c.sweep_variant}, beta by calibration"), vectors[c.sweep_variant], t, lora, aligned))
+            row = Row(f"{pre}+enchtable-{c.sweep_variant}-calibrated", t, None, pre, "calibrated",
+                      setting=f"{c.sweep_variant}, beta by calibration")
+            plan.add(row, lambda row=row, t=t, lora=lora: st.calibrated(row, vectors[c.sweep_variant], t, lora, aligned))  # type: ignore[misc]
         if "resta" in m:
             for beta in c.resta_betas:
-                rows.append(st.merge(Row(f"{pre}+resta" + ("" if beta == 1 else f"-beta{beta:g}"), t, None, pre, "resta", setting=f"beta {beta:g}"),
-                                     "task_arithmetic", {"beta": beta}, vectors[c.sweep_variant], t, lora, aligned))
+                row = Row(f"{pre}+resta" + ("" if beta == 1 else f"-beta{beta:g}"), t, None, pre, "resta", setting=f"beta {beta:g}")
+                plan.add(row, lambda row=row, beta=beta, t=t, lora=lora: st.merge(  # type: ignore[misc]
+                    row, "task_arithmetic", {"beta": beta}, vectors[c.sweep_variant], t, lora, aligned))
         if "safe_lora" in m and align_vec is not None:
-            rows.append(st.merge(Row(f"{pre}+safe_lora", t, None, pre, "safe_lora", setting="10 matrices (default)"),
-                                 "safe_lora", {}, align_vec, t, lora, aligned))
+            row = Row(f"{pre}+safe_lora", t, None, pre, "safe_lora", setting="10 matrices (default)")
+            vec_a = align_vec
+            plan.add(row, lambda row=row, t=t, lora=lora: st.merge(row, "safe_lora", {}, vec_a, t, lora, aligned))  # type: ignore[misc]
     if "asft" in m:
         for lam in c.asft_lambdas:
             name = "asft" + ("" if lam == 1 else f"-lam{lam:g}")
-            rows.append(Row(name, aligned, st.lora_run(name, base, aligned, lam), "ft-lora", "asft", setting=f"lambda {lam:g}"))
+            row = Row(name, aligned, None, "ft-lora", "asft", setting=f"lambda {lam:g}")
+            plan.add(row, lambda row=row, name=name, lam=lam: _with_adapter(row, st.lora_run(name, base, aligned, lam)))  # type: ignore[misc]
     if "safekey" in m:
         for s in c.safekey_settings:
             h, q = (float(x) for x in str(s).split(":"))
             name = "safekey" if (h, q) == (0.2, 0.2) else ("sft-reasoning" if (h, q) == (0, 0) else f"safekey-head{h:g}-qmm{q:g}")
-            rows.append(Row(name, st.safekey(aligned, h, q, w / name), None, None, "safekey" if (h or q) else "sft",
-                            setting=f"head {h:g}, QMM {q:g}"))
-    return rows, diag, Built(base, aligned, align_vec, broken, vectors)
+            row = Row(name, aligned, None, None, "safekey" if (h or q) else "sft", setting=f"head {h:g}, QMM {q:g}")
+            plan.add(row, lambda row=row, h=h, q=q, name=name: _with_model(row, st.safekey(aligned, h, q, w / name)))  # type: ignore[misc]
+    return plan.rows, diag, Built(base, aligned, align_vec, broken, vectors, plan.deferred)
+
+
+def _with_adapter(row: Row, adapter: Path) -> Row:
+    row.adapter = adapter
+    return row
+
+
+def _with_model(row: Row, model: Path) -> Row:
+    row.model = model
+    return row
 
 
 def _task(b: Row) -> tuple[Path, bool]:
@@ -92,11 +135,12 @@ def _task(b: Row) -> tuple[Path, bool]:
 
 
 def build_sweeps(st: Stages, built: Built) -> list[Row]:
-    """The sweep stages (evaluated with the smaller evaluation)."""
+    """The sweep stages (evaluated with the smaller evaluation), after the headline-plan rows that
+    ``headline_rows`` demoted."""
     c = st.cfg
     m = set(c.methods)
     base, aligned, align_vec, vectors = built.base, built.aligned, built.align_vec, built.vectors
-    sweep: list[Row] = []
+    sweep: list[Row] = [build() for _, build in built.deferred]
     for b in built.broken.values():
         t, lora = _task(b)
         pre = b.name
@@ -123,11 +167,45 @@ def build_sweeps(st: Stages, built: Built) -> list[Row]:
     return sweep
 
 
+class _DryStages:
+    """Stands in for `Stages` to list the plan's row names without building anything."""
+
+    def __init__(self, cfg: StudyConfig) -> None:
+        self.cfg, self.work = cfg, Path("<work>")
+
+    def log(self, _msg: str) -> None:
+        pass
+
+    def merge(self, row: Row, *_a: Any, **_k: Any) -> Row:
+        return row
+
+    calibrated = merge
+
+    def __getattr__(self, name: str) -> Callable[..., Path]:
+        return lambda *_a, **_k: Path(f"<{name}>")
+
+
+def planned_rows(cfg: StudyConfig) -> tuple[list[str], list[str]]:
+    """The names of the headline plan's rows and of the sweep rows, without building anything."""
+    import dataclasses
+
+    dry: Any = _DryStages(dataclasses.replace(cfg, headline_rows=()))
+    rows, _, built = build_headline(dry)
+    return [r.name for r in rows], [r.name for r in build_sweeps(dry, built)]
+
+
 def run_study(cfg: StudyConfig, work: str | os.PathLike[str], *, evaluate: bool = True,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the whole study (cached per stage in `work`) and return the results payload
     (with ``evaluate=False``: build every model and return the plan)."""
     cfg.validate()
+    if cfg.headline_rows:  # a typo here would silently demote a decisive row: fail before any work
+        from ..errors import ConfigError, did_you_mean
+
+        head, _ = planned_rows(cfg)
+        for n in cfg.headline_rows:
+            if n not in head:
+                raise ConfigError(f"headline_rows entry {n!r} is not a row of the headline plan {head}" + did_you_mean(n, head))
     w = Path(work)
     w.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -139,10 +217,11 @@ def run_study(cfg: StudyConfig, work: str | os.PathLike[str], *, evaluate: bool 
     from .report import write_report
 
     results: dict[str, Any] = {}
+    head = [r for r in rows if r.group == "headline"]
     if evaluate:  # the headline rows are evaluated and reported before any sweep stage runs
-        results = evaluate_rows(st, rows)
-        write_report(st, rows, results, diag, total_seconds=time.perf_counter() - t0, pending="sweep rows")
-    sweep = build_sweeps(st, built)
+        results = evaluate_rows(st, head)
+        write_report(st, head, results, diag, total_seconds=time.perf_counter() - t0, pending="sweep rows")
+    rows, sweep = head, [r for r in rows if r.group != "headline"] + build_sweeps(st, built)
     if not evaluate:
         return {"rows": [r.name for r in rows + sweep], "diagnostics": diag, "timings": st.timings}
     results.update(evaluate_rows(st, sweep))

@@ -90,8 +90,11 @@ class Stages:
         return cls(**{**base, **kw})
 
     def sft(self, src: Path, pairs: Sequence[tuple[str, str]], out: Path, *, lora: bool, epochs: float, lr: float,
-            trainer_cls: Any = None, config_cls: Any = None, args: dict[str, Any] | None = None) -> None:
-        """One TRL run (full or LoRA); saves the model or adapter and the loss history."""
+            trainer_cls: Any = None, config_cls: Any = None, args: dict[str, Any] | None = None,
+            merge_lora: bool = False, rank: tuple[int, int] | None = None) -> None:
+        """One TRL run (full or LoRA); saves the model or adapter (with `merge_lora`, the model
+        with the adapter merged into its weights) and the loss history. `rank`: LoRA (r, alpha)
+        instead of ``lora_r`` / ``lora_alpha``."""
         import torch
         from peft import LoraConfig
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -103,14 +106,19 @@ class Stages:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
         peft_cfg = None
         if lora:
-            peft_cfg = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, task_type="CAUSAL_LM",
+            r, alpha = rank or (c.lora_r, c.lora_alpha)
+            peft_cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=c.lora_dropout, task_type="CAUSAL_LM",
                                   target_modules=list(c.lora_target_modules))
         targs = self.train_args(config_cls or SFTConfig, out, epochs=epochs, lr=lr, **(args or {}))
         trainer = (trainer_cls or SFTTrainer)(model=model, args=targs, train_dataset=self.dataset(pairs),
                                               processing_class=tok, peft_config=peft_cfg)
         trainer.train()
         out.mkdir(parents=True, exist_ok=True)
-        if lora:
+        if lora and merge_lora:
+            merged = trainer.model.merge_and_unload()  # type: ignore[union-attr,operator]
+            merged.save_pretrained(out, safe_serialization=True)
+            trainer.processing_class.save_pretrained(out)  # type: ignore[union-attr]
+        elif lora:
             trainer.model.save_pretrained(out)  # type: ignore[union-attr,operator]  # the adapter
         else:
             trainer.model.save_pretrained(out, safe_serialization=True)  # type: ignore[union-attr,operator]
@@ -147,7 +155,8 @@ class Stages:
         return base
 
     def align(self, base: Path) -> Path:
-        """Safety tuning: harmful -> refusals, benign -> the base model's own answers (self-distilled)."""
+        """Safety tuning: harmful -> refusals, benign -> the base model's own answers (self-distilled);
+        a full fine-tune or (``align_method: lora``) a LoRA adapter merged into the weights."""
         c, d, w = self.cfg, self.data, self.work
         out = w / "aligned"
 
@@ -162,7 +171,9 @@ class Stages:
             rng = random.Random(c.seed)
             pairs = [(p, rng.choice(REFUSALS)) for p in d.align_harmful] + [(p, cached[p]) for p in d.align_benign]
             random.Random(c.seed).shuffle(pairs)
-            self.sft(base, pairs, out, lora=False, epochs=c.align_epochs, lr=c.align_lr)
+            lora = c.align_method == "lora"
+            self.sft(base, pairs, out, lora=lora, merge_lora=lora, rank=(c.align_lora_r, c.align_lora_alpha),
+                     epochs=c.align_epochs, lr=c.align_lr)
 
         return self.stage("align", out, run)
 
