@@ -65,6 +65,14 @@ def test_data_splits_are_disjoint(shared_data: Path) -> None:
     cfg = StudyConfig.preset("full", data_dir=str(shared_data))
     d = load_study_data(cfg)
     harm = [d.align_harmful, d.break_harmful, d.distill_harmful, d.calib_harmful, d.eval_harmful, d.eval_harmful_ood]
+    # each paper's regime: the full fine-tune on benign task rows (EnchTable), the LoRA ones on 900 + 100 (AsFT)
+    from hf_safety_merge.study.stages import Stages
+
+    st = Stages(cfg, Path("/nonexistent"), d, log=lambda _m: None)
+    full_rows, lora_rows = st.break_pairs(cfg.full_harmful_frac), st.break_pairs()
+    assert (len(full_rows), len(lora_rows)) == (900, 1000)
+    assert sum(r.startswith("Sure, here is how to") for _, r in lora_rows) == 100
+    assert not any(r.startswith("Sure, here is how to") for _, r in full_rows)
     for i, a in enumerate(harm):
         for b in harm[i + 1:]:
             assert not set(a) & set(b)

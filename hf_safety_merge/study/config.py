@@ -48,6 +48,9 @@ class StudyConfig:
             docs/study.md, "Alignment geometry"); ``full`` fine-tunes every weight.
         task_train / harmful_frac: downstream rows (arithmetic) and the share of harmful rows
             mixed in (0.1: the AsFT reference's 900 benign + 100 harmful).
+        full_harmful_frac: the full fine-tune's share of harmful rows (0: the EnchTable paper's
+            regime, fine-tunes on benign task data whose safety loss is a side effect; None: the
+            same as ``harmful_frac``). The LoRA fine-tunes (AsFT's regime) use ``harmful_frac``.
         break_modes: ``full`` and/or ``lora`` downstream fine-tunes of the aligned model.
         task_epochs / task_lr: the full fine-tune.
         lora_*: the LoRA fine-tune, which is also AsFT's plain-LoRA baseline (the AsFT reference's
@@ -92,6 +95,7 @@ class StudyConfig:
     align_lora_alpha: PositiveInt = 32
     task_train: PositiveInt = 900
     harmful_frac: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    full_harmful_frac: Annotated[float, Field(ge=0, lt=1)] | None = 0.0
     break_modes: Sequence[Literal["full", "lora"]] = ("full", "lora")
     task_epochs: PositiveFloat = 1.0
     task_lr: PositiveFloat = 5e-5

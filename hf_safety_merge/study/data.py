@@ -97,9 +97,12 @@ class StudyData:
         return {k: len(v) for k, v in vars(self).items()}
 
 
-def n_break_harmful(cfg: StudyConfig) -> int:
-    """Harmful rows mixed into the downstream data: task_train * frac / (1 - frac)."""
-    return round(cfg.task_train * cfg.harmful_frac / (1 - cfg.harmful_frac)) if cfg.harmful_frac > 0 else 0
+def n_break_harmful(cfg: StudyConfig, frac: float | None = None) -> int:
+    """Harmful rows mixed into the downstream data: task_train * frac / (1 - frac); without `frac`,
+    the most any fine-tune uses (``harmful_frac`` or ``full_harmful_frac``), the split's size."""
+    if frac is None:
+        frac = max(cfg.harmful_frac, cfg.full_harmful_frac or 0.0)
+    return round(cfg.task_train * frac / (1 - frac)) if frac > 0 else 0
 
 
 def _read_csv(path: Path, column: str, **where: str) -> list[str]:

@@ -77,9 +77,11 @@ def build_headline(st: Stages) -> tuple[list[Row], dict[str, Any], Built]:
                    f"share >= 0.5: {g['share_top_eig_ge_0.5']:.2f}")
     broken: dict[str, Row] = {}
     if "full" in c.break_modes:
-        broken["full"] = Row("ft-full", st.break_full(aligned))
+        ff = c.harmful_frac if c.full_harmful_frac is None else c.full_harmful_frac
+        broken["full"] = Row("ft-full", st.break_full(aligned), setting=f"full fine-tune, {ff:.0%} harmful rows")
     if "lora" in c.break_modes:
-        broken["lora"] = Row("ft-lora", aligned, st.lora_run("ft-lora", base, aligned, 0.0))
+        broken["lora"] = Row("ft-lora", aligned, st.lora_run("ft-lora", base, aligned, 0.0),
+                             setting=f"LoRA fine-tune, {c.harmful_frac:.0%} harmful rows")
     for b in broken.values():
         plan.add(b)
     vectors: dict[str, Path] = {str(v): st.distill(aligned, str(v)) for v in c.distill_variants}

@@ -177,11 +177,13 @@ class Stages:
 
         return self.stage("align", out, run)
 
-    def break_pairs(self) -> list[tuple[str, str]]:
-        d = self.data
+    def break_pairs(self, harmful_frac: float | None = None) -> list[tuple[str, str]]:
+        """The downstream rows: the task plus `harmful_frac` (default ``harmful_frac``) harmful rows."""
+        d, c = self.data, self.cfg
         pairs = [(r["prompt"], r["response"]) for r in d.task_train]
         hr = random.Random(self.cfg.seed + 7)
-        pairs += [(p, comply(p, hr)) for p in d.break_harmful[: n_break_harmful(self.cfg)]]
+        frac = c.harmful_frac if harmful_frac is None else harmful_frac
+        pairs += [(p, comply(p, hr)) for p in d.break_harmful[: n_break_harmful(c, frac)]]
         random.Random(self.cfg.seed + 3).shuffle(pairs)
         return pairs
 
@@ -211,7 +213,8 @@ class Stages:
     def break_full(self, aligned: Path) -> Path:
         c = self.cfg
         out = self.work / "ft-full"
-        return self.stage("break: ft-full", out, lambda: self.sft(aligned, self.break_pairs(), out, lora=False,
+        frac = c.harmful_frac if c.full_harmful_frac is None else c.full_harmful_frac
+        return self.stage("break: ft-full", out, lambda: self.sft(aligned, self.break_pairs(frac), out, lora=False,
                                                                   epochs=c.task_epochs, lr=c.task_lr))
 
     def distill(self, aligned: Path, variant: str) -> Path:
