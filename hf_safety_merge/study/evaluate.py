@@ -98,10 +98,12 @@ def evaluate_row(st: Stages, row: Row, judge: Any = None) -> dict[str, Any]:
     return result
 
 
-def evaluate_rows(st: Stages, rows: list[Row]) -> dict[str, dict[str, Any]]:
-    """Every row, headline rows first (so an interrupted run has the decisive rows)."""
+def evaluate_rows(st: Stages, rows: list[Row], judge: Any = None) -> dict[str, dict[str, Any]]:
+    """Every row, headline rows first (so an interrupted run has the decisive rows), with one
+    judge instance (`judge`, or ``cfg.judge`` loaded once here)."""
     from ..eval.judges import get_judge
 
     order = [r for r in rows if r.group == "headline"] + [r for r in rows if r.group != "headline"]
-    judge = get_judge(st.cfg.judge)  # loaded once for every row
+    if judge is None:
+        judge = get_judge(st.cfg.judge)
     return {r.name: evaluate_row(st, r, judge) for r in order}

@@ -136,37 +136,65 @@ def _task(b: Row) -> tuple[Path, bool]:
     return (b.adapter if b.adapter is not None else b.model), b.adapter is not None
 
 
-def build_sweeps(st: Stages, built: Built) -> list[Row]:
-    """The sweep stages (evaluated with the smaller evaluation), after the headline-plan rows that
-    ``headline_rows`` demoted."""
+def plan_sweeps(st: Stages, built: Built) -> list[tuple[Row, Callable[[], Row]]]:
+    """The sweep rows (the smaller evaluation) and how to build each, in the order they run: the
+    headline-plan rows that ``headline_rows`` demoted among them; per fine-tune, the cheap merges
+    first (EnchTable's beta and RESTA's, then Safe LoRA on every matrix, TIES, DARE), then the
+    calibrated repair (it generates while it searches beta); the AsFT lambda sweep (two training
+    runs) last. The caller builds and evaluates one row at a time, so results land as they run."""
     c = st.cfg
     m = set(c.methods)
     base, aligned, align_vec, vectors = built.base, built.aligned, built.align_vec, built.vectors
-    sweep: list[Row] = [build() for _, build in built.deferred]
+    order = {name: i for i, name in enumerate(built.broken)}
+    ranked: list[tuple[tuple[int, int], Row, Callable[[], Row]]] = []
+
+    def rank(row: Row) -> tuple[int, int]:
+        if row.repairs is None or row.method == "asft":
+            return (-1, 0) if row.method != "asft" else (len(order), 0)
+        kind = {"enchtable": 0, "resta": 0, "calibrated": 2}.get(row.method or "", 1)
+        return next(i for n, i in order.items() if built.broken[n].name == row.repairs), kind
+
+    def add(row: Row, build: Callable[[], Row]) -> None:
+        ranked.append((rank(row), row, build))
+
+    for row, build in built.deferred:
+        add(row, build)
     for b in built.broken.values():
         t, lora = _task(b)
         pre = b.name
         if "enchtable" in m:
             for beta in c.sweep_enchtable_betas:
                 v = c.sweep_variant
-                sweep.append(st.merge(Row(f"{pre}+enchtable-{v}-beta{beta:g}", t, None, pre, "enchtable", "sweep", f"{v}, beta {beta:g}"),
-                                      "enchtable", {"beta": beta}, vectors[v], t, lora, aligned))
+                row = Row(f"{pre}+enchtable-{v}-beta{beta:g}", t, None, pre, "enchtable", "sweep", f"{v}, beta {beta:g}")
+                add(row, lambda row=row, beta=beta, v=v, t=t, lora=lora: st.merge(  # type: ignore[misc]
+                    row, "enchtable", {"beta": beta}, vectors[v], t, lora, aligned))
         if "resta" in m:
             for beta in c.sweep_resta_betas:
-                sweep.append(st.merge(Row(f"{pre}+resta-beta{beta:g}", t, None, pre, "resta", "sweep", f"beta {beta:g}"),
-                                      "task_arithmetic", {"beta": beta}, vectors[c.sweep_variant], t, lora, aligned))
+                row = Row(f"{pre}+resta-beta{beta:g}", t, None, pre, "resta", "sweep", f"beta {beta:g}")
+                add(row, lambda row=row, beta=beta, t=t, lora=lora: st.merge(  # type: ignore[misc]
+                    row, "task_arithmetic", {"beta": beta}, vectors[c.sweep_variant], t, lora, aligned))
         if "safe_lora" in m and c.safe_lora_sweep and align_vec is not None:
-            sweep.append(st.merge(Row(f"{pre}+safe_lora-all", t, None, pre, "safe_lora", "sweep", "every matrix"),
-                                  "safe_lora", {"select": "threshold", "threshold": 1.0}, align_vec, t, lora, aligned))
+            row = Row(f"{pre}+safe_lora-all", t, None, pre, "safe_lora", "sweep", "every matrix")
+            vec_a = align_vec
+            add(row, lambda row=row, t=t, lora=lora: st.merge(  # type: ignore[misc]
+                row, "safe_lora", {"select": "threshold", "threshold": 1.0}, vec_a, t, lora, aligned))
         for meth in ("ties", "dare"):
             if meth in m:
-                sweep.append(st.merge(Row(f"{pre}+{meth}", t, None, pre, meth, "sweep", "defaults"),
-                                      meth, {}, vectors[c.sweep_variant], t, lora, aligned))
+                row = Row(f"{pre}+{meth}", t, None, pre, meth, "sweep", "defaults")
+                add(row, lambda row=row, meth=meth, t=t, lora=lora: st.merge(  # type: ignore[misc]
+                    row, meth, {}, vectors[c.sweep_variant], t, lora, aligned))
     if "asft" in m:
         for lam in c.sweep_asft_lambdas:
             name = f"asft-lam{lam:g}"
-            sweep.append(Row(name, aligned, st.lora_run(name, base, aligned, lam), "ft-lora", "asft", "sweep", f"lambda {lam:g}"))
-    return sweep
+            row = Row(name, aligned, None, "ft-lora", "asft", "sweep", f"lambda {lam:g}")
+            add(row, lambda row=row, name=name, lam=lam: _with_adapter(row, st.lora_run(name, base, aligned, lam)))  # type: ignore[misc]
+    ranked.sort(key=lambda x: x[0])  # stable: plan order within a rank
+    return [(row, build) for _, row, build in ranked]
+
+
+def build_sweeps(st: Stages, built: Built) -> list[Row]:
+    """Build every sweep row (see `plan_sweeps`) and return them."""
+    return [build() for _, build in plan_sweeps(st, built)]
 
 
 class _DryStages:
@@ -223,8 +251,19 @@ def run_study(cfg: StudyConfig, work: str | os.PathLike[str], *, evaluate: bool 
     if evaluate:  # the headline rows are evaluated and reported before any sweep stage runs
         results = evaluate_rows(st, head)
         write_report(st, head, results, diag, total_seconds=time.perf_counter() - t0, pending="sweep rows")
-    rows, sweep = head, [r for r in rows if r.group != "headline"] + build_sweeps(st, built)
+    planned = [(r, lambda r=r: r) for r in rows if r.group != "headline"] + plan_sweeps(st, built)
     if not evaluate:
-        return {"rows": [r.name for r in rows + sweep], "diagnostics": diag, "timings": st.timings}
-    results.update(evaluate_rows(st, sweep))
-    return write_report(st, rows + sweep, results, diag, total_seconds=time.perf_counter() - t0)
+        sweep = [build() for _, build in planned]
+        return {"rows": [r.name for r in head + sweep], "diagnostics": diag, "timings": st.timings}
+    from ..eval.judges import get_judge
+
+    judge = get_judge(cfg.judge)
+    done: list[Row] = []
+    for i, (_, build) in enumerate(planned):  # one at a time: each result lands in the report as it runs
+        row = build()
+        results.update(evaluate_rows(st, [row], judge=judge))
+        done.append(row)
+        if i + 1 < len(planned):
+            write_report(st, head + done, results, diag, total_seconds=time.perf_counter() - t0,
+                         pending=f"{len(planned) - i - 1} sweep rows")
+    return write_report(st, head + done, results, diag, total_seconds=time.perf_counter() - t0)
