@@ -27,10 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=str(HERE / "results" / "safety_transfer"))
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the report from the rows already evaluated in --work (build and evaluate nothing new)")
     a = p.parse_args(argv)
     over = {k: v for k, v in (("device", a.device), ("threads", a.threads)) if v}
     cfg = StudyConfig.preset(a.preset, **over) if a.preset else StudyConfig.from_file(a.config, **over)
-    run_study(cfg, a.work)
+    run_study(cfg, a.work, report_only=a.report_only)
     res = Path(a.results)
     res.mkdir(parents=True, exist_ok=True)
     work = Path(a.work)

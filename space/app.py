@@ -573,11 +573,13 @@ def run_eval(
     state: dict[str, Any] | None,
     progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008
 ) -> tuple[Any, Any, Any, dict[str, Any]]:
-    """Evaluate the unpatched and the patched model on the same prompts (keyword judge)."""
+    """Evaluate the unpatched and the patched model on the same prompts (the ``auto`` judge: the
+    learned refusal judge where its features can run, else the keyword judge; the table names it)."""
     import pandas as pd
     from PIL import Image
 
     from hf_safety_merge.eval import EvalReport, PromptItem, PromptSet, evaluate_safety
+    from hf_safety_merge.eval.report import describe_judge
 
     st = _patched(state)
     harmful_prompts = _lines(harmful)
@@ -602,14 +604,15 @@ def run_eval(
         reports.append(evaluate_safety(
             model, tok, output_dir=out, model_name=name, progress=True,
             harmful=harmful_prompts, harmful_eval_size=None, benign=benign_prompts, utility=utility,
-            utility_metric="exact_match", judge="keyword", max_new_tokens=int(max_new_tokens), batch_size=8,
+            utility_metric="exact_match", judge=_judge(), refusal_judge=_judge(), max_new_tokens=int(max_new_tokens), batch_size=8,
         ))
     report = EvalReport(reports)
     png = _eval_plot(reports, out / "space_eval.png")
     table = pd.DataFrame([
         {"model": m.model, "unsafe rate ↓": _rate(m.unsafe_rate), "over-refusal ↓": _rate(m.over_refusal),
          "task accuracy ↑": _rate(m.utility), "n (harmful / benign / task)": "/".join(
-             str(r.n) if r is not None else "0" for r in (m.unsafe_rate, m.over_refusal, m.utility))}
+             str(r.n) if r is not None else "0" for r in (m.unsafe_rate, m.over_refusal, m.utility)),
+         "judge": describe_judge(m.judge)}
         for m in reports
     ])
     references = {f"utility/{it.id}": it.reference or "" for it in pairs}
@@ -618,6 +621,18 @@ def run_eval(
         image = im.convert("RGB")
     new_state = {**st, "eval": report.models[-1].to_dict()}
     return table, image, rows, new_state
+
+
+_JUDGE: list[Any] = []
+
+
+def _judge() -> Any:
+    """The evaluation judge, loaded once per process (``auto``: learned where it can run)."""
+    if not _JUDGE:
+        from hf_safety_merge.eval.judges import get_judge
+
+        _JUDGE.append(get_judge("auto"))
+    return _JUDGE[0]
 
 
 def _responses_table(out: Path, names: list[str], references: dict[str, str]) -> Any:
@@ -796,8 +811,10 @@ def build_app(toy_dir: str | os.PathLike[str] | None = None) -> gr.Blocks:
             with gr.Tab("3 · Evaluate", id="evaluate"):
                 gr.Markdown(
                     "A quick side-by-side evaluation: **unsafe rate** on harmful prompts, **over-refusal** on benign "
-                    "prompts, and **task accuracy** (exact match), with 95% Wilson intervals in parentheses. Judged by the "
-                    "offline keyword refusal judge, whose \"unsafe\" means \"did not refuse\" (see docs/evaluation.md)."
+                    "prompts, and **task accuracy** (exact match), with 95% Wilson intervals in parentheses. Judged offline by "
+                    "the learned refusal judge (a probe on SmolLM2-135M-Instruct features; its leave-one-model-out "
+                    "agreement with human labels is in the table's judge column), or by the keyword judge where the "
+                    "learned one cannot run; \"unsafe\" means \"attempted the request\" (see docs/evaluation.md)."
                 )
                 with gr.Row():
                     harmful_in = gr.Textbox(label="Harmful prompts (one per line)", lines=6,

@@ -6,6 +6,7 @@ nothing at this size)."""
 from __future__ import annotations
 
 import json
+import shutil
 import random
 from pathlib import Path
 
@@ -172,3 +173,10 @@ def test_study_end_to_end_on_a_tiny_model(shared_data: Path, tmp_path: Path) -> 
     again = run_study(cfg, work)
     assert again["timings"] == payload["timings"]
     assert json.loads((work / "study.json").read_text())["rows"] == again["rows"]
+    # report_only rewrites the report from what is evaluated, building nothing; on an empty folder it refuses
+    shutil.rmtree(work / "eval" / "asft-lam10")
+    partial = run_study(cfg, work, report_only=True)
+    assert "asft-lam10" not in {r["model"] for r in partial["rows"]} and len(partial["rows"]) == len(again["rows"]) - 1
+    assert not (work / "eval" / "asft-lam10").exists()
+    with pytest.raises(ConfigError, match="report_only"):
+        run_study(cfg, tmp_path / "empty", report_only=True)

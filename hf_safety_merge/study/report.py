@@ -61,7 +61,9 @@ def _verdicts(recs: dict[str, dict[str, Any]], results: dict[str, Any], cfg: Any
                      f"over-refusal within {OVER_REFUSAL_POINTS:g} points of the aligned model",
             "measured": {"unsafe_cut": cut, "unsafe_test": t_unsafe, "task_within_interval": task_ok, "over_refusal_delta_points": orf,
                          "ood_unsafe_cut": None if not _val(broke, "unsafe_ood") else 1 - (_val(r, "unsafe_ood") or 0) / (_val(broke, "unsafe_ood") or 1),
-                         "alpha": r["regime"].get("alpha"), "ratio": r["regime"].get("ratio")},
+                         "alpha": r["regime"].get("alpha"), "ratio": r["regime"].get("ratio"),
+                         "broken_unsafe": ub, "repaired_unsafe": u,
+                         "aligned_unsafe": None if aligned is None else _val(aligned, "unsafe")},
             "verdict": "yes" if ok else "no",
         })
     asft = [n for n, r in recs.items() if r["method"] == "asft" and r["group"] == "headline"]
@@ -232,7 +234,9 @@ def _markdown(recs: dict[str, Any], tests: dict[str, Any], verdicts: list[dict[s
         m = v["measured"]
         if v["paper"] == "EnchTable":
             cut = "n/a" if m["unsafe_cut"] is None else f"{100 * m['unsafe_cut']:.0f}%"
-            meas = (f"cut {cut} (p {fmt_p((m['unsafe_test'] or {}).get('p'))}), task within interval: {m['task_within_interval']}, "
+            pct = (lambda x: "n/a" if x is None else f"{100 * x:.1f}%")  # noqa: E731
+            meas = (f"unsafe {pct(m.get('broken_unsafe'))} -> {pct(m.get('repaired_unsafe'))} (aligned {pct(m.get('aligned_unsafe'))}): "
+                    f"cut {cut} (p {fmt_p((m['unsafe_test'] or {}).get('p'))}), task within interval: {m['task_within_interval']}, "
                     f"over-refusal {m['over_refusal_delta_points']:+.1f} pts, alpha {m['alpha']}")
         else:
             meas = f"{m['unsafe_points_below']:+.1f} pts (p {fmt_p((m['unsafe_test'] or {}).get('p'))})"

@@ -224,10 +224,24 @@ def planned_rows(cfg: StudyConfig) -> tuple[list[str], list[str]]:
     return [r.name for r in rows], [r.name for r in build_sweeps(dry, built)]
 
 
-def run_study(cfg: StudyConfig, work: str | os.PathLike[str], *, evaluate: bool = True,
+def _cached_only(stage: Callable[..., Path]) -> Callable[..., Path]:
+    """`Stages.stage` that refuses to run a stage (``report_only``)."""
+    def run(name: str, out: Path, fn: Callable[[], Any]) -> Path:
+        if not (out / ".done").is_file():
+            from ..errors import ConfigError
+
+            raise ConfigError(f"report_only: stage {name!r} is not finished in {out.parent} (run the study to build it)")
+        return stage(name, out, fn)
+
+    return run
+
+
+def run_study(cfg: StudyConfig, work: str | os.PathLike[str], *, evaluate: bool = True, report_only: bool = False,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the whole study (cached per stage in `work`) and return the results payload
-    (with ``evaluate=False``: build every model and return the plan)."""
+    (with ``evaluate=False``: build every model and return the plan; with ``report_only``:
+    rewrite the report from the rows already evaluated in `work`, building and evaluating nothing
+    new, e.g. after a run was stopped during the sweeps)."""
     cfg.validate()
     if cfg.headline_rows:  # a typo here would silently demote a decisive row: fail before any work
         from ..errors import ConfigError, did_you_mean
@@ -237,10 +251,16 @@ def run_study(cfg: StudyConfig, work: str | os.PathLike[str], *, evaluate: bool 
             if n not in head:
                 raise ConfigError(f"headline_rows entry {n!r} is not a row of the headline plan {head}" + did_you_mean(n, head))
     w = Path(work)
+    if report_only and not (w / "aligned" / ".done").is_file():
+        from ..errors import ConfigError
+
+        raise ConfigError(f"report_only: {w} holds no finished study stages (no aligned/.done)")
     w.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data = load_study_data(cfg)
     st = Stages(cfg, w, data, log=log)
+    if report_only:
+        st.stage = _cached_only(st.stage)  # type: ignore[method-assign]
     rows, diag, built = build_headline(st)
     (w / "diagnostics.json").write_text(json.dumps(diag, indent=1))
     from .evaluate import evaluate_rows
@@ -259,6 +279,10 @@ def run_study(cfg: StudyConfig, work: str | os.PathLike[str], *, evaluate: bool 
 
     judge = get_judge(cfg.judge)
     done: list[Row] = []
+    from ..eval.suite import _safe_name
+
+    if report_only:
+        planned = [(r, b) for r, b in planned if (w / "eval" / _safe_name(r.name) / "outcomes.json").is_file()]
     for i, (_, build) in enumerate(planned):  # one at a time: each result lands in the report as it runs
         row = build()
         results.update(evaluate_rows(st, [row], judge=judge))
