@@ -12,7 +12,7 @@ For every LoRA adapter in a study folder (the plain fine-tunes `ft-lora-*` and t
 Aggregates are norm-weighted over all adapted matrices. Used for the AsFT discussion in
 docs/study.md:
 
-    python benchmarks/study_update_geometry.py /tmp/study/full --out benchmarks/results/safety_transfer/update_geometry.json
+    python benchmarks/study_update_geometry.py /tmp/study/full --out benchmarks/results/safety_transfer/first_study/update_geometry.json
 """
 
 from __future__ import annotations
