@@ -6,8 +6,8 @@ nothing at this size)."""
 from __future__ import annotations
 
 import json
-import shutil
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -52,7 +52,7 @@ def test_presets_and_errors(tmp_path: Path) -> None:
 
     head, sweep = planned_rows(full)
     assert set(FULL_HEADLINE_ROWS) <= set(head) and "ft-full+ties" in sweep
-    with pytest.raises(ConfigError, match="headline_rows entry 'ft-ful' .*did you mean 'ft-full'"):
+    with pytest.raises(ConfigError, match=r"headline_rows entry 'ft-ful' .*did you mean 'ft-full'"):
         run_study(full.replace(headline_rows=["ft-ful"]), tmp_path / "never")
     assert not (tmp_path / "never").exists()
     p.write_text("preset: demo\neval_task: 50\n")

@@ -107,7 +107,8 @@ def build_headline(st: Stages) -> tuple[list[Row], dict[str, Any], Built]:
         if "safe_lora" in m and align_vec is not None:
             row = Row(f"{pre}+safe_lora", t, None, pre, "safe_lora", setting="10 matrices (default)")
             vec_a = align_vec
-            plan.add(row, lambda row=row, t=t, lora=lora: st.merge(row, "safe_lora", {}, vec_a, t, lora, aligned))  # type: ignore[misc]
+            plan.add(row, lambda row=row, t=t, lora=lora, vec_a=vec_a: st.merge(  # type: ignore[misc]
+                row, "safe_lora", {}, vec_a, t, lora, aligned))
     if "asft" in m:
         for lam in c.asft_lambdas:
             name = "asft" + ("" if lam == 1 else f"-lam{lam:g}")
@@ -176,7 +177,7 @@ def plan_sweeps(st: Stages, built: Built) -> list[tuple[Row, Callable[[], Row]]]
         if "safe_lora" in m and c.safe_lora_sweep and align_vec is not None:
             row = Row(f"{pre}+safe_lora-all", t, None, pre, "safe_lora", "sweep", "every matrix")
             vec_a = align_vec
-            add(row, lambda row=row, t=t, lora=lora: st.merge(  # type: ignore[misc]
+            add(row, lambda row=row, t=t, lora=lora, vec_a=vec_a: st.merge(  # type: ignore[misc]
                 row, "safe_lora", {"select": "threshold", "threshold": 1.0}, vec_a, t, lora, aligned))
         for meth in ("ties", "dare"):
             if meth in m:
