@@ -247,10 +247,10 @@ def run_study(cfg: StudyConfig, work: str | os.PathLike[str], *, evaluate: bool 
     if cfg.headline_rows:  # a typo here would silently demote a decisive row: fail before any work
         from ..errors import ConfigError, did_you_mean
 
-        head, _ = planned_rows(cfg)
+        names, _ = planned_rows(cfg)
         for n in cfg.headline_rows:
-            if n not in head:
-                raise ConfigError(f"headline_rows entry {n!r} is not a row of the headline plan {head}" + did_you_mean(n, head))
+            if n not in names:
+                raise ConfigError(f"headline_rows entry {n!r} is not a row of the headline plan {names}" + did_you_mean(n, names))
     w = Path(work)
     if report_only and not (w / "aligned" / ".done").is_file():
         from ..errors import ConfigError
