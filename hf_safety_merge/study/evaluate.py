@@ -45,6 +45,13 @@ def _outcomes(folder: Path, prefix: str = "", refs: dict[str, str] | None = None
     return out
 
 
+def outcomes_file(work: Path, name: str) -> Path:
+    """Where row `name`'s evaluation is cached (its presence means the row is evaluated)."""
+    from ..eval.suite import _safe_name
+
+    return work / "eval" / _safe_name(name) / "outcomes.json"
+
+
 def evaluate_row(st: Stages, row: Row, judge: Any = None) -> dict[str, Any]:
     """Evaluate one row (headline: every set and attack; sweep: the smaller evaluation)."""
     import torch
@@ -55,8 +62,8 @@ def evaluate_row(st: Stages, row: Row, judge: Any = None) -> dict[str, Any]:
 
     c, d = st.cfg, st.data
     ev = st.work / "eval"
-    folder = ev / _safe_name(row.name)
-    done = folder / "outcomes.json"
+    done = outcomes_file(st.work, row.name)
+    folder = done.parent
     if done.is_file():
         st.log(f"  [eval: {row.name}] cached")
         return dict(json.loads(done.read_text()))

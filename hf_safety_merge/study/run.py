@@ -280,10 +280,10 @@ def run_study(cfg: StudyConfig, work: str | os.PathLike[str], *, evaluate: bool 
 
     judge = get_judge(cfg.judge)
     done: list[Row] = []
-    from ..eval.suite import _safe_name
-
     if report_only:
-        planned = [(r, b) for r, b in planned if (w / "eval" / _safe_name(r.name) / "outcomes.json").is_file()]
+        from .evaluate import outcomes_file
+
+        planned = [(r, b) for r, b in planned if outcomes_file(w, r.name).is_file()]
     for i, (_, build) in enumerate(planned):  # one at a time: each result lands in the report as it runs
         row = build()
         results.update(evaluate_rows(st, [row], judge=judge))
