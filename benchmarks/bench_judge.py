@@ -95,16 +95,24 @@ def main(argv: list[str] | None = None) -> int:
     kj = KeywordRefusalJudge()
     kw_pred = [kj.classify(t) for t in texts]
     splits: dict[str, Any] = {}
+    # Every response judged by the probe that was not trained on its model (the cross-model
+    # estimate over all 900, as a cross-validation reports its folds together).
+    pooled_gold: list[str] = []
+    pooled_pred: dict[str, list[str]] = {"keyword": [], **{c: [] for c in candidates}}
     for name, tr, te in lomo_splits([r.source for r in rows]):
         gold = [labels[i] for i in te]
+        pooled_gold += gold
+        pooled_pred["keyword"] += [kw_pred[i] for i in te]
         res: dict[str, Any] = {"keyword": binary_summary(gold, [kw_pred[i] for i in te])}
         for cname, X in candidates.items():
             probe = fit_probe(X[tr], [labels[i] for i in tr], shipped.lam)
             pred = predict_labels(probe, X[te], [kw_pred[i] == "partial_refusal" for i in te])
+            pooled_pred[cname] += pred
             res[cname] = binary_summary(gold, pred)
             p_ref = probe_probabilities(probe, X[te])
             res[cname]["ece_p_compliance"] = round(ece([1 - float(p) for p in p_ref], [g == "compliance" for g in gold]), 4)
         splits[name] = res
+    splits["both held-out sets pooled (leave-one-model-out)"] = {j: binary_summary(pooled_gold, p) for j, p in pooled_pred.items()}
     judge = LearnedRefusalJudge(progress=False)
     non_answers = sum(non_answer_reason(r.prompt, r.completion) is not None for r in rows)
     tok = fx._tok

@@ -202,7 +202,7 @@ class FeatureExtractor:
         return d + (d if self.spec.embed_tokens else 0) + (len(KEYWORD_CLASSES) if self.spec.keyword_features else 0)
 
     def hidden(self, responses: Sequence[str], layers: Sequence[int], *, progress: bool = False,
-               desc: str = "features") -> dict[int, Any]:
+               desc: str = "features", ids: list[list[int]] | None = None) -> dict[int, Any]:
         """Per layer in ``layers`` (each <= ``spec.layer``), the final-norm'ed hidden state after
         that many layers, mean-pooled over the first ``spec.max_tokens`` response tokens."""
         import torch
@@ -211,7 +211,7 @@ class FeatureExtractor:
         tok, model, spec = self._tok, self._model, self.spec
         if any(not 0 <= layer <= spec.layer for layer in layers):
             raise ConfigError(f"layers {list(layers)} must be in [0, {spec.layer}]")
-        ids_all = self._ids(responses)
+        ids_all = self._ids(responses) if ids is None else ids
         n = len(ids_all)
         d = int(self._embed.shape[1])
         out = {layer: torch.zeros(n, d) for layer in layers}
@@ -240,7 +240,8 @@ class FeatureExtractor:
                     captured.clear()
                     if max(layers) > 0:
                         model(input_ids=inp, attention_mask=att, use_cache=False)
-                    captured[0] = model.embed_tokens(inp)
+                    if 0 in layers:
+                        captured[0] = model.embed_tokens(inp)
                     m = att.clone().float()
                     m[:, : len(self._prefix)] = 0  # pool over response tokens only
                     denom = m.sum(1, keepdim=True).clamp_min(1)
@@ -261,7 +262,7 @@ class FeatureExtractor:
         tok = self._tok
         return [tok(r.strip(), add_special_tokens=False)["input_ids"] or [tok.eos_token_id] for r in responses]
 
-    def extras(self, responses: Sequence[str]) -> Any:
+    def extras(self, responses: Sequence[str], ids: list[list[int]] | None = None) -> Any:
         """The cheap features: mean input embedding of the first ``embed_tokens`` tokens and the
         keyword judge's one-hot label (each only when the spec asks for it)."""
         import torch
@@ -269,7 +270,7 @@ class FeatureExtractor:
         self.load()
         parts = []
         if self.spec.embed_tokens:
-            ids = self._ids(responses)
+            ids = self._ids(responses) if ids is None else ids
             parts.append(torch.stack([self._embed[torch.tensor(x[: self.spec.embed_tokens])].mean(0) for x in ids]))
         if self.spec.keyword_features:
             kj = KeywordRefusalJudge()
@@ -283,8 +284,9 @@ class FeatureExtractor:
         """A float32 ``(len(responses), dim)`` tensor of features."""
         import torch
 
-        h = self.hidden(responses, [self.spec.layer], progress=progress, desc=desc)[self.spec.layer]
-        return torch.cat([h, self.extras(responses)], 1)
+        ids = self._ids(responses)  # tokenised once for both feature kinds
+        h = self.hidden(responses, [self.spec.layer], progress=progress, desc=desc, ids=ids)[self.spec.layer]
+        return torch.cat([h, self.extras(responses, ids)], 1)
 
 
 def _progress(total: int, desc: str) -> Any:
