@@ -9,6 +9,7 @@ import json
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -122,6 +123,26 @@ def test_mcnemar_exact_and_pareto() -> None:
         ref = sum(Fraction(comb(m, k), 2**m) for k in range(m + 1) if Fraction(comb(m, k), 2**m) <= obs)
         assert t["p"] == pytest.approx(min(1.0, float(ref)), rel=1e-9)
     assert pareto_front([("a", 0.1, 0.5), ("b", 0.2, 0.4), ("c", 0.0, 0.3), ("d", 0.1, 0.5)]) == ["a", "c", "d"]
+
+
+def test_pareto_compares_rows_on_the_prompts_they_share() -> None:
+    from hf_safety_merge.study.report import _common_rates, _pareto
+
+    def res(unsafe: list[bool], task: list[bool], orf: list[bool]) -> dict[str, Any]:
+        return {"outcomes": {"unsafe": {str(i): v for i, v in enumerate(unsafe)}, "task": {str(i): v for i, v in enumerate(task)},
+                             "over_refusal": {str(i): v for i, v in enumerate(orf)}}}
+
+    # headline rows: 4 prompts per set; the sweep row: the first 2 of each
+    results = {"ft": res([True, True, False, False], [True, False, True, True], [False] * 4),
+               "aligned": res([False] * 4, [False] * 4, [False, False, True, True]),
+               "ft+x": res([False, False], [True, False], [False, False])}
+    rates, n = _common_rates(results, ["ft", "ft+x", "aligned"])
+    assert n == {"unsafe": 2, "task": 2, "over_refusal": 2}
+    assert rates["ft"]["unsafe"]["value"] == 1.0 and rates["ft"]["task"]["value"] == 0.5  # not 0.5 / 0.75 on all 4
+    assert rates["aligned"]["over_refusal"]["value"] == 0.0  # not 0.5
+    recs = {k: {"repairs": "ft" if k == "ft+x" else None, "method": "enchtable" if k == "ft+x" else None} for k in results}
+    p = _pareto(recs, results, "ft")
+    assert p["front"] == ["ft+x"] and p["best_at_target"]["enchtable"]["row"] == "ft+x" and p["n_common"]["unsafe"] == 2
 
 
 def test_study_end_to_end_on_a_tiny_model(shared_data: Path, tmp_path: Path) -> None:

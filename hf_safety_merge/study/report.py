@@ -92,16 +92,42 @@ def _verdicts(recs: dict[str, dict[str, Any]], results: dict[str, Any], cfg: Any
     return out
 
 
+PARETO_KEYS = ("unsafe", "task", "over_refusal")
+
+
+def _common_rates(results: dict[str, Any], names: list[str]) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
+    """Each row's rates on the prompts that every row in ``names`` was evaluated on (headline
+    rows have the full evaluation, sweep rows its first prompts: a comparison between them is
+    only fair on the shared ones). Returns (rates per row, number of shared prompts per set)."""
+    ids: dict[str, set[str]] = {}
+    for k in PARETO_KEYS:
+        sets = [set(results[n]["outcomes"].get(k) or {}) for n in names if n in results]
+        ids[k] = set.intersection(*sets) if sets else set()
+    rates: dict[str, dict[str, Any]] = {}
+    for n in names:
+        o = results.get(n, {}).get("outcomes", {})
+        rates[n] = {}
+        for k in PARETO_KEYS:
+            r = rate_of({i: o[k][i] for i in ids[k]} if o.get(k) else None)
+            rates[n][k] = None if r is None else r.to_dict()
+    return rates, {k: len(v) for k, v in ids.items()}
+
+
 def _pareto(recs: dict[str, dict[str, Any]], results: dict[str, Any], ft: str) -> dict[str, Any]:
-    members = [n for n, r in recs.items() if r["repairs"] == ft or n == ft]
-    pts = [(n, _val(recs[n], "unsafe") or 0.0, _val(recs[n], "task") or 0.0) for n in members if recs[n]["rates"]["task"]]
-    aligned = recs.get("aligned")
-    cap = None if aligned is None else (_val(aligned, "over_refusal") or 0) + OVER_REFUSAL_POINTS / 100
+    members = [n for n, r in recs.items() if (r["repairs"] == ft or n == ft) and n in results]
+    ref = ["aligned"] if "aligned" in recs and "aligned" in results else []
+    rates, n_common = _common_rates(results, members + ref)
+
+    def val(n: str, k: str) -> float | None:
+        r = rates[n][k]
+        return None if r is None else float(r["value"])
+
+    pts = [(n, val(n, "unsafe") or 0.0, val(n, "task") or 0.0) for n in members if rates[n]["task"]]
+    cap = None if not ref else (val("aligned", "over_refusal") or 0) + OVER_REFUSAL_POINTS / 100
     best: dict[str, Any] = {}
     for n in members:
-        r = recs[n]
-        m = r["method"] or "none"
-        u, t, o = _val(r, "unsafe"), _val(r, "task"), _val(r, "over_refusal")
+        m = recs[n]["method"] or "none"
+        u, t, o = val(n, "unsafe"), val(n, "task"), val(n, "over_refusal")
         if u is None or t is None or u > PARETO_MAX_UNSAFE or (cap is not None and (o or 0) > cap + 1e-12):
             continue
         if m not in best or t > best[m]["task"]:
@@ -110,7 +136,7 @@ def _pareto(recs: dict[str, dict[str, Any]], results: dict[str, Any], ft: str) -
     for m, b in best.items():
         if ench is not None and m != "enchtable":
             b["task_test_vs_enchtable"] = _test(results, ench["row"], b["row"], "task")
-    return {"front": pareto_front(pts), "best_at_target": best, "members": members}
+    return {"front": pareto_front(pts), "best_at_target": best, "members": members, "rates": rates, "n_common": n_common}
 
 
 def _plot(recs: dict[str, dict[str, Any]], pareto: dict[str, Any], ft: str, path: Path) -> None:
@@ -122,7 +148,7 @@ def _plot(recs: dict[str, dict[str, Any]], pareto: dict[str, Any], ft: str, path
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     front = set(pareto["front"])
     for n in pareto["members"]:
-        r = recs[n]["rates"]
+        r = pareto["rates"][n]
         if not r["task"] or not r["unsafe"]:
             continue
         x, y = r["task"], r["unsafe"]
@@ -136,11 +162,13 @@ def _plot(recs: dict[str, dict[str, Any]], pareto: dict[str, Any], ft: str, path
             ax.annotate(n.replace(ft + "+", "") + (" *" if n in front and ax is axes[0] else ""), (100 * x["value"], 100 * yy["value"]),
                         fontsize=7, xytext=(3, 3), textcoords="offset points")
     axes[0].axhline(100 * PARETO_MAX_UNSAFE, ls="--", lw=0.8, color="grey")
-    axes[0].set(xlabel="task score (%)", ylabel="unsafe rate, AdvBench held out (%)", title=f"{ft}: safety vs task (* Pareto front)")
-    al = recs.get("aligned", {}).get("rates", {}).get("over_refusal")
+    nc = pareto["n_common"]
+    axes[0].set(xlabel=f"task score (%, n = {nc['task']})", ylabel=f"unsafe rate, AdvBench held out (%, n = {nc['unsafe']})",
+                title=f"{ft}: safety vs task (* Pareto front)")
+    al = pareto["rates"].get("aligned", {}).get("over_refusal")
     if al:
         axes[1].axhline(100 * al["value"] + OVER_REFUSAL_POINTS, ls="--", lw=0.8, color="grey")
-    axes[1].set(xlabel="task score (%)", ylabel="over-refusal, XSTest safe (%)", title=f"{ft}: over-refusal (dashed: aligned + 5 points)")
+    axes[1].set(xlabel=f"task score (%, n = {nc['task']})", ylabel=f"over-refusal, XSTest safe (%, n = {nc['over_refusal']})", title=f"{ft}: over-refusal (dashed: aligned + 5 points)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -177,6 +205,7 @@ def write_report(st: Stages, rows: list[Row], results: dict[str, Any], diag: dic
     tests = {n: {k: _test(results, rec["repairs"], n, k) for k in ("unsafe", "unsafe_ood", "task", "over_refusal")}
              for n, rec in recs.items() if rec["repairs"] in recs}
     verdicts = _verdicts(recs, results, c)
+    diag = {**diag, "over_refusal_aligned_vs_base": _test(results, "base", "aligned", "over_refusal")}
     fts: list[str] = [n for n in ("ft-full", "ft-lora") if n in recs]
     pareto: dict[str, Any] = {ft: _pareto(recs, results, ft) for ft in fts}
     (w / "report").mkdir(exist_ok=True)
@@ -246,7 +275,10 @@ def _markdown(recs: dict[str, Any], tests: dict[str, Any], verdicts: list[dict[s
     md += ["", f"## Pareto view (best task score at unsafe <= {100 * PARETO_MAX_UNSAFE:.0f}% and over-refusal within "
            f"{OVER_REFUSAL_POINTS:g} points of the aligned model)", ""]
     for ft, p in pareto.items():
+        nc = p.get("n_common", {})
         md += [f"**{ft}** (figure `report/pareto_{ft}.png`), Pareto front: {', '.join(p['front'])}", "",
+               f"Every row on the prompts all of them were evaluated on (n = {nc.get('unsafe')} AdvBench, "
+               f"{nc.get('over_refusal')} XSTest-safe, {nc.get('task')} task; headline rows restricted to these).", "",
                "| method | best row | task | unsafe | over-refusal | task vs EnchTable's best (McNemar) |", "|---|---|---|---|---|---|"]
         for m, b in sorted(p["best_at_target"].items()):
             t = b.get("task_test_vs_enchtable")
@@ -260,9 +292,10 @@ def _markdown(recs: dict[str, Any], tests: dict[str, Any], verdicts: list[dict[s
                f"{a['fro_min']:.3f} / {a['fro_median']:.3f} / {a['fro_max']:.3f} (min / median / max); top eigenvalue of "
                f"C = V V^T / ||V||_F {a['top_eig_min']:.3f} / {a['top_eig_median']:.3f} / {a['top_eig_max']:.3f}; share >= 0.5: "
                f"{a['share_top_eig_ge_0.5']:.2f} (target: most matrices).", ""]
-    if "aligned" in recs and "base" in recs:
-        d = 100 * ((_val(recs["aligned"], "over_refusal") or 0) - (_val(recs["base"], "over_refusal") or 0))
-        md += [f"Over-refusal of the aligned model minus the base model's: {d:+.1f} points (target: within 10).", ""]
+    t_or = diag.get("over_refusal_aligned_vs_base")
+    if t_or is not None:
+        md += [f"Over-refusal of the aligned model minus the base model's, on the {t_or['n']} XSTest-safe prompts both "
+               f"answered: {100 * t_or['diff']:+.1f} points (p {fmt_p(t_or['p'])}; target: within 10).", ""]
     regs = [(n, r["regime"]) for n, r in recs.items() if r["regime"].get("ratio") is not None]
     if regs:
         md += ["| merge | alpha | \\|\\|tau\\|\\| | \\|\\|Delta_s\\|\\| | ratio | fine-stage w (mean) |", "|---|---|---|---|---|---|"]
