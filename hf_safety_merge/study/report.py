@@ -266,9 +266,10 @@ def _markdown(recs: dict[str, Any], tests: dict[str, Any], verdicts: list[dict[s
             pct = (lambda x: "n/a" if x is None else f"{100 * x:.1f}%")  # noqa: E731
             meas = (f"unsafe {pct(m.get('broken_unsafe'))} -> {pct(m.get('repaired_unsafe'))} (aligned {pct(m.get('aligned_unsafe'))}): "
                     f"cut {cut} (p {fmt_p((m['unsafe_test'] or {}).get('p'))}), task within interval: {m['task_within_interval']}, "
-                    f"over-refusal {m['over_refusal_delta_points']:+.1f} pts, alpha {m['alpha']}")
+                    f"over-refusal {m['over_refusal_delta_points']:+.1f} pts vs aligned, alpha "
+                    + ("n/a" if m["alpha"] is None else f"{m['alpha']:.3f}"))
         else:
-            meas = f"{m['unsafe_points_below']:+.1f} pts (p {fmt_p((m['unsafe_test'] or {}).get('p'))})"
+            meas = f"unsafe {-m['unsafe_points_below']:+.1f} pts vs {v['against']} (p {fmt_p((m['unsafe_test'] or {}).get('p'))})"
             if m.get("task_test"):
                 meas += f", task {100 * m['task_test']['diff']:+.1f} pts (p {fmt_p(m['task_test']['p'])})"
         md.append(f"| {v['paper']} | {v['row']} | {v['against']} | {v['claim']} | {meas} | **{v['verdict']}** |")
