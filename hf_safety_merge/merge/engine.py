@@ -244,6 +244,10 @@ def _timed(fn: Any, times: StageTimes | None, stage: str) -> Any:
     return run
 
 
+#: items queued per prepare worker (see `_prefetch`)
+LOOKAHEAD_PER_WORKER = 4
+
+
 def _prefetch(names: list[str], load: Any, prepare: Any = None, workers: int = 1,
               nbytes: Any = None, budget: int = 0, times: StageTimes | None = None,
               worker_threads: int | None = None) -> Iterator[tuple[str, Any]]:
@@ -258,7 +262,10 @@ def _prefetch(names: list[str], load: Any, prepare: Any = None, workers: int = 1
     if not names:
         return
     load = _timed(load, times, "read")
-    ahead = max(1, workers) + (1 if prepare is not None else 0)
+    # With `prepare`, items finish out of order (a k_proj decomposes far faster than a
+    # gate_proj) but are consumed in order: a short queue leaves a worker idle behind a slow
+    # item, so the queue holds LOOKAHEAD_PER_WORKER items per worker (bytes still bound it).
+    ahead = LOOKAHEAD_PER_WORKER * max(1, workers) if prepare is not None else max(1, workers)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-safety-merge-read") as ex, \
             ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="hf-safety-merge-prepare",
                                # OpenMP/MKL thread counts are per thread: set them in each worker
@@ -395,29 +402,30 @@ def _global_pass(method: MergeMethod, plan: _Plan, taus: _TauSource, get_delta: 
     workers, threads = 1, torch.get_num_threads()
 
     def prepare(n: str, item: tuple[Any, Any, Any]) -> tuple[Any, ...]:
-        staged = stage(n, item)
-        delta, tau = staged[2], staged[3]
-        if (method_prepare is not None and tau is not None and delta is not None and _is_finite(tau)
-                and _is_finite(delta)):
+        theta, fetched, delta, tau = stage(n, item)
+        # finiteness is checked once, here on the worker (the main thread only reads the flags)
+        tau_ok = tau is None or _is_finite(tau)
+        delta_ok = delta is None or _is_finite(delta)
+        if method_prepare is not None and tau is not None and delta is not None and tau_ok and delta_ok:
             method_prepare(n, tau, delta)
-        return staged
+        return theta, fetched, delta, tau, tau_ok, delta_ok
 
     if method_prepare is not None:
         workers = max(1, min(4, threads)) if taus.device.type == "cpu" else 2
     sizes = {o.name: math.prod(o.shape) * 4 for o in plan.outputs}
     t_wall = time.perf_counter()
     with _intra_op_threads(max(1, threads // workers) if taus.device.type == "cpu" else threads):
-        for n, (theta, fetched, delta, tau) in tqdm(
+        for n, (theta, fetched, delta, tau, tau_ok, delta_ok) in tqdm(
                 _prefetch(names, load, prepare, workers, sizes.get, 2 * max(sizes.values(), default=0), times,
                           max(1, threads // workers) if taus.device.type == "cpu" else None),
                 total=len(names), desc=f"{method.name}: global pass", unit="tensor", disable=not progress):
             t0 = time.perf_counter()
-            if tau is not None and not _is_finite(tau):
+            if not tau_ok:
                 guard.fail(guard.culprit(n, [(theta, f"task model tensor {n!r} ({taus.task.where(n)})"),
                                              (fetched, _fetched_where(taus, n))])
                            or f"tau = task - reference of {n!r} overflows ({taus.task.where(n)})")
                 tau = None
-            if delta is not None and not _is_finite(delta):
+            if not delta_ok:
                 delta = None  # reported by get_delta; only reached with allow_non_finite
             method.observe(n, tau, delta)
             if times is not None:
