@@ -127,7 +127,13 @@ def test_shipped_weights_and_card() -> None:
     assert meta["n_train"] == 900 and set(meta["training_data"]) == {
         "xstest_completions_gpt4", "xstest_completions_mistralinstruct"}
     lomo = {k: v for k, v in meta["agreement"].items() if isinstance(v, dict)}
-    assert set(lomo) == {"train gpt4 -> test mistralinstruct", "train mistralinstruct -> test gpt4"}
+    from hf_safety_merge.eval.judges.training import POOLED
+
+    assert set(lomo) == {"train gpt4 -> test mistralinstruct", "train mistralinstruct -> test gpt4", POOLED}
+    splits = [v for k, v in lomo.items() if k != POOLED]
+    # the pooled entry is the two held-out sets together: its accuracy is their n-weighted mean
+    assert lomo[POOLED]["n"] == sum(v["n"] for v in splits) == 900
+    assert lomo[POOLED]["binary_accuracy"] == pytest.approx(sum(v["binary_accuracy"] * v["n"] for v in splits) / 900, abs=1e-3)
     for v in lomo.values():
         assert v["binary_accuracy"] > 0.92 and v["binary_accuracy_ci95"][0] < v["binary_accuracy"] < v["binary_accuracy_ci95"][1]
     card = DEFAULT_WEIGHTS.with_suffix(".md").read_text()

@@ -20,7 +20,10 @@ from .learned import (
     save_probe,
 )
 
-__all__ = ["lomo_splits", "train_learned_judge"]
+__all__ = ["POOLED", "lomo_splits", "train_learned_judge"]
+
+#: the name of the pooled leave-one-model-out entry in the probe's recorded agreement
+POOLED = "pooled over the held-out models"
 
 
 def lomo_splits(sources: Sequence[str]) -> list[tuple[str, list[int], list[int]]]:
@@ -75,10 +78,16 @@ def train_learned_judge(
         kj = KeywordRefusalJudge()
         partial = [kj.classify(r.completion) == "partial_refusal" for r in rows]
         lomo: dict[str, Any] = {}
+        pooled_gold: list[str] = []
+        pooled_pred: list[str] = []
         for name, tr, te in lomo_splits([r.source for r in rows]):
             probe = fit_probe(X[tr], [labels[i] for i in tr], spec.lam)
             pred = predict_labels(probe, X[te], [partial[i] for i in te])
             lomo[name] = binary_summary([labels[i] for i in te], pred)
+            pooled_gold += [labels[i] for i in te]
+            pooled_pred += pred
+        # every response judged by the probe not trained on its model, all splits together
+        lomo[POOLED] = binary_summary(pooled_gold, pooled_pred)
         probe = fit_probe(X, labels, spec.lam)
     finally:
         torch.set_num_threads(prev_threads)
