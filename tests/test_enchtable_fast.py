@@ -21,7 +21,7 @@ from hf_safety_merge.io.safetensors_stream import (
     StreamingShardWriter,
 )
 from hf_safety_merge.merge import interference as M
-from hf_safety_merge.merge.engine import _prefetch
+from hf_safety_merge.merge.pipeline import _prefetch
 from hf_safety_merge.vectors import SUBSPACE_CACHE, write_subspace_cache
 
 ALPHAS, LAMS = (0.05, 0.3, 1.0, 3.0), (20.0, 200.0, 2000.0)

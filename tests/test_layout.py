@@ -40,6 +40,8 @@ LAYERS: dict[str, int] = {
     #   evaluation and training, which never need the merge pipeline
     "merge.base": 2,
     "merge.interference": 2,
+    "merge.pipeline": 2,
+    "merge.finite": 2,
     "merge.enchtable": 2,
     "merge.task_arithmetic": 2,
     "merge.safe_lora": 2,
@@ -55,6 +57,7 @@ LAYERS: dict[str, int] = {
     # 5 the streaming engine (and what wraps it for transformers), distillation into a vector
     "merge": 5,
     "merge.engine": 5,
+    "merge.plan": 5,
     "modeling": 5,
     "distill": 5,
     # 6 sinks and consumers of the engine: cards, calibration

@@ -20,16 +20,15 @@ from ..config import SafetyMergeConfig
 from ..io.checkpoints import LoraCheckpoint, TensorSource
 from ..merge.base import build_method
 from ..merge.enchtable import EnchTable
-from ..merge.engine import (
+from ..merge.finite import _FiniteGuard, _is_finite
+from ..merge.interference import InterferenceTerms, interference_terms
+from ..merge.plan import (
     _delta_getter,
-    _FiniteGuard,
-    _is_finite,
     _open_reference,
     _open_task,
     _TauSource,
     _validate_plan,
 )
-from ..merge.interference import InterferenceTerms, interference_terms
 from ..vectors import SafetyVector
 
 

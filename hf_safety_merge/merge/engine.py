@@ -4,6 +4,10 @@ sources (task model or base + LoRA, reference, safety vector) -> plan (validated
 alone) -> optional global pass (norms, cosines) -> per-tensor merge -> sharded writer -> model
 folder (weights, config, tokenizer, card, report), written to a temporary folder and renamed at
 the end so that a failed merge leaves nothing behind.
+
+The plan and the inputs live in `merge.plan`, the streaming pipeline (read-ahead, worker pool,
+stage times) in `merge.pipeline`, the NaN/Inf guard in `merge.finite`; this module runs the
+passes and writes the folder (`merge`), or patches a model in memory (`apply_safety_vector`).
 """
 
 from __future__ import annotations
@@ -13,10 +17,7 @@ import logging
 import math
 import shutil
 import time
-import warnings
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import SafetyMergeConfig
-from ..errors import ConfigError, NonFiniteError, PlanError
+from ..errors import ConfigError
 from ..io.checkpoints import LoraCheckpoint, SafetensorsCheckpoint, TensorSource
-from ..io.hub import AUX_PATTERNS, check_push_target, open_checkpoint, resolve_checkpoint
+from ..io.hub import AUX_PATTERNS, check_push_target, open_checkpoint
 from ..io.output import AtomicDir, check_output_dir, terminate_as_interrupt
 from ..io.safetensors_stream import (
-    TORCH_TO_TAG,
     BackgroundShardWriter,
     OutputTensor,
     StreamingShardWriter,
@@ -38,10 +38,18 @@ from ..io.safetensors_stream import (
 from ..io.sink import card_sink
 from ..vectors import SafetyVector
 from .base import MergeMethod, build_method
+from .finite import _FiniteGuard, _is_finite
 from .interference import _intra_op_threads
+from .pipeline import StageTimes, _prefetch
+from .plan import (
+    _delta_getter,
+    _open_reference,
+    _open_task,
+    _Plan,
+    _TauSource,
+    _validate_plan,
+)
 
-_OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_FLOAT_TAGS = {"F64", "F32", "F16", "BF16"}
 REPORT_NAME = "merge_report.json"
 logger = logging.getLogger("hf_safety_merge")
 
@@ -78,240 +86,6 @@ class MergeResult:
         return "\n".join(lines)
 
 
-@dataclass
-class _Plan:
-    names: list[str]  # output tensors, in read order
-    merged: set[str]  # names covered by the safety vector
-    outputs: list[OutputTensor]
-
-
-def _arch(cfg: dict[str, Any] | None) -> str | None:
-    if not cfg:
-        return None
-    archs = cfg.get("architectures") or []
-    return archs[0] if archs else None
-
-
-def _open_task(cfg: SafetyMergeConfig) -> TensorSource:
-    base = open_checkpoint(cfg.task_model, revision=cfg.task_model_revision, allow_pickle=cfg.allow_pickle)
-    if cfg.task_adapter is None:
-        return base
-    adapter_dir, display = resolve_checkpoint(
-        cfg.task_adapter, revision=cfg.task_adapter_revision, prefix="adapter_model", extra_patterns=["adapter_config.json"]
-    )
-    return LoraCheckpoint(base, adapter_dir, display=f"{base.display} + LoRA {display}")
-
-
-def _read_order(src: TensorSource) -> list[str]:
-    if isinstance(src, SafetensorsCheckpoint):
-        return sorted(src.keys(), key=lambda n: (str(src.info(n).file), src.info(n).start))
-    if isinstance(src, LoraCheckpoint):
-        return _read_order(src.base)
-    return src.keys()
-
-
-def _validate_plan(
-    cfg: SafetyMergeConfig,
-    method: MergeMethod,
-    task: TensorSource,
-    ref: TensorSource | None,
-    vector: SafetyVector,
-) -> _Plan:
-    task_cfg = task.config or {}
-    task_arch, vec_arch = _arch(task_cfg), vector.config.architecture
-    if task_arch and vec_arch and task_arch != vec_arch:
-        raise PlanError(
-            f"architecture mismatch: the task model {task.display} is {task_arch} but the safety vector "
-            f"{vector.source.display} was computed on {vec_arch}"
-        )
-    if ref is not None:
-        ref_arch = _arch(ref.config)
-        if task_arch and ref_arch and task_arch != ref_arch:
-            raise PlanError(f"architecture mismatch: task model is {task_arch}, reference {ref.display} is {ref_arch}")
-    task_keys = set(task.keys())
-    tied = bool(task_cfg.get("tie_word_embeddings", False))
-    for n in vector:
-        vm = vector.meta(n)
-        if vm.dtype not in _FLOAT_TAGS:
-            raise PlanError(f"safety vector tensor {n!r} has dtype {vm.dtype}; expected a floating dtype")
-        if n not in task_keys:
-            if tied and "lm_head" in n:
-                raise PlanError(
-                    f"safety vector has {n!r} but the task model {task.display} ties its output embedding to the "
-                    "input embedding (tie_word_embeddings=true) and stores no such tensor; recompute the vector "
-                    "without lm_head (e.g. exclude: ['lm_head'])"
-                )
-            raise PlanError(
-                f"safety vector tensor {n!r} ({vector.source.where(n)}) is missing from the task model {task.display}"
-            )
-        tm = task.meta(n)
-        if tm.shape != vm.shape:
-            hint = ""
-            if len(tm.shape) == 2 and tm.shape[1] == vm.shape[1] and tm.shape[0] != vm.shape[0] and (
-                "embed" in n or "lm_head" in n or "wte" in n
-            ):
-                hint = f": vocabulary sizes differ ({tm.shape[0]} vs {vm.shape[0]}); did the fine-tune add tokens?"
-            raise PlanError(
-                f"shape mismatch for {n!r}: task model {list(tm.shape)} ({task.where(n)}) vs safety vector "
-                f"{list(vm.shape)} ({vector.source.where(n)}){hint}"
-            )
-    if method.needs_reference:
-        if ref is None:
-            raise ConfigError(
-                f"method {method.name!r} needs the task model's pre-fine-tuning reference to compute "
-                "tau = theta_task - theta_ref: set `task_reference` in the config (or give a LoRA `task_adapter`)"
-            )
-        needed = task.keys() if method.global_pass_all_tensors else vector.keys()
-        ref_keys = set(ref.keys())
-        for n in needed:
-            if n not in ref_keys:
-                raise PlanError(f"tensor {n!r} of the task model ({task.where(n)}) is missing from the reference {ref.display}")
-            if ref.meta(n).shape != task.meta(n).shape:
-                raise PlanError(
-                    f"shape mismatch for {n!r}: task model {list(task.meta(n).shape)} ({task.where(n)}) vs reference "
-                    f"{list(ref.meta(n).shape)} ({ref.where(n)})"
-                )
-    names = _read_order(task)
-    out_dtype = _OUT_DTYPES.get(cfg.dtype)
-    outputs = []
-    for n in names:
-        m = task.meta(n)
-        tag = TORCH_TO_TAG[out_dtype] if out_dtype is not None and m.dtype in _FLOAT_TAGS else m.dtype
-        outputs.append(OutputTensor(n, tag, m.shape))
-    return _Plan(names=names, merged=set(vector.keys()), outputs=outputs)
-
-
-class _TauSource:
-    """tau = theta_task - theta_ref per tensor; for a LoRA task with its base as reference,
-    tau is the LoRA update itself (exact, no base weights read, zero where LoRA is absent)."""
-
-    def __init__(self, task: TensorSource, ref: TensorSource | None, device: torch.device) -> None:
-        self.task, self.ref, self.device = task, ref, device
-        self.lora_direct = isinstance(task, LoraCheckpoint) and ref is not None and _same_source(task.base, ref)
-
-    def fetch(self, name: str) -> torch.Tensor | None:
-        """Read what tau needs besides theta_task (the reference tensor, or the LoRA update)."""
-        if self.ref is None:
-            return None
-        if self.lora_direct:
-            assert isinstance(self.task, LoraCheckpoint)
-            d = self.task.delta(name)
-            return d if d is not None else torch.zeros(self.task.meta(name).shape, dtype=torch.float32)
-        return self.ref.get(name)
-
-    def tau_from(self, theta32: torch.Tensor | None, fetched: torch.Tensor | None, name: str) -> torch.Tensor | None:
-        if self.ref is None or fetched is None:
-            return None
-        if self.lora_direct:
-            return fetched.to(self.device, torch.float32)
-        t = theta32 if theta32 is not None else self.task.get(name).to(self.device, torch.float32)
-        return t - fetched.to(self.device, torch.float32)
-
-    def tau(self, name: str, theta_task: torch.Tensor | None = None) -> torch.Tensor | None:
-        return self.tau_from(theta_task, self.fetch(name), name)
-
-
-class StageTimes:
-    """Busy seconds of each pipeline stage of a merge pass, to report the achieved overlap."""
-
-    def __init__(self) -> None:
-        self.read = 0.0
-        self.prepare = 0.0
-        self.compute = 0.0
-        self.write = 0.0
-        self.wall = 0.0
-
-    def as_dict(self) -> dict[str, float]:
-        busy = self.read + self.prepare + self.compute + self.write
-        longest = max(self.read, self.prepare, self.compute, self.write)
-        # 1.0: the stages ran fully concurrently (wall = the longest stage); 0.0: one after another.
-        hidden = (busy - self.wall) / (busy - longest) if busy - longest > 1e-9 else 1.0
-        return {"read_s": self.read, "prepare_s": self.prepare, "compute_s": self.compute, "write_s": self.write,
-                "wall_s": self.wall, "overlap": max(0.0, min(1.0, hidden))}
-
-
-def _timed(fn: Any, times: StageTimes | None, stage: str) -> Any:
-    if times is None:
-        return fn
-
-    def run(*args: Any) -> Any:
-        t = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            setattr(times, stage, getattr(times, stage) + time.perf_counter() - t)
-
-    return run
-
-
-#: items queued per prepare worker (see `_prefetch`)
-LOOKAHEAD_PER_WORKER = 4
-
-
-def _prefetch(names: list[str], load: Any, prepare: Any = None, workers: int = 1,
-              nbytes: Any = None, budget: int = 0, times: StageTimes | None = None,
-              worker_threads: int | None = None) -> Iterator[tuple[str, Any]]:
-    """Yield (name, load(name)) in order, reading ahead on a background thread while the caller
-    computes on the current ones (positional reads release the GIL).
-
-    With `prepare`, each loaded item is then passed through `prepare(name, item)` on a pool of
-    `workers` threads (EnchTable's decompositions of the next matrices run while the current
-    one is merged and written). Reads stay on one thread, in order, and results are consumed in
-    order, so errors surface at the same tensor as without look-ahead. Items are submitted ahead
-    while the bytes in flight (`nbytes(name)`) stay within `budget` (at least one item ahead)."""
-    if not names:
-        return
-    load = _timed(load, times, "read")
-    # With `prepare`, items finish out of order (a k_proj decomposes far faster than a
-    # gate_proj) but are consumed in order: a short queue leaves a worker idle behind a slow
-    # item, so the queue holds LOOKAHEAD_PER_WORKER items per worker (bytes still bound it).
-    ahead = LOOKAHEAD_PER_WORKER * max(1, workers) if prepare is not None else max(1, workers)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-safety-merge-read") as ex, \
-            ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="hf-safety-merge-prepare",
-                               # OpenMP/MKL thread counts are per thread: set them in each worker
-                               initializer=(lambda: torch.set_num_threads(worker_threads)) if worker_threads else None) as pool:
-        prep = _timed(prepare, times, "prepare") if prepare is not None else None
-        pending: deque[tuple[str, Any, int]] = deque()
-        in_flight = 0
-        nxt = 0
-
-        def submit(n: str) -> Any:
-            fut = ex.submit(load, n)
-            if prep is None:
-                return fut
-            def chained(f: Any = fut, n: str = n) -> Any:
-                return prep(n, f.result())
-
-            return pool.submit(chained)
-
-        while nxt < len(names) or pending:
-            while nxt < len(names) and (not pending or (len(pending) < ahead and (
-                    nbytes is None or in_flight + nbytes(names[nxt]) <= budget))):
-                size = nbytes(names[nxt]) if nbytes is not None else 0
-                pending.append((names[nxt], submit(names[nxt]), size))
-                in_flight += size
-                nxt += 1
-            n, fut, size = pending.popleft()
-            try:
-                cur = fut.result()
-                in_flight -= size
-                yield n, cur
-            except BaseException:  # an error here or in the consumer (GeneratorExit): stop reading ahead
-                for _, f, _ in pending:
-                    f.cancel()
-                raise
-
-
-def _same_source(a: TensorSource, b: TensorSource) -> bool:
-    if a is b:
-        return True
-    from ..io.hub import HubCheckpoint
-
-    if isinstance(a, HubCheckpoint) and isinstance(b, HubCheckpoint):
-        return a.repo_id == b.repo_id and a.commit == b.commit
-    return a.path is not None and b.path is not None and a.path.resolve() == b.path.resolve()
-
-
 def _copy_aux_files(task: TensorSource, cfg: SafetyMergeConfig, out: Path) -> list[str]:
     copied: list[str] = []
     folders: list[Path] = []
@@ -335,45 +109,6 @@ def _copy_aux_files(task: TensorSource, cfg: SafetyMergeConfig, out: Path) -> li
         data.pop("torch_dtype", None)
         cfg_file.write_text(json.dumps(data, indent=2) + "\n")
     return copied
-
-
-def _is_finite(t: torch.Tensor) -> bool:
-    """True when every entry is finite. A sum is finite iff every entry is (barring overflow,
-    where the full check decides): one cheap pass instead of an isfinite mask per tensor."""
-    if not t.is_floating_point():
-        return True
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
-
-
-class _FiniteGuard:
-    """Refuses non-finite values (NaN/Inf), or with `allow` passes them through with a warning."""
-
-    def __init__(self, allow: bool) -> None:
-        self.allow = allow
-        self.passed: list[str] = []
-
-    def fail(self, msg: str) -> None:
-        if not self.allow:
-            raise NonFiniteError(f"{msg}; nothing was written (set allow_non_finite: true to pass such values through)")
-        if msg not in self.passed:
-            self.passed.append(msg)
-            warnings.warn(f"{msg}; passed through (allow_non_finite)", stacklevel=3)
-
-    def culprit(self, name: str, checks: list[tuple[torch.Tensor | None, str]]) -> str:
-        for t, where in checks:
-            if t is not None and not _is_finite(t):
-                return f"{where} holds NaN/Inf values"
-        return ""
-
-
-def _delta_getter(vector: SafetyVector, device: torch.device, guard: _FiniteGuard) -> Any:
-    def get_delta(name: str) -> torch.Tensor:
-        d = vector[name].to(device, torch.float32)
-        if not _is_finite(d):
-            guard.fail(f"safety vector tensor {name!r} ({vector.source.where(name)}) holds NaN/Inf values; recompute the vector")
-        return d
-
-    return get_delta
 
 
 def _global_pass(method: MergeMethod, plan: _Plan, taus: _TauSource, get_delta: Any, progress: bool,
@@ -537,16 +272,6 @@ def _summary(method: MergeMethod) -> dict[str, Any]:
     if ws:
         summary.update({"w_mean": sum(ws) / len(ws), "w_min": min(ws), "w_max": max(ws)})
     return summary
-
-
-def _open_reference(config: SafetyMergeConfig, method: MergeMethod, task: TensorSource) -> TensorSource | None:
-    if not (method.needs_reference and config.reference is not None):
-        return None
-    if config.task_adapter is not None and config.task_reference is None:
-        assert isinstance(task, LoraCheckpoint)
-        return task.base
-    assert config.reference is not None
-    return open_checkpoint(config.reference, revision=config.task_reference_revision, allow_pickle=config.allow_pickle)
 
 
 def merge(
