@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from hf_safety_merge.training import anchored_penalty
-    from hf_safety_merge.training.asft.peft_mixin import bind_anchors, find_lora_targets
+    from hf_safety_merge.training.asft.binding import bind_anchors, find_lora_targets
 
     def sync() -> None:
         if a.device == "cuda":

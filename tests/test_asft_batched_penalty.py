@@ -11,12 +11,8 @@ import torch
 from torch import nn
 
 from hf_safety_merge.training.asft.anchors import build_anchor
-from hf_safety_merge.training.asft.peft_mixin import (
-    _STACK_CACHE,
-    AnchorBinding,
-    LoraTarget,
-    anchored_penalty,
-)
+from hf_safety_merge.training.asft.binding import AnchorBinding, LoraTarget
+from hf_safety_merge.training.asft.penalty import _STACK_CACHE, anchored_penalty
 
 
 def _bindings(dtype: torch.dtype) -> list[AnchorBinding]:

@@ -1,0 +1,99 @@
+"""AsFT's regulariser over bound LoRA targets: `sum ||(I - C) s B A||_F^2`, batched across
+modules of the same shape and projector (one bmm per group; exact, tested against the per-module
+loop)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .anchors import (
+    Anchor,
+    offbasin_penalty,
+)
+from .binding import AnchorBinding
+
+
+class _StackedAnchors:
+    """Anchors of one group of same-shape modules stacked into one (L, out, k) tensor, kept
+    while the bindings hold the same anchor tensors (they are fixed during training)."""
+
+    def __init__(self, anchors: list[Anchor]) -> None:
+        self.sources = [a.matrix for a in anchors]  # held: identity checks stay valid
+        self.versions = [m._version for m in self.sources]  # in-place updates bump it
+        self.stacked = torch.stack(self.sources)
+
+    def valid_for(self, anchors: list[Anchor]) -> bool:
+        return len(anchors) == len(self.sources) and all(
+            a.matrix is m and m._version == v for a, m, v in zip(anchors, self.sources, self.versions))
+
+
+_STACK_CACHE: dict[tuple[Any, ...], _StackedAnchors] = {}
+
+
+def _group_key(bnd: AnchorBinding, anchor: Anchor, scaling: float) -> tuple[Any, ...]:
+    b, a = bnd.target.lora_b, bnd.target.lora_a
+    return (anchor.kind, tuple(anchor.matrix.shape), anchor.matrix.dtype, tuple(b.shape), tuple(a.shape), b.device, scaling)
+
+
+def _batched_penalty(bindings: list[AnchorBinding], include_lora_scaling: bool) -> torch.Tensor | None:
+    """The same sum with one batched product per group of same-shape modules (e.g. every q_proj):
+    `M = B - C B` as `bmm`s over the stacked group, then `sum((M^T M) * (A A^T))` per module.
+    Equal to the per-module loop in exact arithmetic (tested to float32 rounding), and a handful
+    of kernel launches instead of ~6 per module on a GPU."""
+    groups: dict[tuple[Any, ...], list[tuple[AnchorBinding, Anchor, float]]] = {}
+    for bnd in bindings:
+        anchor = bnd.anchor_on(bnd.target.lora_b.device)
+        scaling = bnd.target.scaling if include_lora_scaling else 1.0
+        groups.setdefault(_group_key(bnd, anchor, scaling), []).append((bnd, anchor, scaling))
+    total: torch.Tensor | None = None
+    for key, members in groups.items():
+        anchors = [m[1] for m in members]
+        cache_key = (key, tuple(id(m[0]) for m in members))
+        stacked = _STACK_CACHE.get(cache_key)
+        if stacked is None or not stacked.valid_for(anchors):
+            if len(_STACK_CACHE) > 64:
+                _STACK_CACHE.clear()
+            stacked = _StackedAnchors(anchors)
+            _STACK_CACHE[cache_key] = stacked
+        c = stacked.stacked
+        dtype = c.dtype
+        with torch.autocast(device_type=c.device.type, enabled=False):
+            b = torch.stack([m[0].target.lora_b.to(dtype) for m in members])  # (L, out, r)
+            a = torch.stack([m[0].target.lora_a.to(dtype) for m in members])  # (L, r, in)
+            cb = torch.bmm(c, b) if key[0] == "dense" else torch.bmm(c, torch.bmm(c.transpose(1, 2), b))
+            mm = b - cb
+            p = (torch.bmm(mm.transpose(1, 2), mm) * torch.bmm(a, a.transpose(1, 2))).sum()
+            scaling = members[0][2]
+            if scaling != 1.0:
+                p = p * (scaling * scaling)
+        total = p if total is None else total + p
+    return total
+
+
+def anchored_penalty(bindings: Iterable[AnchorBinding], include_lora_scaling: bool = False,
+                     batched: bool = True) -> torch.Tensor | None:
+    """`sum_l ||(I - C_l) B_l A_l||_F^2` (times `s_l^2` with `include_lora_scaling`), differentiable.
+
+    Computed in float32 with autocast disabled, whatever the LoRA weights' dtype (bf16 training),
+    so the penalty is not quantised away. With `batched` (default), same-shape modules go
+    through one batched product per group (`_batched_penalty`); else one module at a time.
+    Returns None when there are no bindings.
+    """
+    if batched:
+        return _batched_penalty(list(bindings), include_lora_scaling)
+    total: torch.Tensor | None = None
+    for bnd in bindings:
+        b, a = bnd.target.lora_b, bnd.target.lora_a
+        anchor = bnd.anchor_on(b.device)
+        with torch.autocast(device_type=b.device.type, enabled=False):
+            p = offbasin_penalty(
+                b.to(anchor.matrix.dtype),
+                a.to(anchor.matrix.dtype),
+                anchor,
+                bnd.target.scaling if include_lora_scaling else 1.0,
+            )
+        total = p if total is None else total + p
+    return total
