@@ -194,92 +194,12 @@ def _cmd_vector_info(args: argparse.Namespace) -> int:
 
 def _cmd_methods(args: argparse.Namespace) -> int:
     from .merge.base import available_methods
+    from .merge.describe import describe_method
 
     for name in available_methods():
         print(describe_method(name))
         print()
     return 0
-
-
-#: meanings of parameters whose class docstring has no `Attributes:` entry for them
-_PARAM_MEANINGS = {
-    "task_weight": "weight of the task update tau in the combination",
-    "safety_weight": "weight of the safety vector Delta_s in the combination (> 0)",
-    "density": "fraction of entries kept per tensor (TIES: the largest magnitudes; DARE: a random subset, rescaled by 1/density)",
-    "majority_sign_method": "how the sign of each entry is elected: 'total' (sign of the sum) or 'frequency' (most frequent sign)",
-    "ties": "DARE-TIES: elect signs after the random drop (False: plain DARE-linear)",
-    "seed": "seed of DARE's random mask (mixed with each tensor's name, so a merge is reproducible)",
-    "select": "'number': project the num_proj_layers matrices whose cosine(C tau, tau) is lowest; "
-              "'threshold': project every matrix with cosine <= threshold",
-    "threshold": "cosine threshold for select='threshold'",
-    "num_proj_layers": "how many matrices are projected with select='number'",
-}
-
-
-def describe_method(name: str) -> str:
-    """A method's full description and every parameter with its type, range, default and
-    meaning (from the typed `Params` annotations and the `Attributes:` docstring)."""
-    import dataclasses
-    import inspect
-    import re
-    import typing
-
-    from .merge import get_method_class
-
-    cls = get_method_class(name)
-    doc = inspect.cleandoc(cls.Params.__doc__ or "")
-    head, _, attrs = doc.partition("Attributes:")
-    meanings: dict[str, str] = {}
-    current = None
-    for line in attrs.splitlines():
-        m = re.match(r"^\s{0,8}(\w+):\s*(.*)$", line)
-        if m and m.group(1) in {f.name for f in dataclasses.fields(cls.Params)}:
-            current = m.group(1)
-            meanings[current] = m.group(2).strip()
-        elif current and line.strip():
-            meanings[current] += " " + line.strip()
-    hints = typing.get_type_hints(cls.Params, include_extras=True)
-    lines = [f"{name}: {' '.join(head.split())}", "  parameters:"]
-    for f in dataclasses.fields(cls.Params):
-        default = f.default if f.default is not dataclasses.MISSING else None
-        lines.append(f"    {f.name}: {_type_text(hints.get(f.name))} = {default!r}")
-        meaning = meanings.get(f.name) or _PARAM_MEANINGS.get(f.name)
-        if meaning:
-            lines.append(f"        {meaning}")
-    return "\n".join(lines)
-
-
-def _type_text(ann: object) -> str:
-    """`float in (0, 100]`, `one of 'all', 'vector'`, `bool or 'auto'`, ... from an annotation."""
-    import typing
-
-    origin = typing.get_origin(ann)
-    if origin is typing.Annotated:
-        base, *meta = typing.get_args(ann)
-        lo = hi = None
-        lo_open = hi_open = False
-        for m in meta:
-            for c in getattr(m, "metadata", []) or [m]:
-                for attr, is_lo, opened in (("gt", True, True), ("ge", True, False), ("lt", False, True), ("le", False, False)):
-                    v = getattr(c, attr, None)
-                    if v is not None:
-                        if is_lo:
-                            lo, lo_open = v, opened
-                        else:
-                            hi, hi_open = v, opened
-        t = _type_text(base)
-        if lo is not None and hi is not None:
-            return f"{t} in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        if lo is not None:
-            return f"{t} {'>' if lo_open else '>='} {lo}"
-        if hi is not None:
-            return f"{t} {'<' if hi_open else '<='} {hi}"
-        return t
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(ann))
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        return " or ".join(_type_text(a) for a in typing.get_args(ann))
-    return getattr(ann, "__name__", str(ann))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

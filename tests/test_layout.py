@@ -42,6 +42,7 @@ LAYERS: dict[str, int] = {
     "merge.interference": 2,
     "merge.pipeline": 2,
     "merge.finite": 2,
+    "merge.describe": 2,
     "merge.enchtable": 2,
     "merge.task_arithmetic": 2,
     "merge.safe_lora": 2,
@@ -58,6 +59,7 @@ LAYERS: dict[str, int] = {
     "merge": 5,
     "merge.engine": 5,
     "merge.plan": 5,
+    "merge.passes": 5,
     "modeling": 5,
     "distill": 5,
     # 6 sinks and consumers of the engine: cards, calibration

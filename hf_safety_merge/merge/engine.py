@@ -5,9 +5,10 @@ alone) -> optional global pass (norms, cosines) -> per-tensor merge -> sharded w
 folder (weights, config, tokenizer, card, report), written to a temporary folder and renamed at
 the end so that a failed merge leaves nothing behind.
 
-The plan and the inputs live in `merge.plan`, the streaming pipeline (read-ahead, worker pool,
-stage times) in `merge.pipeline`, the NaN/Inf guard in `merge.finite`; this module runs the
-passes and writes the folder (`merge`), or patches a model in memory (`apply_safety_vector`).
+The plan and the inputs live in `merge.plan`, the two passes in `merge.passes`, the streaming
+pipeline (read-ahead, worker pool, stage times) in `merge.pipeline`, the NaN/Inf guard in
+`merge.finite`; this module writes the folder (`merge`), or patches a model in memory
+(`apply_safety_vector`).
 """
 
 from __future__ import annotations
@@ -17,30 +18,28 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..config import SafetyMergeConfig
 from ..errors import ConfigError
-from ..io.checkpoints import LoraCheckpoint, SafetensorsCheckpoint, TensorSource
+from ..io.checkpoints import LoraCheckpoint, TensorSource
 from ..io.hub import AUX_PATTERNS, check_push_target, open_checkpoint
 from ..io.output import AtomicDir, check_output_dir, terminate_as_interrupt
 from ..io.safetensors_stream import (
     BackgroundShardWriter,
-    OutputTensor,
     StreamingShardWriter,
 )
 from ..io.sink import card_sink
 from ..vectors import SafetyVector
 from .base import MergeMethod, build_method
-from .finite import _FiniteGuard, _is_finite
-from .interference import _intra_op_threads
-from .pipeline import StageTimes, _prefetch
+from .finite import _FiniteGuard
+from .passes import _global_pass, _merged_tensors
+from .pipeline import StageTimes
 from .plan import (
     _delta_getter,
     _open_reference,
@@ -109,161 +108,6 @@ def _copy_aux_files(task: TensorSource, cfg: SafetyMergeConfig, out: Path) -> li
         data.pop("torch_dtype", None)
         cfg_file.write_text(json.dumps(data, indent=2) + "\n")
     return copied
-
-
-def _global_pass(method: MergeMethod, plan: _Plan, taus: _TauSource, get_delta: Any, progress: bool,
-                 guard: _FiniteGuard, times: StageTimes | None = None) -> None:
-    """Pass 1: global statistics (norms for EnchTable's alpha, cosines for Safe LoRA). A
-    non-finite tau is refused here, before anything is written (with `allow_non_finite`, it is
-    left out of the statistics)."""
-    if not method.wants_global_pass():
-        return
-    names = plan.names if method.global_pass_all_tensors else [n for n in plan.names if n in plan.merged]
-
-    def load(n: str) -> tuple[Any, Any, Any]:
-        theta = None if taus.lora_direct or taus.ref is None else taus.task.get(n)
-        return theta, taus.fetch(n), (get_delta(n) if n in plan.merged else None)
-
-    def stage(n: str, item: tuple[Any, Any, Any]) -> tuple[Any, ...]:
-        theta, fetched, delta = item
-        theta32 = theta.to(taus.device, torch.float32) if theta is not None else None
-        tau = taus.tau_from(theta32, fetched, n) if taus.ref is not None else None
-        return theta, fetched, delta, tau
-
-    # A method with a `prepare` hook (EnchTable: the alpha-independent decompositions) gets it
-    # run here, on worker threads, for every finite (tau, delta) pair: the global pass reads
-    # every input anyway, and the merge pass then needs no reference tensor for them.
-    method_prepare = getattr(method, "prepare", None)
-    workers, threads = 1, torch.get_num_threads()
-
-    def prepare(n: str, item: tuple[Any, Any, Any]) -> tuple[Any, ...]:
-        theta, fetched, delta, tau = stage(n, item)
-        # finiteness is checked once, here on the worker (the main thread only reads the flags)
-        tau_ok = tau is None or _is_finite(tau)
-        delta_ok = delta is None or _is_finite(delta)
-        if method_prepare is not None and tau is not None and delta is not None and tau_ok and delta_ok:
-            method_prepare(n, tau, delta)
-        return theta, fetched, delta, tau, tau_ok, delta_ok
-
-    if method_prepare is not None:
-        workers = max(1, min(4, threads)) if taus.device.type == "cpu" else 2
-    sizes = {o.name: math.prod(o.shape) * 4 for o in plan.outputs}
-    t_wall = time.perf_counter()
-    with _intra_op_threads(max(1, threads // workers) if taus.device.type == "cpu" else threads):
-        for n, (theta, fetched, delta, tau, tau_ok, delta_ok) in tqdm(
-                _prefetch(names, load, prepare, workers, sizes.get, 2 * max(sizes.values(), default=0), times,
-                          max(1, threads // workers) if taus.device.type == "cpu" else None),
-                total=len(names), desc=f"{method.name}: global pass", unit="tensor", disable=not progress):
-            t0 = time.perf_counter()
-            if not tau_ok:
-                guard.fail(guard.culprit(n, [(theta, f"task model tensor {n!r} ({taus.task.where(n)})"),
-                                             (fetched, _fetched_where(taus, n))])
-                           or f"tau = task - reference of {n!r} overflows ({taus.task.where(n)})")
-                tau = None
-            if not delta_ok:
-                delta = None  # reported by get_delta; only reached with allow_non_finite
-            method.observe(n, tau, delta)
-            if times is not None:
-                times.compute += time.perf_counter() - t0
-    method.finish_global()
-    if times is not None:
-        times.wall += time.perf_counter() - t_wall
-
-
-def _fetched_where(taus: _TauSource, name: str) -> str:
-    if taus.lora_direct:
-        return f"the LoRA update of {name!r} ({taus.task.where(name)})"
-    assert taus.ref is not None
-    return f"reference tensor {name!r} ({taus.ref.where(name)})"
-
-
-def _merged_tensors(
-    method: MergeMethod, plan: _Plan, task: TensorSource, taus: _TauSource, get_delta: Any, device: torch.device, progress: bool,
-    guard: _FiniteGuard, times: StageTimes | None = None,
-) -> Iterator[tuple[str, OutputTensor, torch.Tensor]]:
-    """Pass 2: yield (name, output spec, merged tensor in the output dtype), one at a time.
-    Every output tensor is checked finite before it is yielded (so before it is written)."""
-    total = sum(o.nbytes for o in plan.outputs)
-    specs = dict(zip(plan.names, plan.outputs))
-
-    def load(n: str) -> tuple[Any, Any, Any]:
-        theta = task.get(n)
-        if n not in plan.merged:
-            return theta, None, None
-        fetched = taus.fetch(n) if method.needs_reference and not is_prepared(n) else None
-        return theta, fetched, get_delta(n)
-
-    # Tensors whose method-specific work was done in the global pass need no reference here.
-    is_prepared = getattr(method, "is_prepared", lambda n: False)
-    from ..io.hub import HubCheckpoint
-
-    # Tensors read from files are fresh buffers that the method may overwrite in place.
-    fresh = isinstance(task, SafetensorsCheckpoint | HubCheckpoint | LoraCheckpoint)
-
-    def stage(n: str, theta: Any, fetched: Any) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
-        theta32 = theta.to(device, torch.float32)
-        owned = fresh or theta32.data_ptr() != theta.data_ptr()
-        tau = taus.tau_from(theta32, fetched, n) if method.needs_reference else None
-        return theta32, owned, tau
-
-    # A method with a `prepare` hook (EnchTable's decompositions) gets it run on worker threads
-    # ahead of the merge; `merge_tensor` then finds its result.
-    method_prepare = getattr(method, "prepare", None)
-    prepare = None
-    workers, threads = 1, torch.get_num_threads()
-    if method_prepare is not None:
-        def prepare(n: str, item: tuple[Any, Any, Any]) -> tuple[Any, ...]:
-            theta, fetched, delta = item
-            if n not in plan.merged:
-                return item
-            staged = stage(n, theta, fetched)
-            if not is_prepared(n):
-                method_prepare(n, staged[2], delta)
-            return (theta, fetched, delta, staged)
-
-        if device.type == "cpu":
-            workers = max(1, min(4, threads))
-        else:
-            workers = 2
-    sizes = {o.name: math.prod(o.shape) * 4 for o in plan.outputs}
-    budget = 2 * max(sizes.values(), default=0)
-    with tqdm(total=total, desc=f"{method.name}: merge", unit="B", unit_scale=True, disable=not progress) as bar, \
-            _intra_op_threads(max(1, threads // workers) if device.type == "cpu" else threads):
-        t_wall = time.perf_counter()
-        for n, item in _prefetch(plan.names, load, prepare, workers, sizes.get, budget, times,
-                                 max(1, threads // workers) if device.type == "cpu" else None):
-            t0 = time.perf_counter()
-            theta, fetched, delta = item[:3]
-            spec = specs[n]
-            if n in plan.merged:
-                theta32, owned, tau = item[3] if len(item) > 3 else stage(n, theta, fetched)
-                method.theta_owned = owned
-                theta = method.merge_tensor(n, theta32, tau, delta)
-                del theta32, tau
-            out = theta.to("cpu").to(_tag_dtype(spec.dtype))
-            if not _is_finite(out):
-                guard.fail(_explain_non_finite(n, spec, task, taus, fetched, delta))
-            if times is not None:
-                times.compute += time.perf_counter() - t0
-            yield n, spec, out
-            bar.update(spec.nbytes)
-        if times is not None:
-            times.wall += time.perf_counter() - t_wall
-
-
-def _explain_non_finite(name: str, spec: OutputTensor, task: TensorSource, taus: _TauSource,
-                        fetched: torch.Tensor | None, delta: torch.Tensor | None) -> str:
-    """Which input made output tensor `name` non-finite (the task tensor is re-read: the merge
-    may have updated its buffer in place)."""
-    checks: list[tuple[torch.Tensor | None, str]] = [(task.get(name), f"task model tensor {name!r} ({task.where(name)})")]
-    if fetched is not None:
-        checks.append((fetched, _fetched_where(taus, name)))
-    if delta is not None:
-        checks.append((delta, f"safety vector tensor {name!r}"))
-    return task_culprit if (task_culprit := _FiniteGuard(True).culprit(name, checks)) else (
-        f"merged tensor {name!r} is not finite in the output dtype {spec.dtype} (overflow; try dtype: float32 "
-        "or a smaller scale)"
-    )
 
 
 def _summary(method: MergeMethod) -> dict[str, Any]:
@@ -470,12 +314,6 @@ def apply_safety_vector(
         summary["non_finite_passed_through"] = len(guard.passed)
     return MergeResult(output_dir=Path("."), method=m.name, summary=summary, tensors=m.report,
                        num_tensors=len(tensors), num_merged=len(plan.merged), seconds=time.perf_counter() - t0)
-
-
-def _tag_dtype(tag: str) -> torch.dtype:
-    from ..io.safetensors_stream import DTYPE_TAGS
-
-    return DTYPE_TAGS[tag]
 
 
 def _jsonable(x: Any) -> Any:

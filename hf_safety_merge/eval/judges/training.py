@@ -11,14 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from .keyword import KeywordRefusalJudge
-from .learned import (
-    DEFAULT_WEIGHTS,
-    FeatureExtractor,
-    ProbeSpec,
-    fit_probe,
-    predict_labels,
-    save_probe,
-)
+from .learned import DEFAULT_WEIGHTS, FeatureExtractor
+from .probe import ProbeSpec, fit_probe, predict_labels, save_probe
 
 __all__ = ["POOLED", "lomo_splits", "train_learned_judge"]
 
