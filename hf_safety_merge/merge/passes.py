@@ -55,7 +55,8 @@ def _global_pass(method: MergeMethod, plan: _Plan, taus: _TauSource, get_delta: 
         theta, fetched, delta, tau = stage(n, item)
         # finiteness is checked once, here on the worker (the main thread only reads the flags)
         tau_ok = tau is None or _is_finite(tau)
-        delta_ok = delta is None or _is_finite(delta)
+        # get_delta already refused a non-finite delta unless allow_non_finite passes it through
+        delta_ok = delta is None or not guard.allow or _is_finite(delta)
         if method_prepare is not None and tau is not None and delta is not None and tau_ok and delta_ok:
             method_prepare(n, tau, delta)
         return theta, fetched, delta, tau, tau_ok, delta_ok
