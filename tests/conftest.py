@@ -13,6 +13,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from hf_safety_merge.testing import ARCHS, data_dir, make_family, smollm2_checkpoint
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    """Free disk where the tests write: a test that fails writing a checkpoint on a nearly full
+    disk reads as a merge bug unless the log says how much room there was."""
+    import shutil
+    import tempfile
+
+    free = shutil.disk_usage(tempfile.gettempdir()).free / 2**30
+    return f"free disk in {tempfile.gettempdir()}: {free:.1f} GiB (the suite needs about 2.5 GiB at a time)"
+
+
 @pytest.fixture(scope="session", params=ARCHS)
 def tiny_family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """base / aligned / harmful / task checkpoints of one tiny architecture (unsharded)."""
