@@ -201,3 +201,59 @@ def test_study_end_to_end_on_a_tiny_model(shared_data: Path, tmp_path: Path) -> 
     assert not (work / "eval" / "asft-lam10").exists()
     with pytest.raises(ConfigError, match="report_only"):
         run_study(cfg, tmp_path / "empty", report_only=True)
+
+
+def test_eval_workers_resolution() -> None:
+    from hf_safety_merge.study.evaluate import eval_workers
+
+    assert eval_workers(StudyConfig(threads=2)) == 2  # auto on a 2-thread CPU: two one-thread processes
+    assert eval_workers(StudyConfig(threads=1)) == 1
+    assert eval_workers(StudyConfig(threads=2, device="cuda")) == 1
+    assert eval_workers(StudyConfig(threads=1, eval_workers=3)) == 3
+    with pytest.raises(ConfigError, match="calibration_prompts"):
+        StudyConfig(methods=("calibrated",), calibration_prompts=0)
+
+
+def test_rows_evaluated_side_by_side_equal_one_process(shared_data: Path, tmp_path: Path) -> None:
+    """Two worker processes of one torch thread each give the outcomes and responses of one
+    one-thread process evaluating the rows in turn (same thread count: the same sums), and the
+    pair's wall time is one stage, so the stage times still add up to the wall time."""
+    import torch
+
+    from hf_safety_merge.distill.testing import make_tiny_chat_model
+    from hf_safety_merge.study import load_study_data
+    from hf_safety_merge.study.evaluate import EvalPool, evaluate_rows
+    from hf_safety_merge.study.run import build_headline
+    from hf_safety_merge.study.stages import Stages
+
+    model = make_tiny_chat_model(tmp_path / "tiny", "llama")
+    cfg = StudyConfig.preset(
+        "demo", model=str(model), data_dir=str(shared_data), align_harmful=8, align_benign=8, task_train=18,
+        distill_harmful=8, distill_epochs=1, distill_batch_size=4, batch_size=4, eval_harmful=6, eval_benign=6,
+        eval_task=6, sweep_eval_harmful=6, sweep_eval_benign=6, sweep_eval_task=6, max_new_tokens=8, max_length=96,
+        task_epochs=1, align_epochs=1, threads=1, methods=("enchtable",),
+    )
+    data = load_study_data(cfg)
+    for w in ("w", "one", "two"):
+        (tmp_path / w).mkdir()
+    threads = torch.get_num_threads()
+    try:
+        rows, _, _ = build_headline(Stages(cfg, tmp_path / "w", data, log=lambda _m: None))  # sets 1 thread
+        rows = [r for r in rows if r.name in ("aligned", "ft-full", "ft-full+enchtable-attn")]
+        one = Stages(cfg, tmp_path / "one", data, log=lambda _m: None)
+        seq = evaluate_rows(one, rows)
+    finally:
+        torch.set_num_threads(threads)
+    two_cfg = cfg.replace(threads=2, eval_workers=2)
+    two = Stages(two_cfg, tmp_path / "two", data, log=lambda _m: None)
+    with EvalPool(two, 2) as pool:
+        assert pool.threads == 1
+        par = evaluate_rows(two, rows, pool=pool)
+    assert list(par) == list(seq) == [r.name for r in rows]
+    for r in rows:
+        assert par[r.name]["outcomes"] == seq[r.name]["outcomes"], r.name
+        gen = [(tmp_path / w / "eval" / r.name.replace("+", "_") / "generations.jsonl").read_text() for w in ("one", "two")]
+        assert [json.loads(x)["response"] for x in gen[0].splitlines()] == [json.loads(x)["response"] for x in gen[1].splitlines()]
+    # rows in groups of two: (aligned | ft-full), then ft-full+enchtable-attn alone
+    assert list(two.timings) == ["eval: aligned | ft-full", "eval: ft-full+enchtable-attn"]
+    assert set(one.timings) == {f"eval: {r.name}" for r in rows}

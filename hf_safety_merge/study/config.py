@@ -21,6 +21,9 @@ VARIANTS = ("attn", "ffn", "attn_ffn", "attn_block", "attn_block_ffn")
 #: the rows the ``full`` preset evaluates in full: the ones each paper's verdict rests on
 FULL_HEADLINE_ROWS = ("aligned", "ft-full", "ft-full+enchtable-attn", "ft-lora", "ft-lora+safe_lora", "asft",
                       "sft-reasoning", "safekey")
+#: the methods a study runs unless told: all but ``calibrated`` (16 min of the full preset's
+#: budget; the calibrated repair has its own benchmark, `benchmarks/bench_calibration.py`)
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "calibrated")
 UnitFloat = Annotated[float, Field(ge=0, le=1)]
 
 
@@ -67,18 +70,25 @@ class StudyConfig:
         safekey_*: SafeKey and its SFT ablation (reference: 5 epochs, auxiliary losses in the
             last 2, lr 1e-5, AdamW betas (0.9, 0.95), weight decay 1e-4, cosine, warmup 0.05).
         calibration_prompts / calibration_max_unsafe / calibration_probes: the ``calibrated``
-            repair (EnchTable with beta chosen on prompts no other stage uses).
+            repair (EnchTable with beta chosen on prompts no other stage uses). The prompts are
+            set aside whenever ``calibration_prompts`` > 0, with or without ``calibrated`` in
+            ``methods``, so that adding or dropping the calibrated rows changes no other split.
         eval_harmful / eval_harmful_ood / eval_benign / eval_task / eval_attack: the headline
             evaluation: held-out AdvBench (in distribution), Do-Not-Answer (used by no stage),
             XSTest-safe (over-refusal), task problems, and AdvBench prompts under each attack.
         sweep_eval_harmful / sweep_eval_benign / sweep_eval_task: the smaller evaluation of sweep
             rows (the first prompts of the headline AdvBench, XSTest-safe and task sets; no attacks).
         max_new_tokens / eval_batch_size: generation settings.
+        eval_workers: rows evaluated at once, each in its own process with ``threads //
+            eval_workers`` torch threads (0: 2 on a CPU with >= 2 threads, else 1; 1: in this
+            process). Exact up to floating-point rounding (a different thread count sums in
+            another order, which can flip a near-tie in greedy decoding).
         judge: the harm and refusal judge (``auto``: the learned judge, docs/evaluation.md).
         headline_rows: the rows that get the full (headline) evaluation and are built, evaluated and
             reported first; every other row gets the sweep evaluation after them. Empty: every row
             of the headline plan.
-        methods: which method families run (``METHODS``).
+        methods: which method families run (``METHODS``; default ``DEFAULT_METHODS``, all but
+            ``calibrated``, which adds two calibrated repairs, 16 min on 2 CPU cores).
     """
 
     model: str = "smollm2"
@@ -126,7 +136,7 @@ class StudyConfig:
     safekey_last_k_epochs: PositiveFloat = 2.0
     safekey_lr: PositiveFloat = 1e-5
     safekey_settings: Sequence[str] = ("0.2:0.2", "0:0")
-    calibration_prompts: PositiveInt = 48
+    calibration_prompts: NonNegativeInt = 48
     calibration_max_unsafe: UnitFloat = 0.05
     calibration_probes: Annotated[int, Field(ge=2, le=64)] = 8
     eval_harmful: PositiveInt = 100
@@ -140,8 +150,9 @@ class StudyConfig:
     sweep_eval_task: PositiveInt = 40
     max_new_tokens: PositiveInt = 48
     eval_batch_size: PositiveInt = 16
+    eval_workers: NonNegativeInt = 0
     judge: str = "auto"
-    methods: Sequence[str] = METHODS
+    methods: Sequence[str] = DEFAULT_METHODS
     headline_rows: Sequence[str] = ()
 
     def __post_init__(self) -> None:
@@ -157,7 +168,7 @@ class StudyConfig:
             cfg = cls(
                 align_harmful=80, align_benign=160, align_epochs=1.0, task_train=360, break_modes=("full",),
                 distill_harmful=64, distill_variants=("attn",), sweep_enchtable_betas=(), sweep_resta_betas=(),
-                safe_lora_sweep=False, methods=("enchtable", "resta"), eval_harmful=48, eval_harmful_ood=0,
+                safe_lora_sweep=False, methods=("enchtable", "resta"), calibration_prompts=0, eval_harmful=48, eval_harmful_ood=0,
                 eval_benign=48, eval_task=48, eval_attack=0, attacks=(), max_new_tokens=40, sweep_eval_harmful=48,
                 sweep_eval_benign=48, sweep_eval_task=48,
             )
@@ -216,6 +227,8 @@ class StudyConfig:
                 ok = False
             if not ok:
                 raise ConfigError(f"safekey_settings entry {a!r}: expected '<head weight>:<qmm weight>', both >= 0")
+        if "calibrated" in self.methods and not self.calibration_prompts:
+            raise ConfigError("method 'calibrated' needs calibration_prompts > 0 (the prompts its beta is chosen on)")
         if self.safekey_last_k_epochs > self.safekey_epochs:
             raise ConfigError("safekey_last_k_epochs must be <= safekey_epochs")
 

@@ -131,7 +131,7 @@ def load_study_data(cfg: StudyConfig) -> StudyData:
     rng.shuffle(dna)
     out = StudyData()
     sizes = {"eval_harmful": cfg.eval_harmful, "break_harmful": n_break_harmful(cfg), "distill_harmful": cfg.distill_harmful,
-             "calib_harmful": cfg.calibration_prompts if "calibrated" in cfg.methods else 0, "align_harmful": cfg.align_harmful}
+             "calib_harmful": cfg.calibration_prompts, "align_harmful": cfg.align_harmful}
     if sum(sizes.values()) > len(adv):
         raise ConfigError(f"{adv_p}: the AdvBench splits need {sum(sizes.values())} prompts ({sizes}), the file has {len(adv)}")
     i = 0

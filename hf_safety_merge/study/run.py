@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -267,28 +268,32 @@ def run_study(cfg: StudyConfig, work: str | os.PathLike[str], *, evaluate: bool 
     from .evaluate import evaluate_rows
     from .report import write_report
 
-    results: dict[str, Any] = {}
     head = [r for r in rows if r.group == "headline"]
-    if evaluate:  # the headline rows are evaluated and reported before any sweep stage runs
-        results = evaluate_rows(st, head)
-        write_report(st, head, results, diag, total_seconds=time.perf_counter() - t0, pending="sweep rows")
     planned = [(r, lambda r=r: r) for r in rows if r.group != "headline"] + plan_sweeps(st, built)
     if not evaluate:
         sweep = [build() for _, build in planned]
         return {"rows": [r.name for r in head + sweep], "diagnostics": diag, "timings": st.timings}
-    from ..eval.judges import get_judge
+    from .evaluate import EvalPool, eval_workers, outcomes_file
 
-    judge = get_judge(cfg.judge)
-    done: list[Row] = []
     if report_only:
-        from .evaluate import outcomes_file
-
         planned = [(r, b) for r, b in planned if outcomes_file(w, r.name).is_file()]
-    for i, (_, build) in enumerate(planned):  # one at a time: each result lands in the report as it runs
-        row = build()
-        results.update(evaluate_rows(st, [row], judge=judge))
-        done.append(row)
-        if i + 1 < len(planned):
-            write_report(st, head + done, results, diag, total_seconds=time.perf_counter() - t0,
-                         pending=f"{len(planned) - i - 1} sweep rows")
+    k = 1 if report_only else eval_workers(cfg)
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(EvalPool(st, k)) if k > 1 else None
+        # the headline rows are evaluated and reported before any sweep stage runs
+        results: dict[str, Any] = evaluate_rows(st, head, pool=pool)
+        write_report(st, head, results, diag, total_seconds=time.perf_counter() - t0, pending="sweep rows")
+        judge = None
+        if pool is None:
+            from ..eval.judges import get_judge
+
+            judge = get_judge(cfg.judge)
+        done: list[Row] = []
+        for i in range(0, len(planned), k):  # k rows at a time: each group lands in the report as it runs
+            group = [build() for _, build in planned[i:i + k]]
+            results.update(evaluate_rows(st, group, judge=judge, pool=pool))
+            done += group
+            if i + k < len(planned):
+                write_report(st, head + done, results, diag, total_seconds=time.perf_counter() - t0,
+                             pending=f"{len(planned) - i - k} sweep rows")
     return write_report(st, head + done, results, diag, total_seconds=time.perf_counter() - t0)
