@@ -255,5 +255,5 @@ def test_rows_evaluated_side_by_side_equal_one_process(shared_data: Path, tmp_pa
         gen = [(tmp_path / w / "eval" / r.name.replace("+", "_") / "generations.jsonl").read_text() for w in ("one", "two")]
         assert [json.loads(x)["response"] for x in gen[0].splitlines()] == [json.loads(x)["response"] for x in gen[1].splitlines()]
     # rows in groups of two: (aligned | ft-full), then ft-full+enchtable-attn alone
-    assert list(two.timings) == ["eval: aligned | ft-full", "eval: ft-full+enchtable-attn"]
+    assert list(two.timings) == ["eval: aligned, ft-full", "eval: ft-full+enchtable-attn"]
     assert set(one.timings) == {f"eval: {r.name}" for r in rows}

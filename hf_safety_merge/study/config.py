@@ -160,7 +160,7 @@ class StudyConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> StudyConfig:
-        """``full``: the study in the papers' regimes (182 min of stage time on 2 CPU cores, measured; docs/study.md "Budget"); ``demo``: the
+        """``full``: the study in the papers' regimes (131 min of stage time on 2 CPU cores, measured; docs/study.md "Budget"); ``demo``: the
         headline only (a broken full fine-tune repaired by EnchTable at beta 0.1, and RESTA)."""
         if name == "full":
             cfg = cls(headline_rows=FULL_HEADLINE_ROWS)

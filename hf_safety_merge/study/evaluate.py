@@ -2,10 +2,10 @@
 with the per-prompt outcomes kept for paired tests (``eval/<model>/outcomes.json``).
 
 On the CPU, rows are evaluated ``eval_workers`` at a time (:class:`EvalPool`), each in its own
-process with ``threads // eval_workers`` torch threads: generation with a 135M model keeps two
-cores only half busy from one process (one thread does 81% of what two do), so two one-thread
-evaluations side by side finish in 1.48x less wall time than the two run one after the other
-(`benchmarks/bench_eval_workers.py`)."""
+process with ``threads // eval_workers`` torch threads: generation with a 135M model does not
+keep two cores busy from one process (one thread does 63% of what two do), so two one-thread
+evaluations side by side take 1.31x less wall time than the two in turn at two threads
+(`benchmarks/bench_eval_workers.py`, docs/study.md "Generation speed")."""
 
 from __future__ import annotations
 
@@ -145,7 +145,7 @@ def _worker_eval(row: Row) -> dict[str, Any]:
 class EvalPool:
     """``workers`` processes that evaluate rows side by side, each loading the judge once; use as
     a context manager. `evaluate` runs a group of rows and records the group's wall time as one
-    stage (``eval: a | b``), so the stage times still add up to the study's wall time."""
+    stage (``eval: a, b``), so the stage times still add up to the study's wall time."""
 
     def __init__(self, st: Stages, workers: int) -> None:
         import multiprocessing
@@ -170,7 +170,7 @@ class EvalPool:
         out = {r.name: evaluate_row(st, r) for r in rows if r not in todo}  # cached: read back
         if not todo:
             return out
-        label = "eval: " + " | ".join(r.name for r in todo)
+        label = "eval: " + ", ".join(r.name for r in todo)
         st.log(f"  [{label}] ... ({self.workers} processes, {self.threads} torch threads each)")
         t = time.perf_counter()
         out.update(zip([r.name for r in todo], self.pool.map(_worker_eval, todo)))

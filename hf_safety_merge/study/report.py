@@ -303,5 +303,8 @@ def _markdown(recs: dict[str, Any], tests: dict[str, Any], verdicts: list[dict[s
         md += [f"| {n} | {g['alpha']:.3f} | {g['tau_norm']:.3f} | {g['safety_vector_norm']:.3f} | {g['ratio']:.2f} | "
                + (f"{g['w_mean']:.3f}" if g.get("w_mean") is not None else "") + " |" for n, g in regs]
         md.append("")
-    md += ["## Wall time per stage (s)", "", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v} |" for k, v in timings.items()]
+    md += ["## Wall time per stage (s)", "", "Rows evaluated side by side (`eval: a, b`) are one stage: the pair's wall time.", "",
+           "| stage | seconds |", "|---|---|"] + [f"| {k} | {v} |" for k, v in timings.items()]
+    total = sum(timings.values())
+    md.append(f"| **sum** | **{total:.1f}** ({total / 60:.1f} min) |")
     return "\n".join(md) + "\n"
