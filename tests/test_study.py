@@ -239,7 +239,7 @@ def test_rows_evaluated_side_by_side_equal_one_process(shared_data: Path, tmp_pa
     threads = torch.get_num_threads()
     try:
         rows, _, _ = build_headline(Stages(cfg, tmp_path / "w", data, log=lambda _m: None))  # sets 1 thread
-        rows = [r for r in rows if r.name in ("aligned", "ft-full", "ft-full+enchtable-attn")]
+        rows = [r for r in rows if r.name in ("base", "aligned", "ft-full", "ft-full+enchtable-attn")]
         one = Stages(cfg, tmp_path / "one", data, log=lambda _m: None)
         seq = evaluate_rows(one, rows)
     finally:
@@ -249,11 +249,14 @@ def test_rows_evaluated_side_by_side_equal_one_process(shared_data: Path, tmp_pa
     with EvalPool(two, 2) as pool:
         assert pool.threads == 1
         par = evaluate_rows(two, rows, pool=pool)
+        alone = pool.evaluate([rows[0].__class__(**{**rows[0].__dict__, "name": "base-again"})])
+    assert alone["base-again"]["threads"] == 2  # a row on its own gets both threads
+    assert {par[r.name]["threads"] for r in rows} == {1}
     assert list(par) == list(seq) == [r.name for r in rows]
     for r in rows:
         assert par[r.name]["outcomes"] == seq[r.name]["outcomes"], r.name
         gen = [(tmp_path / w / "eval" / r.name.replace("+", "_") / "generations.jsonl").read_text() for w in ("one", "two")]
         assert [json.loads(x)["response"] for x in gen[0].splitlines()] == [json.loads(x)["response"] for x in gen[1].splitlines()]
-    # rows in groups of two: (aligned | ft-full), then ft-full+enchtable-attn alone
-    assert list(two.timings) == ["eval: aligned, ft-full", "eval: ft-full+enchtable-attn"]
+    # rows in groups of two, each group's wall time one stage
+    assert list(two.timings) == ["eval: base, aligned", "eval: ft-full, ft-full+enchtable-attn", "eval: base-again"]
     assert set(one.timings) == {f"eval: {r.name}" for r in rows}

@@ -138,8 +138,12 @@ def _worker_init(cfg: Any, work: str, data: Any, threads: int) -> None:
     _WORKER["judge"] = get_judge(cfg.judge)
 
 
-def _worker_eval(row: Row) -> dict[str, Any]:
-    return evaluate_row(_WORKER["st"], row, _WORKER["judge"], record=False, progress=False)
+def _worker_eval(row: Row, threads: int) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(threads)
+    res = evaluate_row(_WORKER["st"], row, _WORKER["judge"], record=False, progress=False)
+    return {**res, "threads": threads}
 
 
 class EvalPool:
@@ -171,9 +175,11 @@ class EvalPool:
         if not todo:
             return out
         label = "eval: " + ", ".join(r.name for r in todo)
-        st.log(f"  [{label}] ... ({self.workers} processes, {self.threads} torch threads each)")
+        # a row on its own (the last of an odd group) gets every thread, not one worker's share
+        threads = self.threads if len(todo) > 1 else self.threads * self.workers
+        st.log(f"  [{label}] ... ({len(todo)} process(es), {threads} torch thread(s) each)")
         t = time.perf_counter()
-        out.update(zip([r.name for r in todo], self.pool.map(_worker_eval, todo)))
+        out.update(zip([r.name for r in todo], self.pool.map(_worker_eval, todo, [threads] * len(todo))))
         st.record(label, time.perf_counter() - t)
         st.log(f"  [{label}] done in {st.timings[label]:.1f} s")
         return out
