@@ -128,12 +128,9 @@ def eval_workers(cfg: Any) -> int:
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(cfg: Any, work: str, data: Any, threads: int) -> None:
-    import torch
-
+def _worker_init(cfg: Any, work: str, data: Any) -> None:
     from ..eval.judges import get_judge
 
-    torch.set_num_threads(threads)
     _WORKER["st"] = Stages(cfg, Path(work), data)
     _WORKER["judge"] = get_judge(cfg.judge)
 
@@ -141,7 +138,7 @@ def _worker_init(cfg: Any, work: str, data: Any, threads: int) -> None:
 def _worker_eval(row: Row, threads: int) -> dict[str, Any]:
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads)  # per task: a row on its own gets every thread
     res = evaluate_row(_WORKER["st"], row, _WORKER["judge"], record=False, progress=False)
     return {**res, "threads": threads}
 
@@ -160,7 +157,7 @@ class EvalPool:
         self.st, self.workers = st, workers
         self.threads = max(1, (st.cfg.threads or torch.get_num_threads()) // workers)
         self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
-                                        initargs=(st.cfg, str(st.work), st.data, self.threads))
+                                        initargs=(st.cfg, str(st.work), st.data))
 
     def __enter__(self) -> EvalPool:
         return self
@@ -193,11 +190,8 @@ def evaluate_rows(st: Stages, rows: list[Row], judge: Any = None, pool: EvalPool
 
     order = [r for r in rows if r.group == "headline"] + [r for r in rows if r.group != "headline"]
     if pool is not None:
-        results: dict[str, dict[str, Any]] = {}
         todo = [r for r in order if not outcomes_file(st.work, r.name).is_file()]
-        for r in order:
-            if r not in todo:
-                results.update(pool.evaluate([r]))
+        results = pool.evaluate([r for r in order if r not in todo])  # cached: read back, nothing run
         for i in range(0, len(todo), pool.workers):
             results.update(pool.evaluate(todo[i:i + pool.workers]))
         return {r.name: results[r.name] for r in order}
