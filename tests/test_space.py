@@ -152,6 +152,8 @@ def _not_blank(png: Path) -> tuple[float, int]:
 
 
 def test_browser_clicks_through_merge_and_chat(space: dict[str, Any], tmp_path: Path) -> None:
+    # Chromium is a Debian package, not a pip dependency: `.ci/run` installs it (apt-get), a
+    # developer's machine may lack it; every other Space test runs without it.
     if not (Path(CHROMIUM).is_file() or shutil.which("chromium")):
         pytest.skip(f"no chromium binary at {CHROMIUM} (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python package) is not installed")
