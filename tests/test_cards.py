@@ -150,3 +150,39 @@ def test_card_passes_the_hub_validation(llama_family: dict[str, Path], vector: P
     bad = ModelCard("---\nbase_model: ./local/path\nbase_model_relation: merge\n---\n# x\n")
     with pytest.raises(ValueError, match="base_model"):
         validate_card(bad, online=True)
+
+
+@pytest.mark.parametrize("method", ["enchtable", "ties"])
+def test_engine_card_is_huggingface_hubs_card(method: str, llama_family: dict[str, Path], vector: Path,
+                                               tmp_path: Path) -> None:
+    """The engine renders its README without `huggingface_hub.repocard` (start-up time): the text
+    is byte for byte what `ModelCard.from_template` gives for the same data and template."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    from hf_safety_merge.cards import TEMPLATE_PATH, render_merged_model_card
+    from hf_safety_merge.cards import model_card as mc
+
+    cfg = SafetyMergeConfig(task_model=str(llama_family["task"]), task_reference=str(llama_family["aligned"]),
+                            safety_vector=str(vector), method=method, parameters=dict(METHODS[method]),
+                            output_dir=str(tmp_path / "out"))
+    result = merge(cfg, progress=False)
+    written = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+    vec = SafetyVector.from_pretrained(vector)
+    assert written == str(render_merged_model_card(cfg, result, task_display=str(llama_family["task"]), vector=vec))
+    # the same data through huggingface_hub's own ModelCard.from_template
+    captured: dict = {}
+    real_render = mc._render
+
+    def capture(data: ModelCardData, template_path: Path, **kwargs: object) -> str:
+        captured.update(data=data, kwargs=kwargs)
+        return real_render(data, template_path, **kwargs)
+
+    mc._render = capture
+    try:
+        ev = [EvalResult(task_type="text-generation", dataset_type="advbench", dataset_name="AdvBench",
+                         metric_type="unsafe_rate", metric_value=0.1)]
+        ours = render_merged_model_card(cfg, result, task_display="t", vector=vec, eval_results=ev)
+    finally:
+        mc._render = real_render
+    theirs = ModelCard.from_template(captured["data"], template_path=str(TEMPLATE_PATH), **captured["kwargs"])
+    assert str(ours) == str(theirs) == str(ours.to_model_card())

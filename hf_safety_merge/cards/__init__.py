@@ -31,8 +31,10 @@ from .model_card import (
     TEMPLATE_PATH,
     inherited_license,
     merge_base_models,
+    RenderedCard,
     merged_model_card,
     published_config,
+    render_merged_model_card,
     resolved_parameters,
 )
 from .vector_card import safety_vector_card
@@ -42,6 +44,7 @@ __all__ = [
     "EVAL_END",
     "PROJECT_URL",
     "TEMPLATE_PATH",
+    "RenderedCard",
     "add_eval_results",
     "attach_evaluation",
     "evaluation_markdown",
@@ -49,6 +52,7 @@ __all__ = [
     "merge_base_models",
     "merged_model_card",
     "published_config",
+    "render_merged_model_card",
     "resolved_parameters",
     "safety_vector_card",
     "update_card_from_eval",
@@ -59,7 +63,7 @@ __all__ = [
 
 class _ModuleSink:
     """This package as a :class:`~hf_safety_merge.io.sink.CardSink`."""
-    merged_model_card = staticmethod(merged_model_card)
+    merged_model_card = staticmethod(render_merged_model_card)
     safety_vector_card = staticmethod(safety_vector_card)
 
 

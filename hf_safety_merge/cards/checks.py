@@ -14,20 +14,20 @@ _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _RELATIONS = ("adapter", "merge", "quantized", "finetune")
 
 
-def _metadata(card: ModelCard) -> Any:
+def _metadata(card: ModelCard | Any) -> Any:
     m = re.match(r"^---\s*\n(.*?)\n---", card.content, re.S)
     meta = yaml.safe_load(m.group(1)) if m else {}
     return {} if meta is None else meta
 
 
-def validate_card_metadata(card: ModelCard) -> list[str]:
+def validate_card_metadata(card: ModelCard | Any) -> list[str]:
     """Offline checks of a card's metadata against the Hub's rules (what `ModelCard.validate`
     asks the Hub to check; `validate_card(card, online=True)` asks the Hub itself):
     a YAML mapping that huggingface_hub's `ModelCardData` parses (its `model-index` reader and
     `EvalResult` checks included); `base_model` valid repo id(s); `base_model_relation` one of
     adapter/merge/quantized/finetune and only with a base model; `tags` a list of strings;
     string `library_name`/`license`/`pipeline_tag`. Returns the problems (empty when valid)."""
-    from huggingface_hub import ModelCardData
+    from huggingface_hub.repocard_data import ModelCardData
 
     errors: list[str] = []
     try:
@@ -72,7 +72,7 @@ def validate_card(card: ModelCard, *, online: bool = False) -> None:
         card.validate()
 
 
-def _check(card: ModelCard) -> None:
+def _check(card: ModelCard | Any) -> None:
     errors = validate_card_metadata(card)
     if errors:
         raise ValueError(f"card metadata would be invalid: {errors}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -90,17 +91,27 @@ def merge_base_models(config: SafetyMergeConfig, vector_config: SafetyVectorConf
     return out
 
 
+#: a card's YAML front matter (huggingface_hub's `REGEX_YAML_BLOCK`)
+_YAML_BLOCK = re.compile(r"^(\s*---[\r\n]+)([\S\s]*?)([\r\n]+---(\r\n|\n|$))")
+
+
+def _front_matter(readme: Path) -> dict[str, Any]:
+    """The metadata of a README card, as `ModelCard.load(path).data` reads it (a card without a
+    mapping there has none)."""
+    m = _YAML_BLOCK.search(readme.read_text(encoding="utf-8"))
+    meta = yaml.safe_load(m.group(2)) if m else None
+    return meta if isinstance(meta, dict) else {}
+
+
 def inherited_license(config: SafetyMergeConfig) -> str | None:
     """`config.license`, else the task model's licence: from its local README.md front matter, or
     from its Hub card (skipped offline; a failed look-up leaves the licence unset)."""
-    from huggingface_hub import ModelCard
-
     if config.license:
         return config.license
     p = Path(config.task_model).expanduser()
     if (p / "README.md").is_file():
         try:
-            lic = ModelCard.load(p / "README.md", ignore_metadata_errors=True).data.license
+            lic = _front_matter(p / "README.md").get("license")
         except (OSError, ValueError, yaml.YAMLError):
             lic = None
         if lic:
@@ -108,10 +119,11 @@ def inherited_license(config: SafetyMergeConfig) -> str | None:
     hub = _input_id(config.task_model, config.task_model_hub_id)
     if hub is None:
         return None
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return None
+    from huggingface_hub import HfApi
     try:
         info = HfApi().model_info(hub, revision=config.task_model_revision if hub == config.task_model else None)
     except Exception:  # best effort: a licence look-up never fails a merge
@@ -188,6 +200,43 @@ def _per_matrix(config: SafetyMergeConfig, result: MergeResult, vector: SafetyVe
     return intro + " Full per-tensor diagnostics are in `merge_report.json`.", "\n".join(table)
 
 
+class RenderedCard:
+    """A rendered model card: its full text (YAML metadata block + Markdown), exactly what
+    `huggingface_hub.ModelCard(content)` holds and saves. The merge engine writes this form:
+    rendering needs only `huggingface_hub.repocard_data` and jinja2, not `huggingface_hub.repocard`
+    (which imports the Hub client, ~0.2 s of a merge's start-up); `to_model_card()` gives the
+    `ModelCard` (tested equal, byte for byte, to `ModelCard.from_template` of the same data)."""
+
+    def __init__(self, content: str) -> None:
+        self.content = content
+
+    def __str__(self) -> str:
+        return self.content
+
+    def save(self, filepath: str | Path) -> None:
+        """Write the card as `ModelCard.save` does (UTF-8, line endings kept)."""
+        path = Path(filepath)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, mode="w", newline="", encoding="utf-8") as f:
+            f.write(self.content)
+
+    def to_model_card(self) -> ModelCard:
+        from huggingface_hub import ModelCard
+
+        return ModelCard(self.content)
+
+
+def _render(data: Any, template_path: Path, **template_kwargs: Any) -> str:
+    """`ModelCard.from_template(data, template_path, **kwargs)`'s text, rendered the same way
+    (card data fields as template variables, the keyword arguments taking priority)."""
+    import jinja2
+
+    kwargs = data.to_dict().copy()
+    kwargs.update(template_kwargs)
+    template = jinja2.Template(template_path.read_text(encoding="utf-8"))
+    return template.render(card_data=data.to_yaml(), **kwargs)
+
+
 def merged_model_card(
     config: SafetyMergeConfig,
     result: MergeResult,
@@ -198,7 +247,21 @@ def merged_model_card(
 ) -> ModelCard:
     """The card of a patched model (see the module docstring); `eval_results` are
     `huggingface_hub.EvalResult`s for `model-index` (see also `attach_evaluation`)."""
-    from huggingface_hub import ModelCard, ModelCardData
+    return render_merged_model_card(config, result, task_display=task_display, vector=vector,
+                                    eval_results=eval_results).to_model_card()
+
+
+def render_merged_model_card(
+    config: SafetyMergeConfig,
+    result: MergeResult,
+    *,
+    task_display: str,
+    vector: SafetyVector,
+    eval_results: list[Any] | None = None,
+) -> RenderedCard:
+    """`merged_model_card`'s text as a `RenderedCard` (what the merge engine saves; no import of
+    `huggingface_hub.repocard`)."""
+    from huggingface_hub.repocard_data import ModelCardData
 
     vc = vector.config
     base = merge_base_models(config, vc)
@@ -236,9 +299,9 @@ def merged_model_card(
     ]
     if vc.library_version:
         vector_lines.append(f"library version: {vc.library_version}")
-    card = ModelCard.from_template(
+    card = RenderedCard(_render(
         data,
-        template_path=str(TEMPLATE_PATH),
+        TEMPLATE_PATH,
         title=f"{config.push_to_hub.split('/')[-1]}: a safety-patched model" if config.push_to_hub else "Safety-patched model",
         task_display=_ref_text(config.task_model, hub["task_model"]).replace("a local folder", "a local fine-tune"),
         library_url=PROJECT_URL,
@@ -254,6 +317,6 @@ def merged_model_card(
         config_yaml=yaml.safe_dump(published_config(config), sort_keys=False),
         table_intro=intro,
         table=table,
-    )
+    ))
     _check(card)
     return card

@@ -60,7 +60,7 @@ def _svd_top(a: torch.Tensor, r: int, dtype: torch.dtype) -> tuple[torch.Tensor,
 def _gram_top(a: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-r right singular vectors (rows) and values of `a` (m >= n) from `eigh(a^T a)` in fp64."""
     a64 = a.to(torch.float64)
-    evals, evecs = torch.linalg.eigh(a64.T @ a64)  # ascending
+    evals, evecs = torch.linalg.eigh(_gram_upper(a64), UPLO="U")  # ascending
     idx = torch.arange(evals.numel() - 1, evals.numel() - 1 - r, -1, device=a.device)
     s = evals[idx].clamp_min(0).sqrt()
     return a64, s, evecs[:, idx].T.contiguous()
@@ -181,17 +181,54 @@ def interference_terms(
     return _block_terms(p, v1, v2, s1, s2, k1, k2, r)
 
 
+#: column-block width of `_gram_upper` (blocks narrower than this lose gemm efficiency)
+GRAM_BLOCK_MIN = 128
+#: rows of `a2` per chunk in `_cross_v` (bounds its m x r workspace to ~16 MiB in float32)
+CROSS_CHUNK_ELEMENTS = 4 * 2**20
+
+
+def _gram_upper(a: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The upper triangle (diagonal included) of the Gram matrix `a^T a` (n x n), computed by
+    row panels: panel i is `a[:, i]^T a[:, i:]`, so about half the multiply-adds of `a.T @ a`
+    (BLAS has no symmetric rank-k update in torch). The strict lower triangle of `out` is left
+    as it was (zeros for a fresh buffer); `eigh(..., UPLO="U")` never reads it. Exactly the
+    same sums as `a.T @ a` for each upper entry, up to the order of floating-point additions."""
+    n = a.shape[1]
+    g = out if out is not None else torch.zeros(n, n, dtype=a.dtype, device=a.device)
+    b = max(GRAM_BLOCK_MIN, -(-n // 8))
+    for i in range(0, n, b):
+        torch.mm(a[:, i : i + b].T, a[:, i:], out=g[i : i + b, i:])
+    return g
+
+
+def _cross_v(a1: torch.Tensor, a2: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
+    """`(a1^T a2) v2^T` (n x r) as `a1^T (a2 v2^T)`: the same multiply-adds for the m-sized
+    products as forming `a1^T a2`, but no n x n cross term, so `P` then costs `r n r` instead
+    of `r n n + r n r`. Rows are taken in chunks so the `m x r` workspace stays small."""
+    m = a1.shape[0]
+    r = v2.shape[0]
+    step = max(1024, CROSS_CHUNK_ELEMENTS // max(1, r))
+    if m <= step:
+        return a1.T @ (a2 @ v2.T)
+    y = torch.zeros(a1.shape[1], r, dtype=a1.dtype, device=a1.device)
+    for i in range(0, m, step):
+        y.addmm_(a1[i : i + step].T, a2[i : i + step] @ v2.T)
+    return y
+
+
 def _keep(s: torch.Tensor, m: int, n: int, mask_null_triplets: bool) -> torch.Tensor:
     """The triplets that enter P and Q: all, or those above the numerical-rank tolerance."""
     return _null_mask(s, m, n) if mask_null_triplets else torch.ones_like(s, dtype=torch.bool)
 
 
-def _gram_p(v1: torch.Tensor, cross: torch.Tensor, v2: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor,
-            k1: torch.Tensor, k2: torch.Tensor, tiny: float) -> torch.Tensor:
-    """`P = U1r^T U2r = S1^-1 V1r (A1^T A2) V2r^T S2^-1` (masked), with `cross = A1^T A2`."""
+def _gram_p(v1: torch.Tensor, cross: torch.Tensor | None, v2: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor,
+            k1: torch.Tensor, k2: torch.Tensor, tiny: float, cross_v2: torch.Tensor | None = None) -> torch.Tensor:
+    """`P = U1r^T U2r = S1^-1 V1r (A1^T A2) V2r^T S2^-1` (masked), with `cross = A1^T A2`, or
+    with `cross_v2 = A1^T A2 V2r^T` already formed (`_cross_v`)."""
     inv1 = torch.where(k1, 1.0 / s1.clamp_min(tiny), torch.zeros_like(s1))
     inv2 = torch.where(k2, 1.0 / s2.clamp_min(tiny), torch.zeros_like(s2))
-    return (inv1[:, None] * (v1 @ cross @ v2.T)) * inv2[None, :]
+    core = v1 @ cross_v2 if cross_v2 is not None else v1 @ cross @ v2.T
+    return (inv1[:, None] * core) * inv2[None, :]
 
 
 def _block_terms(p: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor,
@@ -228,10 +265,11 @@ def _tall(a: torch.Tensor) -> torch.Tensor:
     return a if a.shape[0] >= a.shape[1] else a.T
 
 
-def _eigh_top(g: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _eigh_top(g: torch.Tensor, r: int, uplo: str = "L") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-r eigenpairs of a batch of symmetric PSD matrices `g` (..., n, n), descending:
-    (eigenvalues (..., r), eigenvectors as rows (..., r, n), all eigenvalues descending)."""
-    evals, evecs = torch.linalg.eigh(g)  # ascending
+    (eigenvalues (..., r), eigenvectors as rows (..., r, n), all eigenvalues descending).
+    Only the `uplo` triangle of `g` is read (LAPACK's convention)."""
+    evals, evecs = torch.linalg.eigh(g, UPLO=uplo)  # ascending
     evals = evals.flip(-1)
     return evals[..., :r], evecs.flip(-1)[..., :r].transpose(-1, -2), evals
 
@@ -253,7 +291,7 @@ def gram_subspace(a: torch.Tensor, r: int, dtype: torch.dtype | str = torch.floa
     for dt in ([torch.float32, torch.float64] if dtype == "auto" else [dtype]):
         assert isinstance(dt, torch.dtype)
         t = _tall(a).to(dt)
-        e, v, evals = _eigh_top(t.T @ t, r)
+        e, v, evals = _eigh_top(_gram_upper(t), r, "U")
         if dtype == "auto" and dt == torch.float32 and not _fp32_resolves(evals, r):
             continue
         return Subspace(e.double().clamp_min(0).sqrt(), v)
@@ -271,7 +309,8 @@ def fine_terms(
 ) -> tuple[InterferenceTerms, str]:
     """`interference_terms(tau, delta, gamma, backend="gram")`, faster and as exact:
 
-    - the Gram matrix `A1^T A1` and the cross term `A1^T A2` are the only m-sized work;
+    - the Gram matrix `A1^T A1` (its upper triangle, `_gram_upper`: half the multiply-adds) and
+      `A1^T (A2 V2r^T)` (`_cross_v`, never the n x n cross term) are the only m-sized work;
     - `delta_subspace` (Delta_s's top singular subspace, cached with the vector) replaces the
       decomposition of delta (half the work);
     - without a cache, tau's and delta's Gram matrices go through one batched `eigh`;
@@ -292,23 +331,25 @@ def fine_terms(
     dtypes = [torch.float32, torch.float64] if precision == "auto" else [torch.float64]
     for dt in dtypes:
         a1, a2 = a1_in.to(dt), a2_in.to(dt)
-        g1 = a1.T @ a1
-        cross = a1.T @ a2
         if delta_subspace is None:
-            g2 = a2.T @ a2
-            e, v, evals = _eigh_top(torch.stack([g1, g2]), r)  # one batched decomposition
+            g = torch.zeros(2, n, n, dtype=dt, device=a1.device)
+            _gram_upper(a1, g[0])
+            _gram_upper(a2, g[1])
+            e, v, evals = _eigh_top(g, r, "U")  # one batched decomposition
+            del g
             e1, v1, e2, v2 = e[0], v[0], e[1], v[1]
             if dt == torch.float32 and not (_fp32_resolves(evals[0], r) and _fp32_resolves(evals[1], r)):
                 continue
             s2 = e2.clamp_min(0).sqrt()
         else:
-            e1, v1, evals = _eigh_top(g1, r)
+            e1, v1, evals = _eigh_top(_gram_upper(a1), r, "U")
             if dt == torch.float32 and not _fp32_resolves(evals, r):
                 continue
             sub = delta_subspace.top(r)
             s2, v2 = sub.s.to(dt), sub.v.to(dt)
         s1 = e1.clamp_min(0).sqrt()
         k1, k2 = _keep(s1, m, n, mask_null_triplets), _keep(s2, m, n, mask_null_triplets)
-        p = _gram_p(v1, cross, v2, s1, s2, k1, k2, 1e-30 if dt == torch.float32 else 1e-300)
+        p = _gram_p(v1, None, v2, s1, s2, k1, k2, 1e-30 if dt == torch.float32 else 1e-300,
+                    cross_v2=_cross_v(a1, a2, v2))
         return _block_terms(p, v1, v2, s1, s2, k1, k2, r), str(dt).removeprefix("torch.")
     raise AssertionError("unreachable")

@@ -47,7 +47,7 @@ def _timed(fn: Any, times: StageTimes | None, stage: str) -> Any:
 
 
 #: items queued per prepare worker (see `_prefetch`)
-LOOKAHEAD_PER_WORKER = 4
+LOOKAHEAD_PER_WORKER = 16
 
 
 def _prefetch(names: list[str], load: Any, prepare: Any = None, workers: int = 1,
