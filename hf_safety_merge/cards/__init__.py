@@ -29,9 +29,9 @@ from .evaluation import (
 from .model_card import (
     PROJECT_URL,
     TEMPLATE_PATH,
+    RenderedCard,
     inherited_license,
     merge_base_models,
-    RenderedCard,
     merged_model_card,
     published_config,
     render_merged_model_card,

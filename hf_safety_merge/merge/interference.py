@@ -227,7 +227,10 @@ def _gram_p(v1: torch.Tensor, cross: torch.Tensor | None, v2: torch.Tensor, s1: 
     with `cross_v2 = A1^T A2 V2r^T` already formed (`_cross_v`)."""
     inv1 = torch.where(k1, 1.0 / s1.clamp_min(tiny), torch.zeros_like(s1))
     inv2 = torch.where(k2, 1.0 / s2.clamp_min(tiny), torch.zeros_like(s2))
-    core = v1 @ cross_v2 if cross_v2 is not None else v1 @ cross @ v2.T
+    if cross_v2 is None:
+        assert cross is not None
+        cross_v2 = cross @ v2.T
+    core = v1 @ cross_v2
     return (inv1[:, None] * core) * inv2[None, :]
 
 
