@@ -94,6 +94,10 @@ print(json.dumps({"seconds": busy, "matrices": len(names), "workers": workers, "
 '''
 
 
+#: the merges this benchmark can time (each a `hf-safety-merge merge` process)
+MERGE_RUNS = ("task_arithmetic", "enchtable", "enchtable_nocache", "enchtable_svd", "safe_lora", "ties", "dare")
+
+
 def _run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
     """Wall time and peak RSS (bytes) of a child process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -229,7 +233,9 @@ def main() -> None:
     ap.add_argument("--mergekit-bin", default=str(HERE.parent / ".venv-mergekit" / "bin" / "mergekit-yaml"))
     ap.add_argument("--methods", default="floor,task_arithmetic,enchtable,enchtable_nocache,fine_floor,mergekit",
                     help="comma list of: floor (I/O floor), task_arithmetic, enchtable (with the vector's subspace "
-                         "cache), enchtable_nocache (without it), fine_floor (EnchTable's decompositions alone), mergekit")
+                         "cache), enchtable_nocache (without it), enchtable_svd (the naive form: the reference's two "
+                         "SVDs per matrix), safe_lora, ties, dare (for their peak memory), fine_floor (EnchTable's "
+                         "decompositions alone), mergekit")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args()
@@ -262,15 +268,20 @@ def main() -> None:
         results["io_floor"] = measure([py, str(floor_script), str(paths["task"]), str(paths["vector"]), str(work / "out-floor")],
                                       args.repeats, work / "out-floor")
     runs: list[tuple[str, list[str], Path]] = []
-    for method in ("task_arithmetic", "enchtable", "enchtable_nocache"):
+    for method in MERGE_RUNS:
         if method not in methods:
             continue
         cfg = work / f"{method}.yaml"
-        params = {"beta": 1.0} if method == "task_arithmetic" else json.loads(args.enchtable_params)
-        if method == "enchtable_nocache":
-            params["subspace_cache"] = False
+        if method.startswith("enchtable"):
+            params = json.loads(args.enchtable_params)
+            if method == "enchtable_nocache":
+                params["subspace_cache"] = False
+            if method == "enchtable_svd":  # the naive form: the reference's two SVDs per matrix
+                params.update(backend="svd", subspace_cache=False)
+        else:
+            params = {"beta": 1.0} if method == "task_arithmetic" else {}
         cfg.write_text(json.dumps({"task_model": str(paths["task"]), "task_reference": str(paths["aligned"]),
-                                   "safety_vector": str(paths["vector"]), "method": method.removesuffix("_nocache"),
+                                   "safety_vector": str(paths["vector"]), "method": method.split("_nocache")[0].split("_svd")[0],
                                    "parameters": params, "output_dir": str(work / f"out-{method}"), "overwrite": True,
                                    "device": args.device, "max_shard_size": largest_shard}))
         runs.append((method, [py, "-m", "hf_safety_merge.cli", "merge", str(cfg), "--no-progress"], work / f"out-{method}"))

@@ -170,7 +170,8 @@ def test_save_pretrained_can_skip_the_cache(llama_family: dict[str, Path], tmp_p
     assert (tmp_path / "with" / SUBSPACE_CACHE).is_file() and not (tmp_path / "without" / SUBSPACE_CACHE).exists()
 
 
-def test_prefetch_order_budget_and_errors() -> None:
+@pytest.mark.parametrize("readers", [1, 2])
+def test_prefetch_order_budget_and_errors(readers: int) -> None:
     names = [f"t{i}" for i in range(12)]
     in_flight, peak = set(), [0]
 
@@ -186,7 +187,7 @@ def test_prefetch_order_budget_and_errors() -> None:
 
     got = []
     with pytest.raises(ValueError, match="bad t7"):
-        for n, item in _prefetch(names, load, prepare, workers=2, nbytes=lambda n: 10, budget=20):
+        for n, item in _prefetch(names, load, prepare, workers=2, nbytes=lambda n: 10, budget=20, readers=readers):
             got.append((n, item))
             in_flight.discard(n)
     assert got == [(f"t{i}", f"T{i}!") for i in range(7)]  # in order, the error at its own tensor

@@ -100,3 +100,42 @@ def test_parse_size() -> None:
     assert parse_size(123) == 123
     with pytest.raises(ValueError, match="cannot parse"):
         parse_size("lots")
+
+
+def _mappings() -> int:
+    return sum(1 for _ in open("/proc/self/maps"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="counts mappings in /proc (Linux)")
+def test_mapped_reads_equal_copies_never_write_the_file_and_are_released(tmp_path: Path) -> None:
+    """`read(mapped=True)` (what a merge uses for the safety vector and the reference) gives the
+    same values as a copying read; writing to it copies the page (the file is unchanged); it
+    outlives the reader; its mapping goes away with the tensor."""
+    ts = _tensors()
+    f = tmp_path / "model.safetensors"
+    save_file(ts, str(f))
+    before = f.read_bytes()
+    infos, _ = read_safetensors_header(f)
+    base = _mappings()
+    with TensorReader() as r:
+        views = {k: r.read(i, mapped=True) for k, i in infos.items()}
+        for k, i in infos.items():
+            assert torch.equal(views[k], r.read(i)) and views[k].dtype == ts[k].dtype, k
+    assert _mappings() >= base + 5  # one per non-empty tensor
+    views["a.weight"].add_(1.0)  # after the reader closed its files
+    assert torch.equal(views["a.weight"], ts["a.weight"] + 1.0)
+    assert f.read_bytes() == before
+    views.clear()
+    assert _mappings() <= base
+
+
+def test_mapped_read_of_a_file_cut_short_is_an_error(tmp_path: Path) -> None:
+    f = tmp_path / "model.safetensors"
+    save_file({"w": torch.randn(64, 64)}, str(f))
+    infos, _ = read_safetensors_header(f)
+    with TensorReader() as r:
+        r.read(infos["w"], mapped=True)
+        with open(f, "r+b") as fh:  # cut short after the header was checked
+            fh.truncate(f.stat().st_size - 100)
+        with pytest.raises(CheckpointError, match=r"model\.safetensors: unexpected end of file.*'w'"):
+            r.read(infos["w"], mapped=True)

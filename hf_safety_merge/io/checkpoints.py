@@ -58,6 +58,11 @@ class TensorSource(ABC):
     @abstractmethod
     def get(self, name: str) -> torch.Tensor: ...
 
+    def view(self, name: str) -> torch.Tensor:
+        """`get(name)` for a caller that only reads the tensor: a source may then hand out a
+        memory map of the file instead of a copy (writing to it still never touches the file)."""
+        return self.get(name)
+
     def where(self, name: str) -> str:
         """Where a tensor lives, for error messages."""
         return self.display
@@ -182,6 +187,9 @@ class SafetensorsCheckpoint(TensorSource):
 
     def get(self, name: str) -> torch.Tensor:
         return self._reader.read(self._infos[name])
+
+    def view(self, name: str) -> torch.Tensor:
+        return self._reader.read(self._infos[name], mapped=True)
 
     def where(self, name: str) -> str:
         i = self._infos.get(name)

@@ -88,6 +88,8 @@ class EnchTable(MergeMethod):
         self.alpha: float | None = None
         self._cache: Any = None  # SubspaceCache of the safety vector, if it has one
         self._terms: dict[str, tuple[InterferenceTerms, dict[str, Any]]] = {}
+        # squared norms of (tau, delta) taken in `prepare` (on a worker), added in order by `observe`
+        self._sq: dict[str, tuple[float, float]] = {}
 
     def use_vector(self, vector: Any) -> None:
         """Called by the engine with the safety vector before the merge (for its subspace cache)."""
@@ -108,7 +110,13 @@ class EnchTable(MergeMethod):
         matrices i+1, i+2 overlap the merge and write of matrix i and the read of the next);
         `merge_tensor` then only evaluates w(alpha). Exactly the computation `merge_tensor`
         would do itself (it calls this when the engine did not)."""
-        if tau is None or not self._fine_ready(delta):
+        if tau is None:
+            return
+        if self.alpha is None:
+            # The global pass's norms of this pair, taken here on the worker thread; `observe`
+            # adds them in tensor order (the same sums, in the same order, as taking them there).
+            self._sq[name] = (_sq_sum(tau), _sq_sum(delta))
+        if not self._fine_ready(delta):
             return
         if not bool(delta.any()):
             self._terms[name] = (InterferenceTerms(0.0, 0.0, 0), {"skipped": "zero safety matrix"})
@@ -118,7 +126,16 @@ class EnchTable(MergeMethod):
                                  mask_null_triplets=self.params.mask_null_triplets)
         self._terms[name] = (terms, {"rank": terms.rank, "precision": used, "cached_subspace": sub is not None})
 
+    def observed_in_prepare(self, name: str) -> bool:
+        """Whether `prepare` already took what `observe` needs from tensor `name` (the engine then
+        keeps none of its tensors for the main thread)."""
+        return name in self._sq
+
     def observe(self, name: str, tau: torch.Tensor | None, delta: torch.Tensor | None) -> None:
+        if (sq := self._sq.pop(name, None)) is not None:
+            self._tau_sq += sq[0]
+            self._delta_sq += sq[1]
+            return
         if tau is not None and (delta is not None or self.params.norm_scope == "all"):
             self._tau_sq += _sq_sum(tau)
         if delta is not None:

@@ -49,6 +49,7 @@ def _global_pass(method: MergeMethod, plan: _Plan, taus: _TauSource, get_delta: 
     # run here, on worker threads, for every finite (tau, delta) pair: the global pass reads
     # every input anyway, and the merge pass then needs no reference tensor for them.
     method_prepare = getattr(method, "prepare", None)
+    observed = getattr(method, "observed_in_prepare", lambda n: False)
     workers, threads = 1, torch.get_num_threads()
 
     def prepare(n: str, item: tuple[Any, Any, Any]) -> tuple[Any, ...]:
@@ -59,6 +60,10 @@ def _global_pass(method: MergeMethod, plan: _Plan, taus: _TauSource, get_delta: 
         delta_ok = delta is None or not guard.allow or _is_finite(delta)
         if method_prepare is not None and tau is not None and delta is not None and tau_ok and delta_ok:
             method_prepare(n, tau, delta)
+            if observed(n):  # the method took its statistics here: hold no tensor until consumed
+                return None, None, None, None, True, True
+        if tau_ok:  # the inputs are needed only to name the culprit of a non-finite tau
+            theta = fetched = None
         return theta, fetched, delta, tau, tau_ok, delta_ok
 
     if method_prepare is not None:
@@ -143,11 +148,15 @@ def _merged_tensors(
             workers = 2
     sizes = {o.name: math.prod(o.shape) * 4 for o in plan.outputs}
     budget = 2 * max(sizes.values(), default=0)
+    # Two reads at a time when every input is a local safetensors checkpoint (thread-safe
+    # positional reads); a Hub source downloads lazily and a LoRA source computes, so one there.
+    local = [task, *([taus.ref] if taus.ref is not None else []), getattr(get_delta, "source", None)]
+    readers = 2 if all(type(s) is SafetensorsCheckpoint for s in local) and not taus.lora_direct else 1
     with tqdm(total=total, desc=f"{method.name}: merge", unit="B", unit_scale=True, disable=not progress) as bar, \
             _intra_op_threads(max(1, threads // workers) if device.type == "cpu" else threads):
         t_wall = time.perf_counter()
         for n, item in _prefetch(plan.names, load, prepare, workers, sizes.get, budget, times,
-                                 max(1, threads // workers) if device.type == "cpu" else None):
+                                 max(1, threads // workers) if device.type == "cpu" else None, readers):
             t0 = time.perf_counter()
             theta, fetched, delta = item[:3]
             spec = specs[n]

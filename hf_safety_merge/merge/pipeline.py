@@ -52,7 +52,7 @@ LOOKAHEAD_PER_WORKER = 16
 
 def _prefetch(names: list[str], load: Any, prepare: Any = None, workers: int = 1,
               nbytes: Any = None, budget: int = 0, times: StageTimes | None = None,
-              worker_threads: int | None = None) -> Iterator[tuple[str, Any]]:
+              worker_threads: int | None = None, readers: int = 1) -> Iterator[tuple[str, Any]]:
     """Yield (name, load(name)) in order, reading ahead on a background thread while the caller
     computes on the current ones (positional reads release the GIL).
 
@@ -60,7 +60,10 @@ def _prefetch(names: list[str], load: Any, prepare: Any = None, workers: int = 1
     `workers` threads (EnchTable's decompositions of the next matrices run while the current
     one is merged and written). Reads stay on one thread, in order, and results are consumed in
     order, so errors surface at the same tensor as without look-ahead. Items are submitted ahead
-    while the bytes in flight (`nbytes(name)`) stay within `budget` (at least one item ahead)."""
+    while the bytes in flight (`nbytes(name)`) stay within `budget` (at least one item ahead).
+    `readers` > 1 runs that many reads at once (for sources whose reads are thread-safe: local
+    safetensors files; a read is a memory copy from the page cache, and on a pass that only adds
+    tensors one reader thread is the bottleneck); results are still consumed in order."""
     if not names:
         return
     load = _timed(load, times, "read")
@@ -68,7 +71,7 @@ def _prefetch(names: list[str], load: Any, prepare: Any = None, workers: int = 1
     # gate_proj) but are consumed in order: a short queue leaves a worker idle behind a slow
     # item, so the queue holds LOOKAHEAD_PER_WORKER items per worker (bytes still bound it).
     ahead = LOOKAHEAD_PER_WORKER * max(1, workers) if prepare is not None else max(1, workers)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-safety-merge-read") as ex, \
+    with ThreadPoolExecutor(max_workers=max(1, readers), thread_name_prefix="hf-safety-merge-read") as ex, \
             ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="hf-safety-merge-prepare",
                                # OpenMP/MKL thread counts are per thread: set them in each worker
                                initializer=(lambda: torch.set_num_threads(worker_threads)) if worker_threads else None) as pool:

@@ -144,7 +144,7 @@ class _TauSource:
             assert isinstance(self.task, LoraCheckpoint)
             d = self.task.delta(name)
             return d if d is not None else torch.zeros(self.task.meta(name).shape, dtype=torch.float32)
-        return self.ref.get(name)
+        return self.ref.view(name)  # only read (tau = task - reference is a new tensor)
 
     def tau_from(self, theta32: torch.Tensor | None, fetched: torch.Tensor | None, name: str) -> torch.Tensor | None:
         if self.ref is None or fetched is None:
@@ -180,9 +180,10 @@ def _open_reference(config: SafetyMergeConfig, method: MergeMethod, task: Tensor
 
 def _delta_getter(vector: SafetyVector, device: torch.device, guard: _FiniteGuard) -> Any:
     def get_delta(name: str) -> torch.Tensor:
-        d = vector[name].to(device, torch.float32)
+        d = vector.source.view(name).to(device, torch.float32)  # only read: a memory map where possible
         if not _is_finite(d):
             guard.fail(f"safety vector tensor {name!r} ({vector.source.where(name)}) holds NaN/Inf values; recompute the vector")
         return d
 
+    setattr(get_delta, "source", vector.source)  # noqa: B010  (the pipeline asks whether reads may run in parallel)
     return get_delta
