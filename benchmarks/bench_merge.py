@@ -1,14 +1,17 @@
 """Merge throughput and peak memory, side by side in one run:
 
-- this library's task arithmetic (RESTA) and EnchTable,
+- this library's task arithmetic (RESTA) and EnchTable (with and without the vector's subspace
+  cache, and its naive form: the reference's two SVDs per matrix), Safe LoRA, TIES and DARE,
 - mergekit (`mergekit-yaml` with `task_arithmetic` on the same inputs), if a mergekit
   installation is given (`--mergekit-bin`; installed in its own virtual environment),
 - the raw I/O floor: read every input tensor once and write the output once with safetensors,
-  no arithmetic.
+  no arithmetic,
+- EnchTable's compute floor: its decompositions alone, on the merge's own worker layout.
 
-Each run is a separate process (so peak RSS is its own; measured with /usr/bin/time-like
-`resource.getrusage(RUSAGE_CHILDREN)`), repeated `--repeats` times; the table reports the best
-wall time, ratios to mergekit and to the floor, and peak RSS vs the largest input shard.
+Each run is a separate process (peak RSS is its own: VmHWM polled from /proc), repeated
+`--repeats` times, interleaved (floor, A, B, ..., floor, A, B, ...) with every output deleted
+before its run; the table reports the best and median wall time, ratios to the floor, to task
+arithmetic and to mergekit, and peak RSS vs the largest input shard.
 
     python benchmarks/bench_merge.py --model smollm2 [--mergekit-bin .venv-mergekit/bin/mergekit-yaml]
     python benchmarks/bench_merge.py --model synthetic-1b --shards 8
@@ -235,7 +238,7 @@ def main() -> None:
                     help="comma list of: floor (I/O floor), task_arithmetic, enchtable (with the vector's subspace "
                          "cache), enchtable_nocache (without it), enchtable_svd (the naive form: the reference's two "
                          "SVDs per matrix), safe_lora, ties, dare (for their peak memory), fine_floor (EnchTable's "
-                         "decompositions alone), mergekit")
+                         "decompositions alone, with and without the cache; fine_floor_cached: with it only), mergekit")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args()
@@ -257,17 +260,17 @@ def main() -> None:
 
     results: dict[str, dict[str, Any]] = {}
     methods = args.methods.split(",")
-    cache_build = ensure_subspace_cache(paths["vector"]) if any(m.startswith("enchtable") or m == "fine_floor" for m in methods) else None
+    cache_build = ensure_subspace_cache(paths["vector"]) if any(m.startswith(("enchtable", "fine_floor")) for m in methods) else None
     py = sys.executable
     # RSS of a process that only imports what a merge imports: subtracted to show what the
     # merge itself holds (the target is stated in multiples of the largest shard).
     baseline = measure([py, "-c", "import torch, safetensors, hf_safety_merge.cards, hf_safety_merge.merge"], 1)["peak_rss"]
+    runs: list[tuple[str, list[str], Path]] = []
     if "floor" in methods:
         floor_script = work / "floor.py"
         floor_script.write_text(FLOOR_SCRIPT)
-        results["io_floor"] = measure([py, str(floor_script), str(paths["task"]), str(paths["vector"]), str(work / "out-floor")],
-                                      args.repeats, work / "out-floor")
-    runs: list[tuple[str, list[str], Path]] = []
+        runs.append(("io_floor", [py, str(floor_script), str(paths["task"]), str(paths["vector"]), str(work / "out-floor")],
+                     work / "out-floor"))
     for method in MERGE_RUNS:
         if method not in methods:
             continue
@@ -285,34 +288,6 @@ def main() -> None:
                                    "parameters": params, "output_dir": str(work / f"out-{method}"), "overwrite": True,
                                    "device": args.device, "max_shard_size": largest_shard}))
         runs.append((method, [py, "-m", "hf_safety_merge.cli", "merge", str(cfg), "--no-progress"], work / f"out-{method}"))
-    # Interleaved (A B C A B C ...): a comparison holds when a shared machine's speed drifts.
-    for _ in range(args.repeats):
-        for method, cmd, out_dir in runs:
-            r = measure(cmd, 1, out_dir)
-            acc = results.setdefault(f"hf_safety_merge:{method}", {"seconds_all": [], "peak_rss": 0})
-            acc["seconds_all"] += r["seconds_all"]
-            acc["peak_rss"] = max(acc["peak_rss"], r["peak_rss"])
-            report = json.loads((out_dir / "merge_report.json").read_text())
-            acc.setdefault("timing_all", []).append(report.get("timing", {}))
-    for method, _, _ in runs:
-        acc = results[f"hf_safety_merge:{method}"]
-        acc["seconds"] = min(acc["seconds_all"])
-        acc["seconds_median"] = statistics.median(acc["seconds_all"])
-        best = acc["seconds_all"].index(acc["seconds"])
-        acc["timing"] = acc["timing_all"][best]
-    if "fine_floor" in methods:
-        script = work / "fine_floor.py"
-        script.write_text(FINE_FLOOR_SCRIPT)
-        for label, use in (("enchtable_fine_floor", "1"), ("enchtable_fine_floor_nocache", "0")):
-            walls = []
-            for _ in range(args.repeats):
-                r = subprocess.run([py, str(script), str(paths["task"]), str(paths["aligned"]), str(paths["vector"]), use],
-                                   capture_output=True, text=True)
-                if r.returncode != 0:
-                    raise RuntimeError(r.stderr[-3000:])
-                walls.append(json.loads(r.stdout.strip().splitlines()[-1])["seconds"])
-            results[label] = {"seconds": min(walls), "seconds_all": walls, "seconds_median": statistics.median(walls),
-                              "peak_rss": 0, "compute_only": True}
     mk = Path(args.mergekit_bin)
     if "mergekit" in methods and mk.exists():
         # task arithmetic in mergekit: base = aligned; models: task (w=1) and aligned+vector is not a
@@ -330,13 +305,46 @@ def main() -> None:
             f"  - model: {safety_model}\n    parameters:\n      weight: 1.0\n"
             "dtype: float32\n"
         )
-        results["mergekit:task_arithmetic"] = measure(
-            [str(mk), str(yaml_cfg), str(work / "out-mergekit"), "--lazy-unpickle", "--out-shard-size", str(largest_shard)],
-            args.repeats, work / "out-mergekit")
+        runs.append(("mergekit", [str(mk), str(yaml_cfg), str(work / "out-mergekit"), "--lazy-unpickle",
+                                  "--out-shard-size", str(largest_shard)], work / "out-mergekit"))
     elif "mergekit" in methods:
         print(f"(mergekit not found at {mk}; skipped. Install it in its own venv: python -m venv .venv-mergekit && "
               ".venv-mergekit/bin/pip install torch==2.13.0 mergekit)")
 
+    # Interleaved (floor A B C floor A B C ...): a comparison holds when a shared machine's speed
+    # drifts (and the page cache is in the same state for each: every output is deleted first).
+    def key(method: str) -> str:
+        return {"io_floor": "io_floor", "mergekit": "mergekit:task_arithmetic"}.get(method, f"hf_safety_merge:{method}")
+
+    for _ in range(args.repeats):
+        for method, cmd, out_dir in runs:
+            r = measure(cmd, 1, out_dir)
+            acc = results.setdefault(key(method), {"seconds_all": [], "peak_rss": 0})
+            acc["seconds_all"] += r["seconds_all"]
+            acc["peak_rss"] = max(acc["peak_rss"], r["peak_rss"])
+            if method not in ("io_floor", "mergekit"):
+                report = json.loads((out_dir / "merge_report.json").read_text())
+                acc.setdefault("timing_all", []).append(report.get("timing", {}))
+    for method, _, _ in runs:
+        acc = results[key(method)]
+        acc["seconds"] = min(acc["seconds_all"])
+        acc["seconds_median"] = statistics.median(acc["seconds_all"])
+        if "timing_all" in acc:
+            acc["timing"] = acc["timing_all"][acc["seconds_all"].index(acc["seconds"])]
+    if "fine_floor" in methods or "fine_floor_cached" in methods:
+        script = work / "fine_floor.py"
+        script.write_text(FINE_FLOOR_SCRIPT)
+        floors = (("enchtable_fine_floor", "1"), ("enchtable_fine_floor_nocache", "0"))
+        for label, use in floors if "fine_floor" in methods else floors[:1]:
+            walls = []
+            for _ in range(args.repeats):
+                r = subprocess.run([py, str(script), str(paths["task"]), str(paths["aligned"]), str(paths["vector"]), use],
+                                   capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise RuntimeError(r.stderr[-3000:])
+                walls.append(json.loads(r.stdout.strip().splitlines()[-1])["seconds"])
+            results[label] = {"seconds": min(walls), "seconds_all": walls, "seconds_median": statistics.median(walls),
+                              "peak_rss": 0, "compute_only": True}
     floor = results.get("io_floor", {}).get("seconds")
     mkt = results.get("mergekit:task_arithmetic", {}).get("seconds")
     ta = results.get("hf_safety_merge:task_arithmetic", {}).get("seconds")
