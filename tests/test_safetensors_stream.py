@@ -44,6 +44,9 @@ def test_streaming_writer_round_trips_with_safetensors(tmp_path: Path, shard: st
     for f in files:
         if f.endswith(".safetensors"):
             got.update(load_file(tmp_path / f))
+            # each shard's blocks are reserved up front: the file is exactly header + data
+            infos, _ = read_safetensors_header(tmp_path / f)
+            assert (tmp_path / f).stat().st_size == max((i.end for i in infos.values()), default=0) or not infos
             with safe_open(tmp_path / f, "pt") as fh:
                 assert fh.metadata() == {"format": "pt"}
     assert set(got) == set(ts)

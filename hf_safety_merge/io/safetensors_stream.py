@@ -12,6 +12,7 @@ shards do not stay resident and peak RSS does not grow with the number of shards
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -308,6 +309,17 @@ def _header_bytes(tensors: Sequence[OutputTensor], metadata: dict[str, str]) -> 
     return struct.pack("<Q", len(raw)) + raw
 
 
+def _preallocate(fh: Any, size: int) -> None:
+    """Reserve a shard's final size up front (its size is known from the plan): the file system
+    then allocates its blocks once instead of at every write. Best effort (not every file system
+    or platform supports it); the file's size is exactly what is written either way."""
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is None or size <= 0:
+        return
+    with contextlib.suppress(OSError):
+        fallocate(fh.fileno(), 0, size)
+
+
 class StreamingShardWriter:
     """Writes a (possibly sharded) safetensors checkpoint one tensor at a time.
 
@@ -359,7 +371,9 @@ class StreamingShardWriter:
             self._close_file()
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._fh = open(self.out_dir / self.files[shard_idx], "wb")  # noqa: SIM115 (kept open across writes)
-            self._fh.write(_header_bytes(self.shards[shard_idx], self.metadata))
+            header = _header_bytes(self.shards[shard_idx], self.metadata)
+            _preallocate(self._fh, len(header) + sum(t.nbytes for t in self.shards[shard_idx]))
+            self._fh.write(header)
             self._fh_shard = shard_idx
         t = tensor.detach().to("cpu").contiguous()
         if t.numel():
