@@ -171,7 +171,7 @@ class _PrivateMap:
             addr = libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, base)
             if addr is None or addr == ctypes.c_void_p(-1).value:
                 return None
-        except (OSError, AttributeError, ValueError):  # no libc mmap here (e.g. Windows)
+        except (OSError, AttributeError, TypeError, ValueError):  # no libc mmap here (e.g. Windows)
             cls.failed = True
             return None
         # read the whole range ahead (the pages are read in the background, as `pread` would)

@@ -40,10 +40,11 @@ class EnchTableParams(MethodParams):
         mask_null_triplets: ignore kept triplets whose singular value is numerically zero
             (their singular vectors are arbitrary; matters for low-rank, e.g. LoRA, updates).
             False reproduces the reference literally.
-        backend: "gram" (default: exact rewrite through `eigh` of n x n Gram matrices in float64,
-            see `interference_score`; 2.5-8x faster than "svd" on CPU and GPU and at least as
-            accurate, `benchmarks/bench_enchtable_fine.py`) or "svd" (the reference's two
-            `torch.linalg.svd` calls per matrix, with `svd_dtype`).
+        backend: "gram" (default: exact rewrite through `eigh` of n x n Gram matrices, see
+            `fine_terms` and `precision`; 2.5-8x faster than "svd" on CPU and GPU and at least as
+            accurate, `benchmarks/bench_enchtable_fine.py`; a whole SmolLM2 merge 4.6x faster,
+            `benchmarks/bench_merge.py`) or "svd" (the reference's two `torch.linalg.svd` calls
+            per matrix, with `svd_dtype`).
         parallel: ("svd" backend) decompose tau and Delta_s of a matrix concurrently on two
             threads; "auto" does so on the CPU for matrices up to 4M entries. (The "gram" backend
             overlaps decompositions of consecutive matrices in the merge pipeline instead.)

@@ -58,8 +58,9 @@ def _prefetch(names: list[str], load: Any, prepare: Any = None, workers: int = 1
 
     With `prepare`, each loaded item is then passed through `prepare(name, item)` on a pool of
     `workers` threads (EnchTable's decompositions of the next matrices run while the current
-    one is merged and written). Reads stay on one thread, in order, and results are consumed in
-    order, so errors surface at the same tensor as without look-ahead. Items are submitted ahead
+    one is merged and written). Reads are submitted in order (to one reader thread unless
+    `readers` says more) and results are consumed in order, so errors surface at the same
+    tensor as without look-ahead. Items are submitted ahead
     while the bytes in flight (`nbytes(name)`) stay within `budget` (at least one item ahead).
     `readers` > 1 runs that many reads at once (for sources whose reads are thread-safe: local
     safetensors files; a read is a memory copy from the page cache, and on a pass that only adds
