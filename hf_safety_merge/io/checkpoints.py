@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from .safetensors_stream import TORCH_TO_TAG, TensorInfo, TensorReader, read_safetensors_header
+from .safetensors_stream import TORCH_TO_TAG, TensorInfo, read_safetensors_header
+from .tensor_reader import TensorReader
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ class TensorSource(ABC):
     display: str = "<tensors>"
     #: the folder holding the files, when there is one
     path: Path | None = None
+    #: whether `get` / `view` may be called from several threads at once (local files: positional
+    #: reads; a Hub source downloads lazily, a LoRA source computes)
+    parallel_reads: bool = False
 
     @abstractmethod
     def keys(self) -> list[str]: ...
@@ -127,6 +131,8 @@ class InMemorySource(TensorSource):
 
 class SafetensorsCheckpoint(TensorSource):
     """Safetensors files of one checkpoint, inspected from headers only."""
+
+    parallel_reads = True
 
     def __init__(self, infos: dict[str, TensorInfo], path: Path, display: str) -> None:
         self._infos = infos

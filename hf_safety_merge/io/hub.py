@@ -26,10 +26,10 @@ from .checkpoints import PickleCheckpoint, SafetensorsCheckpoint, TensorMeta, Te
 from .safetensors_stream import (
     DTYPE_TAGS,
     TensorInfo,
-    TensorReader,
     dtype_size,
     read_safetensors_header,
 )
+from .tensor_reader import TensorReader
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 

@@ -148,10 +148,9 @@ def _merged_tensors(
             workers = 2
     sizes = {o.name: math.prod(o.shape) * 4 for o in plan.outputs}
     budget = 2 * max(sizes.values(), default=0)
-    # Two reads at a time when every input is a local safetensors checkpoint (thread-safe
-    # positional reads); a Hub source downloads lazily and a LoRA source computes, so one there.
-    local = [task, *([taus.ref] if taus.ref is not None else []), getattr(get_delta, "source", None)]
-    readers = 2 if all(type(s) is SafetensorsCheckpoint for s in local) and not taus.lora_direct else 1
+    # Two reads at a time when every input allows it (`TensorSource.parallel_reads`).
+    sources = [task, *([taus.ref] if taus.ref is not None else []), getattr(get_delta, "source", None)]
+    readers = 2 if all(getattr(s, "parallel_reads", False) for s in sources) else 1
     with tqdm(total=total, desc=f"{method.name}: merge", unit="B", unit_scale=True, disable=not progress) as bar, \
             _intra_op_threads(max(1, threads // workers) if device.type == "cpu" else threads):
         t_wall = time.perf_counter()

@@ -94,7 +94,8 @@ class SubspaceCache:
     decomposed afresh), else None."""
 
     def __init__(self, path: Path) -> None:
-        from ..io.safetensors_stream import TensorReader, read_safetensors_header
+        from ..io.safetensors_stream import read_safetensors_header
+        from ..io.tensor_reader import TensorReader
 
         self.path = path
         self._infos, meta = read_safetensors_header(path)
