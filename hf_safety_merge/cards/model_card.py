@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .checks import _check
+from .checks import _check, _metadata
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
@@ -91,18 +90,6 @@ def merge_base_models(config: SafetyMergeConfig, vector_config: SafetyVectorConf
     return out
 
 
-#: a card's YAML front matter (huggingface_hub's `REGEX_YAML_BLOCK`)
-_YAML_BLOCK = re.compile(r"^(\s*---[\r\n]+)([\S\s]*?)([\r\n]+---(\r\n|\n|$))")
-
-
-def _front_matter(readme: Path) -> dict[str, Any]:
-    """The metadata of a README card, as `ModelCard.load(path).data` reads it (a card without a
-    mapping there has none)."""
-    m = _YAML_BLOCK.search(readme.read_text(encoding="utf-8"))
-    meta = yaml.safe_load(m.group(2)) if m else None
-    return meta if isinstance(meta, dict) else {}
-
-
 def inherited_license(config: SafetyMergeConfig) -> str | None:
     """`config.license`, else the task model's licence: from its local README.md front matter, or
     from its Hub card (skipped offline; a failed look-up leaves the licence unset)."""
@@ -111,7 +98,8 @@ def inherited_license(config: SafetyMergeConfig) -> str | None:
     p = Path(config.task_model).expanduser()
     if (p / "README.md").is_file():
         try:
-            lic = _front_matter(p / "README.md").get("license")
+            meta = _metadata(RenderedCard((p / "README.md").read_text(encoding="utf-8")))
+            lic = meta.get("license") if isinstance(meta, dict) else None
         except (OSError, ValueError, yaml.YAMLError):
             lic = None
         if lic:
