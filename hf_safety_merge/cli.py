@@ -230,7 +230,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: sub-commands whose parsers live in heavier modules (the evaluation package, the distillation
+#: script): `main` builds them only when the command line may need them (~0.08 s of imports)
+_LAZY_COMMANDS = ("distill", "eval", "judge")
+
+
+def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
+    """The full argument parser; with `lazy`, `distill`, `eval` and `judge` are bare placeholders
+    (for a command line that names another sub-command: its parse and its help are the same)."""
     p = argparse.ArgumentParser(
         prog="hf-safety-merge",
         description="Restore and preserve the safety alignment of fine-tuned LLMs (EnchTable, RESTA, Safe LoRA, TIES, DARE).",
@@ -315,13 +322,17 @@ def build_parser() -> argparse.ArgumentParser:
     me = sub.add_parser("methods", help="list merge methods with their parameters (types, ranges, defaults, meanings)")
     me.set_defaults(func=_cmd_methods)
 
-    from .distill.cli import add_distill_parser
-    from .eval.cli import add_eval_parser
-    from .eval.judges.cli import add_judge_parser
+    if lazy:
+        for name in _LAZY_COMMANDS:
+            sub.add_parser(name, add_help=False)
+    else:
+        from .distill.cli import add_distill_parser
+        from .eval.cli import add_eval_parser
+        from .eval.judges.cli import add_judge_parser
 
-    add_distill_parser(sub)  # `distill` itself is dispatched to the TrlParser script (see main)
-    add_eval_parser(sub)
-    add_judge_parser(sub)
+        add_distill_parser(sub)  # `distill` itself is dispatched to the TrlParser script (see main)
+        add_eval_parser(sub)
+        add_judge_parser(sub)
     for name, what in (("asft", "AsFT: safety-anchored LoRA fine-tuning (TRL SFT flags + --asft_*; see docs/asft.md)"),
                        ("safekey", "SafeKey: safety-aha training of reasoning models (TRL SFT flags + --safekey_*; "
                                    "see docs/safekey.md)")):
@@ -368,7 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return int(importlib.import_module(TRL_COMMANDS[argv[0]]).run(argv[1:], prog=f"hf-safety-merge {argv[0]}"))
     else:
-        parser = build_parser()
+        # a command line that names another sub-command never needs the heavier parsers
+        parser = build_parser(lazy=bool(argv) and not argv[0].startswith("-") and argv[0] not in _LAZY_COMMANDS)
         args = parser.parse_args(argv)
         func = args.func
     try:

@@ -22,6 +22,24 @@ def test_help_is_followable(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--aligned" in capsys.readouterr().out
 
 
+def test_other_commands_skip_the_heavier_parsers() -> None:
+    """`merge` (and every command but distill/eval/judge) parses without importing the evaluation
+    package or the distillation script (~0.08 s of start-up); the top-level help still lists them."""
+    code = (
+        "import sys; from hf_safety_merge.cli import build_parser, main\n"
+        "try:\n    main(['merge', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('hf_safety_merge.eval', 'hf_safety_merge.distill'))))\n"
+        "p = build_parser(); a = p.parse_args(['eval', '--model', 'm']); print(a.command, callable(a.func))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lines = r.stdout.strip().splitlines()
+    assert lines[-2] == "[]", lines[-2]
+    assert lines[-1] == "eval True"
+    r = subprocess.run([sys.executable, "-m", "hf_safety_merge.cli", "--help"], capture_output=True, text=True, check=True)
+    for word in ("distill", "eval", "judge"):
+        assert f"    {word}" in r.stdout, word
+
+
 def test_console_script_entry_point() -> None:
     r = subprocess.run([sys.executable, "-m", "hf_safety_merge.cli", "--version"], capture_output=True, text=True, check=True)
     assert r.stdout.startswith("hf-safety-merge ")
