@@ -76,6 +76,35 @@ def test_auto_precision_matches_float64(name: str, shape: tuple[int, int]) -> No
     assert ref64.a == pytest.approx(lit.a, rel=1e-9, abs=1e-300) and ref64.b == pytest.approx(lit.b, rel=1e-9, abs=1e-300)
 
 
+def test_float64_pass_converts_in_row_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float64 pass over float32 matrices taller than a chunk converts them a row chunk at a
+    time (no float64 copy): the same Gram upper triangle and cross product, and fine_terms
+    still the exact rewrite of the literal gram backend, with and without a cached subspace."""
+    monkeypatch.setattr(M, "CONVERT_CHUNK_ELEMENTS", 1)  # 1024-row chunks
+    monkeypatch.setattr(M, "CROSS_CHUNK_ELEMENTS", 1)
+    g = torch.Generator().manual_seed(5)
+    k = 48
+    tau = _mat(2600, k, 10 ** (-6 * torch.arange(k, dtype=torch.float64) / k), g)  # needs float64
+    delta = _mat(2600, k, torch.linspace(1.0, 0.4, k, dtype=torch.float64), g)
+    chunks = list(M._row_chunks(tau, torch.float64, M._chunk_rows(k)))
+    assert [i for i, _ in chunks] == [0, 1024, 2048] and all(c.dtype == torch.float64 for _, c in chunks)
+    g64 = M._gram_upper(tau, dtype=torch.float64)
+    full = tau.double().T @ tau.double()
+    assert torch.allclose(g64.triu(), full.triu(), rtol=1e-12, atol=1e-14 * float(full.abs().max()))
+    v = torch.linalg.qr(torch.randn(k, 20, generator=g, dtype=torch.float64))[0].T
+    cross = M._cross_v(tau, delta, v)
+    assert cross.dtype == torch.float64
+    assert torch.allclose(cross, (tau.double().T @ delta.double()) @ v.T, rtol=1e-10, atol=1e-12)
+    lit = M.interference_terms(tau, delta, backend="gram")
+    for sub in (None, M.gram_subspace(delta, k // 2, torch.float64)):
+        terms, used = M.fine_terms(tau, delta, delta_subspace=sub)
+        assert used == "float64"
+        assert terms.a == pytest.approx(lit.a, rel=1e-9) and terms.b == pytest.approx(lit.b, rel=1e-9)
+    for t in (tau.T, delta.T):  # wide inputs are oriented tall first (views: converted the same way)
+        assert torch.allclose(M._gram_upper(t.T, dtype=torch.float64).triu(), (t.double() @ t.double().T).triu(),
+                              rtol=1e-12, atol=1e-14 * float(full.abs().max()))
+
+
 def test_float32_would_be_wrong_where_it_falls_back() -> None:
     """The fallback is needed: forcing float32 on an ill-conditioned spectrum misses 1e-4."""
     g = torch.Generator().manual_seed(2)
@@ -250,3 +279,20 @@ def test_fine_terms_on_cuda_match_cpu() -> None:
         sub = M.gram_subspace(delta.cuda(), 60, torch.float64)
         cached, _ = M.fine_terms(tau.cuda(), delta.cuda(), delta_subspace=sub)
         _assert_w_close(cached, cpu)
+
+
+@pytest.mark.parametrize("shape,dtype", [((3,), torch.float32), ((1 << 16,), torch.float32),
+                                         (((1 << 16) + 1,), torch.float32), ((700, 333), torch.float32),
+                                         ((512, 300), torch.bfloat16), ((0, 4), torch.float32)])
+def test_sq_sum_is_the_float64_sum_of_squares(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """`sq_sum` (EnchTable's global norms, the vector's norms, calibration's) equals the float64
+    sum of squares up to the order of its additions, through one chunk buffer (no float64 copy),
+    for contiguous and transposed tensors alike."""
+    from hf_safety_merge.merge.finite import SQ_SUM_CHUNK, sq_sum
+
+    g = torch.Generator().manual_seed(7)
+    t = (torch.randn(shape, generator=g) * 3).to(dtype)
+    for x in (t, t.T if t.ndim == 2 else t):
+        ref = float(x.double().pow(2).sum())
+        assert sq_sum(x) == pytest.approx(ref, rel=1e-12, abs=0.0)
+    assert SQ_SUM_CHUNK < 700 * 333  # the chunked path is exercised

@@ -20,7 +20,7 @@ from ..config import SafetyMergeConfig
 from ..io.checkpoints import LoraCheckpoint, TensorSource
 from ..merge.base import build_method
 from ..merge.enchtable import EnchTable
-from ..merge.finite import _FiniteGuard, _is_finite
+from ..merge.finite import _FiniteGuard, _is_finite, sq_sum
 from ..merge.interference import InterferenceTerms, interference_terms
 from ..merge.plan import (
     _delta_getter,
@@ -70,14 +70,14 @@ class ScaledMerge:
             if tau is not None and not _is_finite(tau):
                 guard.fail(f"tau = task - reference of {n!r} ({self.task.where(n)}) holds NaN/Inf values")
             if self.enchtable and tau is not None:
-                self._tau_sq += float(tau.double().pow(2).sum())
+                self._tau_sq += sq_sum(tau)
             if not covered:
                 continue
             assert theta is not None
             d = get_delta(n)
             self.theta[n], self.tau[n], self.delta[n] = theta, tau, d
             if self.enchtable:
-                self._delta_sq += float(d.double().pow(2).sum())
+                self._delta_sq += sq_sum(d)
                 if d.ndim == 2 and p.fine and tau is not None:
                     assert isinstance(method, EnchTable)
                     method.prepare(n, tau, d)  # the engine's own fine stage ("gram" backend)

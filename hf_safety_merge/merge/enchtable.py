@@ -15,13 +15,8 @@ from pydantic import Field
 from ..errors import ConfigError
 from ..validation import NonNegativeFloat, UnitInterval
 from .base import MergeMethod, MethodParams, register
+from .finite import sq_sum
 from .interference import InterferenceTerms, fine_terms, interference_score
-
-
-def _sq_sum(t: torch.Tensor) -> float:
-    """`float(t.double().pow(2).sum())`, bit for bit, with one float64 buffer instead of two."""
-    d = t.to(torch.float64, copy=True)
-    return float(d.mul_(d).sum())
 
 
 @dataclasses.dataclass
@@ -116,7 +111,7 @@ class EnchTable(MergeMethod):
         if self.alpha is None:
             # The global pass's norms of this pair, taken here on the worker thread; `observe`
             # adds them in tensor order (the same sums, in the same order, as taking them there).
-            self._sq[name] = (_sq_sum(tau), _sq_sum(delta))
+            self._sq[name] = (sq_sum(tau), sq_sum(delta))
         if not self._fine_ready(delta):
             return
         if not bool(delta.any()):
@@ -138,9 +133,9 @@ class EnchTable(MergeMethod):
             self._delta_sq += sq[1]
             return
         if tau is not None and (delta is not None or self.params.norm_scope == "all"):
-            self._tau_sq += _sq_sum(tau)
+            self._tau_sq += sq_sum(tau)
         if delta is not None:
-            self._delta_sq += _sq_sum(delta)
+            self._delta_sq += sq_sum(delta)
 
     def finish_global(self) -> None:
         tau_norm, delta_norm = math.sqrt(self._tau_sq), math.sqrt(self._delta_sq)

@@ -185,34 +185,69 @@ def interference_terms(
 GRAM_BLOCK_MIN = 128
 #: rows of `a2` per chunk in `_cross_v` (bounds its m x r workspace to ~16 MiB in float32)
 CROSS_CHUNK_ELEMENTS = 4 * 2**20
+#: elements per chunk when a matrix is converted to the decomposition's dtype on the fly
+#: (`_row_chunks`: a 16 MiB float64 buffer)
+CONVERT_CHUNK_ELEMENTS = 2 * 2**20
 
 
-def _gram_upper(a: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The upper triangle (diagonal included) of the Gram matrix `a^T a` (n x n), computed by
-    row panels: panel i is `a[:, i]^T a[:, i:]`, so about half the multiply-adds of `a.T @ a`
-    (BLAS has no symmetric rank-k update in torch). The strict lower triangle of `out` is left
-    as it was (zeros for a fresh buffer); `eigh(..., UPLO="U")` never reads it. Exactly the
-    same sums as `a.T @ a` for each upper entry, up to the order of floating-point additions."""
+def _row_chunks(a: torch.Tensor, dtype: torch.dtype, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """`(start, a[start:start + rows] in dtype)` over `a`'s rows: views of a matrix already in
+    `dtype`; otherwise each chunk is converted into one reused buffer, so a float64 pass over a
+    float32 matrix never holds a float64 copy of it (for SmolLM2's embedding that copy was
+    2 x 216 MiB of fresh pages per merge)."""
+    m = a.shape[0]
+    if a.dtype == dtype or m <= rows:
+        a = a.to(dtype)
+        for i in range(0, m, rows):
+            yield i, a[i : i + rows]
+        return
+    buf = torch.empty(rows, a.shape[1], dtype=dtype, device=a.device)
+    for i in range(0, m, rows):
+        k = min(rows, m - i)
+        yield i, buf[:k].copy_(a[i : i + k])
+
+
+def _chunk_rows(n: int) -> int:
+    return max(1024, CONVERT_CHUNK_ELEMENTS // max(1, n))
+
+
+def _gram_upper(a: torch.Tensor, out: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The upper triangle (diagonal included) of the Gram matrix `a^T a` (n x n) in `dtype`
+    (default `a`'s), computed by row panels: panel i is `a[:, i]^T a[:, i:]`, so about half the
+    multiply-adds of `a.T @ a` (BLAS has no symmetric rank-k update in torch). The strict lower
+    triangle of `out` is left as it was (zeros for a fresh buffer); `eigh(..., UPLO="U")` never
+    reads it. Exactly the same sums as `a.T @ a` for each upper entry, up to the order of
+    floating-point additions (a matrix converted to `dtype` is summed over row chunks)."""
+    dt = dtype or a.dtype
     n = a.shape[1]
-    g = out if out is not None else torch.zeros(n, n, dtype=a.dtype, device=a.device)
+    g = out if out is not None else torch.zeros(n, n, dtype=dt, device=a.device)
     b = max(GRAM_BLOCK_MIN, -(-n // 8))
-    for i in range(0, n, b):
-        torch.mm(a[:, i : i + b].T, a[:, i:], out=g[i : i + b, i:])
+    # a matrix already in `dt` is one chunk (no conversion needed: the sums of `a.T @ a`)
+    for start, c in _row_chunks(a, dt, _chunk_rows(n) if a.dtype != dt else max(1, a.shape[0])):
+        for i in range(0, n, b):
+            if start == 0:
+                torch.mm(c[:, i : i + b].T, c[:, i:], out=g[i : i + b, i:])
+            else:
+                g[i : i + b, i:].addmm_(c[:, i : i + b].T, c[:, i:])
     return g
 
 
 def _cross_v(a1: torch.Tensor, a2: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
-    """`(a1^T a2) v2^T` (n x r) as `a1^T (a2 v2^T)`: the same multiply-adds for the m-sized
-    products as forming `a1^T a2`, but no n x n cross term, so `P` then costs `r n r` instead
-    of `r n n + r n r`. Rows are taken in chunks so the `m x r` workspace stays small."""
+    """`(a1^T a2) v2^T` (n x r) in `v2`'s dtype, as `a1^T (a2 v2^T)`: the same multiply-adds for
+    the m-sized products as forming `a1^T a2`, but no n x n cross term, so `P` then costs `r n r`
+    instead of `r n n + r n r`. Rows are taken in chunks so the `m x r` workspace stays small
+    (and inputs in another dtype are converted a chunk at a time, see `_row_chunks`)."""
     m = a1.shape[0]
     r = v2.shape[0]
+    dt = v2.dtype
     step = max(1024, CROSS_CHUNK_ELEMENTS // max(1, r))
     if m <= step:
-        return a1.T @ (a2 @ v2.T)
-    y = torch.zeros(a1.shape[1], r, dtype=a1.dtype, device=a1.device)
-    for i in range(0, m, step):
-        y.addmm_(a1[i : i + step].T, a2[i : i + step] @ v2.T)
+        return a1.to(dt).T @ (a2.to(dt) @ v2.T)
+    if a1.dtype != dt or a2.dtype != dt:
+        step = min(step, _chunk_rows(a1.shape[1]))
+    y = torch.zeros(a1.shape[1], r, dtype=dt, device=a1.device)
+    for (_, c1), (_, c2) in zip(_row_chunks(a1, dt, step), _row_chunks(a2, dt, step), strict=True):
+        y.addmm_(c1.T, c2 @ v2.T)
     return y
 
 
@@ -293,8 +328,7 @@ def gram_subspace(a: torch.Tensor, r: int, dtype: torch.dtype | str = torch.floa
     ("auto": float32 where `_fp32_resolves`, else float64)."""
     for dt in ([torch.float32, torch.float64] if dtype == "auto" else [dtype]):
         assert isinstance(dt, torch.dtype)
-        t = _tall(a).to(dt)
-        e, v, evals = _eigh_top(_gram_upper(t), r, "U")
+        e, v, evals = _eigh_top(_gram_upper(_tall(a), dtype=dt), r, "U")
         if dtype == "auto" and dt == torch.float32 and not _fp32_resolves(evals, r):
             continue
         return Subspace(e.double().clamp_min(0).sqrt(), v)
@@ -333,11 +367,12 @@ def fine_terms(
         delta_subspace = None
     dtypes = [torch.float32, torch.float64] if precision == "auto" else [torch.float64]
     for dt in dtypes:
-        a1, a2 = a1_in.to(dt), a2_in.to(dt)
+        # the inputs stay as they are: a float64 pass converts them a row chunk at a time
+        a1, a2 = a1_in, a2_in
         if delta_subspace is None:
             g = torch.zeros(2, n, n, dtype=dt, device=a1.device)
-            _gram_upper(a1, g[0])
-            _gram_upper(a2, g[1])
+            _gram_upper(a1, g[0], dt)
+            _gram_upper(a2, g[1], dt)
             e, v, evals = _eigh_top(g, r, "U")  # one batched decomposition
             del g
             e1, v1, e2, v2 = e[0], v[0], e[1], v[1]
@@ -345,7 +380,7 @@ def fine_terms(
                 continue
             s2 = e2.clamp_min(0).sqrt()
         else:
-            e1, v1, evals = _eigh_top(_gram_upper(a1), r, "U")
+            e1, v1, evals = _eigh_top(_gram_upper(a1, dtype=dt), r, "U")
             if dt == torch.float32 and not _fp32_resolves(evals, r):
                 continue
             sub = delta_subspace.top(r)

@@ -28,6 +28,7 @@ from ..io.hub import open_checkpoint
 from ..io.output import AtomicDir, check_output_dir, terminate_as_interrupt
 from ..io.safetensors_stream import TORCH_TO_TAG, OutputTensor, StreamingShardWriter
 from ..io.sink import card_sink
+from ..merge.finite import sq_sum
 from .files import SUBSPACE_CACHE, VECTOR_CONFIG, VECTOR_PREFIX
 from .subspace_cache import SubspaceCache, write_subspace_cache
 
@@ -198,7 +199,7 @@ class SafetyVector:
         cfg = config or SafetyVectorConfig()
         sq = 0.0
         for t in tensors.values():
-            sq += float(t.double().pow(2).sum())
+            sq += sq_sum(t)
         cfg.num_tensors = len(tensors)
         cfg.num_parameters = sum(t.numel() for t in tensors.values())
         cfg.norm = math.sqrt(sq)
@@ -284,7 +285,7 @@ class SafetyVector:
                         if not torch.isfinite(d).all():
                             raise NonFiniteError(f"tensor {n!r}: aligned - reference has NaN/Inf (check {a_src.where(n)} and {r_src.where(n)})")
                         d = d.to(store)
-                        sq = float(d.double().pow(2).sum())
+                        sq = sq_sum(d)
                         sq_total += sq
                         cfg.tensor_norms[n] = math.sqrt(sq)
                         if writer is not None:
