@@ -177,6 +177,10 @@ class CalibratedEnchTable(EnchTable):
         super().__init__(params)
         self._stored = {n: (t, {**info.get(n, {"rank": t.rank}), "from": "calibration"}) for n, t in terms.items()}
 
+    def is_prepared(self, name: str) -> bool:
+        """Stored terms need no tau (the merge pass then reads no reference tensor for them)."""
+        return name in self._stored or super().is_prepared(name)
+
     def prepare(self, name: str, tau: torch.Tensor | None, delta: torch.Tensor) -> None:
         if name in self._stored:
             self._terms[name] = self._stored[name]

@@ -84,7 +84,7 @@ class EnchTable(MergeMethod):
         self.alpha: float | None = None
         self._cache: Any = None  # SubspaceCache of the safety vector, if it has one
         self._terms: dict[str, tuple[InterferenceTerms, dict[str, Any]]] = {}
-        # squared norms of (tau, delta) taken in `prepare` (on a worker), added in order by `observe`
+        # squared norms of (tau, delta) taken in `prepare_global` (on a worker), added in order by `observe`
         self._sq: dict[str, tuple[float, float]] = {}
 
     def use_vector(self, vector: Any) -> None:
@@ -99,20 +99,22 @@ class EnchTable(MergeMethod):
     def _fine_ready(self, delta: torch.Tensor) -> bool:
         return delta.ndim == 2 and self.params.fine and self.params.backend == "gram"
 
+    def prepare_global(self, name: str, tau: torch.Tensor | None, delta: torch.Tensor) -> None:
+        """The global pass's share of one (tau, delta) pair, run by the engine on a worker thread:
+        its squared norms, which `observe` then adds in tensor order (the same sums, in the same
+        order, as taking them there). The decompositions wait for the merge pass (`prepare`),
+        where they overlap the merge and write of earlier matrices."""
+        if tau is not None and self.alpha is None:
+            self._sq[name] = (sq_sum(tau), sq_sum(delta))
+
     def prepare(self, name: str, tau: torch.Tensor | None, delta: torch.Tensor) -> None:
         """The alpha-independent part of the fine stage (the decompositions), for one matrix.
 
-        The engine runs this on worker threads ahead of `merge_tensor` (decompositions of
-        matrices i+1, i+2 overlap the merge and write of matrix i and the read of the next);
-        `merge_tensor` then only evaluates w(alpha). Exactly the computation `merge_tensor`
-        would do itself (it calls this when the engine did not)."""
-        if tau is None:
-            return
-        if self.alpha is None:
-            # The global pass's norms of this pair, taken here on the worker thread; `observe`
-            # adds them in tensor order (the same sums, in the same order, as taking them there).
-            self._sq[name] = (sq_sum(tau), sq_sum(delta))
-        if not self._fine_ready(delta):
+        The engine runs this on worker threads ahead of `merge_tensor` in the merge pass
+        (decompositions of matrices i+1, i+2, ... overlap the merge and write of matrix i and the
+        read of the next); `merge_tensor` then only evaluates w(alpha). Exactly the computation
+        `merge_tensor` would do itself (it calls this when the engine did not)."""
+        if tau is None or not self._fine_ready(delta):
             return
         if not bool(delta.any()):
             self._terms[name] = (InterferenceTerms(0.0, 0.0, 0), {"skipped": "zero safety matrix"})
@@ -123,8 +125,8 @@ class EnchTable(MergeMethod):
         self._terms[name] = (terms, {"rank": terms.rank, "precision": used, "cached_subspace": sub is not None})
 
     def observed_in_prepare(self, name: str) -> bool:
-        """Whether `prepare` already took what `observe` needs from tensor `name` (the engine then
-        keeps none of its tensors for the main thread)."""
+        """Whether `prepare_global` already took what `observe` needs from tensor `name` (the
+        engine then keeps none of its tensors for the main thread)."""
         return name in self._sq
 
     def observe(self, name: str, tau: torch.Tensor | None, delta: torch.Tensor | None) -> None:

@@ -1,6 +1,7 @@
-"""The two passes of a merge over the plan: the global pass (norms for EnchTable's alpha, cosines
-for Safe LoRA, and EnchTable's alpha-free decompositions on worker threads) and the merge pass
-(one merged tensor at a time, checked finite before it is yielded to the writer)."""
+"""The two passes of a merge over the plan: the global pass (norms for EnchTable's alpha, taken on
+worker threads, cosines for Safe LoRA) and the merge pass (EnchTable's alpha-free decompositions
+on worker threads ahead of the merge, so they overlap the merge and write of earlier tensors; one
+merged tensor at a time, checked finite before it is yielded to the writer)."""
 
 from __future__ import annotations
 
@@ -45,10 +46,9 @@ def _global_pass(method: MergeMethod, plan: _Plan, taus: _TauSource, get_delta: 
         tau = taus.tau_from(theta32, fetched, n) if taus.ref is not None else None
         return theta, fetched, delta, tau
 
-    # A method with a `prepare` hook (EnchTable: the alpha-independent decompositions) gets it
-    # run here, on worker threads, for every finite (tau, delta) pair: the global pass reads
-    # every input anyway, and the merge pass then needs no reference tensor for them.
-    method_prepare = getattr(method, "prepare", None)
+    # A method with a `prepare_global` hook (EnchTable: the squared norms behind alpha) gets it
+    # run here, on worker threads, for every finite (tau, delta) pair; `observe` then only adds.
+    method_prepare = getattr(method, "prepare_global", None)
     observed = getattr(method, "observed_in_prepare", lambda n: False)
     workers, threads = 1, torch.get_num_threads()
 
@@ -137,10 +137,13 @@ def _merged_tensors(
             theta, fetched, delta = item
             if n not in plan.merged:
                 return item
-            staged = stage(n, theta, fetched)
-            if not is_prepared(n):
-                method_prepare(n, staged[2], delta)
-            return (theta, fetched, delta, staged)
+            theta32, owned, tau = stage(n, theta, fetched)
+            # a non-finite tau (only reached with allow_non_finite) is left to `merge_tensor`
+            if not is_prepared(n) and tau is not None and _is_finite(tau):
+                method_prepare(n, tau, delta)
+            if is_prepared(n):  # the method holds what it needs: keep no reference or tau queued
+                fetched = tau = None
+            return (theta, fetched, delta, (theta32, owned, tau))
 
         if device.type == "cpu":
             workers = max(1, min(4, threads))
