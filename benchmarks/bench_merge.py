@@ -150,6 +150,16 @@ def measure(cmd: list[str], repeats: int, cleanup: Path | None = None, env: dict
     return {"seconds": min(walls), "seconds_all": walls, "peak_rss": max(rss)}
 
 
+def warm_memory(gib: float) -> None:
+    """Touch `gib` GiB of anonymous memory, 1 GiB at a time, then free it (see --warm-memory)."""
+    import numpy as np
+
+    t0 = time.perf_counter()
+    blocks = [np.ones(2**30, dtype=np.uint8) for _ in range(int(gib))]
+    del blocks
+    print(f"touched {int(gib)} GiB of memory in {time.perf_counter() - t0:.1f} s")
+
+
 def prepare_smollm2(root: Path) -> dict[str, Path]:
     import torch
     from transformers import AutoModelForCausalLM
@@ -239,9 +249,15 @@ def main() -> None:
                          "cache), enchtable_nocache (without it), enchtable_svd (the naive form: the reference's two "
                          "SVDs per matrix), safe_lora, ties, dare (for their peak memory), fine_floor (EnchTable's "
                          "decompositions alone, with and without the cache; fine_floor_cached: with it only), mergekit")
+    ap.add_argument("--warm-memory", type=float, default=0.0, metavar="GIB",
+                    help="touch this many GiB of memory once before timing (on a VM whose memory the host backs "
+                         "lazily, the first touch of a page costs ~12 us: 19 GiB took 58 s of system time here, and "
+                         "runs that land on never-touched pages are slower; 0 = off)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args()
+    if args.warm_memory > 0:
+        warm_memory(args.warm_memory)
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-merge-"))
     inputs = work / f"inputs-{args.model}"
