@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,16 @@ LABELS = {
 }
 
 
+def _per_round(r: dict[str, Any], ref: dict[str, Any] | None) -> str:
+    """The median over rounds of this run's time / the reference's time in the same round (the
+    runs are interleaved, so a round's pair saw the same machine): robust where the best-of
+    ratios pair a lucky run of one with an unlucky run of the other."""
+    if ref is None or r.get("compute_only") or len(ref.get("seconds_all", [])) != len(r.get("seconds_all", [])):
+        return "-"
+    ratios = [a / b for a, b in zip(r["seconds_all"], ref["seconds_all"], strict=True)]
+    return f"{statistics.median(ratios):.2f}"
+
+
 def _merge_section(path: Path) -> list[str]:
     d = json.loads(path.read_text())
     res: dict[str, Any] = d["results"]
@@ -47,8 +58,9 @@ def _merge_section(path: Path) -> list[str]:
         f"{d['largest_shard'] / 2**20:.0f} MiB; {d['cpu_count']} CPU cores, shared with other jobs"
         + (f", load average {load[0]:.1f} at the end" if load else "") + f"; `benchmarks/results/{path.name}`):",
         "",
-        "| run | best s | median s | x I/O floor | x task arithmetic | x mergekit | peak RSS MiB | (RSS - baseline) / largest shard |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| run | best s | median s | x I/O floor | x task arithmetic | x mergekit | x I/O floor, per round | "
+        "x task arithmetic, per round | peak RSS MiB | (RSS - baseline) / largest shard |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for key, r in res.items():
         s = r["seconds"]
@@ -56,7 +68,9 @@ def _merge_section(path: Path) -> list[str]:
         rss = "-" if r.get("compute_only") else f"{r['peak_rss'] / 2**20:.0f}"
         per_shard = "-" if r.get("compute_only") else f"{(r['peak_rss'] - d['baseline_rss']) / d['largest_shard']:.2f}"
         out.append(f"| {LABELS.get(key, key)} | {s:.2f} | {med:.2f} | {s / floor:.2f} |" if floor else f"| {LABELS.get(key, key)} | {s:.2f} | {med:.2f} | - |")
-        out[-1] += (f" {s / ta:.2f} |" if ta else " - |") + (f" {s / mk:.2f} |" if mk else " - |") + f" {rss} | {per_shard} |"
+        out[-1] += (f" {s / ta:.2f} |" if ta else " - |") + (f" {s / mk:.2f} |" if mk else " - |")
+        out[-1] += f" {_per_round(r, res.get('io_floor'))} | {_per_round(r, res.get('hf_safety_merge:task_arithmetic'))} |"
+        out[-1] += f" {rss} | {per_shard} |"
     notes = []
     for key in ("hf_safety_merge:enchtable", "hf_safety_merge:enchtable_nocache", "hf_safety_merge:task_arithmetic"):
         t = res.get(key, {}).get("timing") or {}
