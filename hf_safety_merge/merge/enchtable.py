@@ -124,7 +124,7 @@ class EnchTable(MergeMethod):
                                  mask_null_triplets=self.params.mask_null_triplets)
         self._terms[name] = (terms, {"rank": terms.rank, "precision": used, "cached_subspace": sub is not None})
 
-    def observed_in_prepare(self, name: str) -> bool:
+    def observed_in_prepare_global(self, name: str) -> bool:
         """Whether `prepare_global` already took what `observe` needs from tensor `name` (the
         engine then keeps none of its tensors for the main thread)."""
         return name in self._sq

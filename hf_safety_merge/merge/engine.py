@@ -166,7 +166,7 @@ def merge(
             if hasattr(method, "use_vector"):
                 method.use_vector(vector)
             global_times = StageTimes()
-            _global_pass(method, plan, taus, get_delta, progress, guard, global_times)
+            non_finite_tau = _global_pass(method, plan, taus, get_delta, progress, guard, global_times)
             with AtomicDir(out, config.overwrite) as atomic:
                 t_pass = time.perf_counter()
                 tmp = atomic.path
@@ -174,7 +174,8 @@ def merge(
                 writer = BackgroundShardWriter(StreamingShardWriter(tmp, plan.outputs, config.max_shard_size, prefix="model"),
                                                on_write=lambda s: setattr(times, "write", times.write + s))
                 try:
-                    for n, _spec, theta in _merged_tensors(method, plan, task, taus, get_delta, device, progress, guard, times):
+                    for n, _spec, theta in _merged_tensors(method, plan, task, taus, get_delta, device, progress, guard, times,
+                                                                 non_finite_tau=non_finite_tau):
                         writer.write(n, theta)
                     files = writer.close()
                 except BaseException:
@@ -293,12 +294,13 @@ def apply_safety_vector(
         get_delta = _delta_getter(vec, dev, guard)
         if hasattr(m, "use_vector"):
             m.use_vector(vec)
-        _global_pass(m, plan, taus, get_delta, progress, guard)
+        non_finite_tau = _global_pass(m, plan, taus, get_delta, progress, guard)
         merged_names = [n for n in plan.names if n in plan.merged]
         sub_plan = _Plan(names=merged_names, merged=plan.merged,
                          outputs=[o for o in plan.outputs if o.name in plan.merged])
         with torch.no_grad():
-            for n, _spec, theta in _merged_tensors(m, sub_plan, task, taus, get_delta, dev, progress, guard):
+            for n, _spec, theta in _merged_tensors(m, sub_plan, task, taus, get_delta, dev, progress, guard,
+                                                   non_finite_tau=non_finite_tau):
                 staged[n] = theta.to(tensors[n].device, tensors[n].dtype)
             # Everything is computed and checked: only now is the model touched.
             for n, theta in staged.items():

@@ -28,12 +28,14 @@ from .plan import (
 
 
 def _global_pass(method: MergeMethod, plan: _Plan, taus: _TauSource, get_delta: Any, progress: bool,
-                 guard: _FiniteGuard, times: StageTimes | None = None) -> None:
+                 guard: _FiniteGuard, times: StageTimes | None = None) -> set[str] | None:
     """Pass 1: global statistics (norms for EnchTable's alpha, cosines for Safe LoRA). A
     non-finite tau is refused here, before anything is written (with `allow_non_finite`, it is
-    left out of the statistics)."""
+    left out of the statistics). Returns the names whose tau was not finite (empty unless
+    `allow_non_finite`), or None when the method wants no global pass (nothing was checked)."""
     if not method.wants_global_pass():
-        return
+        return None
+    non_finite: set[str] = set()
     names = plan.names if method.global_pass_all_tensors else [n for n in plan.names if n in plan.merged]
 
     def load(n: str) -> tuple[Any, Any, Any]:
@@ -49,7 +51,7 @@ def _global_pass(method: MergeMethod, plan: _Plan, taus: _TauSource, get_delta: 
     # A method with a `prepare_global` hook (EnchTable: the squared norms behind alpha) gets it
     # run here, on worker threads, for every finite (tau, delta) pair; `observe` then only adds.
     method_prepare = getattr(method, "prepare_global", None)
-    observed = getattr(method, "observed_in_prepare", lambda n: False)
+    observed = getattr(method, "observed_in_prepare_global", lambda n: False)
     workers, threads = 1, torch.get_num_threads()
 
     def prepare(n: str, item: tuple[Any, Any, Any]) -> tuple[Any, ...]:
@@ -80,6 +82,7 @@ def _global_pass(method: MergeMethod, plan: _Plan, taus: _TauSource, get_delta: 
                 guard.fail(guard.culprit(n, [(theta, f"task model tensor {n!r} ({taus.task.where(n)})"),
                                              (fetched, _fetched_where(taus, n))])
                            or f"tau = task - reference of {n!r} overflows ({taus.task.where(n)})")
+                non_finite.add(n)
                 tau = None
             if not delta_ok:
                 delta = None  # reported by get_delta; only reached with allow_non_finite
@@ -89,6 +92,7 @@ def _global_pass(method: MergeMethod, plan: _Plan, taus: _TauSource, get_delta: 
     method.finish_global()
     if times is not None:
         times.wall += time.perf_counter() - t_wall
+    return non_finite
 
 
 def _fetched_where(taus: _TauSource, name: str) -> str:
@@ -100,10 +104,11 @@ def _fetched_where(taus: _TauSource, name: str) -> str:
 
 def _merged_tensors(
     method: MergeMethod, plan: _Plan, task: TensorSource, taus: _TauSource, get_delta: Any, device: torch.device, progress: bool,
-    guard: _FiniteGuard, times: StageTimes | None = None,
+    guard: _FiniteGuard, times: StageTimes | None = None, non_finite_tau: set[str] | None = None,
 ) -> Iterator[tuple[str, OutputTensor, torch.Tensor]]:
     """Pass 2: yield (name, output spec, merged tensor in the output dtype), one at a time.
-    Every output tensor is checked finite before it is yielded (so before it is written)."""
+    Every output tensor is checked finite before it is yielded (so before it is written).
+    `non_finite_tau` is what the global pass returned (None: tau is checked here)."""
     total = sum(o.nbytes for o in plan.outputs)
     specs = dict(zip(plan.names, plan.outputs))
 
@@ -138,8 +143,10 @@ def _merged_tensors(
             if n not in plan.merged:
                 return item
             theta32, owned, tau = stage(n, theta, fetched)
-            # a non-finite tau (only reached with allow_non_finite) is left to `merge_tensor`
-            if not is_prepared(n) and tau is not None and _is_finite(tau):
+            # a non-finite tau (only reached with allow_non_finite) is left to `merge_tensor`; the
+            # global pass, where there was one, has checked every tau already
+            finite = n not in non_finite_tau if non_finite_tau is not None else tau is not None and _is_finite(tau)
+            if not is_prepared(n) and tau is not None and finite:
                 method_prepare(n, tau, delta)
             if is_prepared(n):  # the method holds what it needs: keep no reference or tau queued
                 fetched = tau = None
