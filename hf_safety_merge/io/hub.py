@@ -293,7 +293,7 @@ class HubCheckpoint(TensorSource):
     def file_of(self, name: str) -> str:
         return self._metas[name][0]
 
-    def get(self, name: str) -> torch.Tensor:
+    def _info(self, name: str) -> TensorInfo:
         fname = self._metas[name][0]
         infos = self._local.get(fname)
         if infos is None:
@@ -302,7 +302,13 @@ class HubCheckpoint(TensorSource):
             self._local[fname] = infos
         if name not in infos:
             raise CheckpointError(f"{self.display}/{fname}: downloaded file has no tensor {name!r}")
-        return self._reader.read(infos[name])
+        return infos[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._reader.read(self._info(name))
+
+    def view(self, name: str) -> torch.Tensor:
+        return self._reader.read(self._info(name), mapped=True)
 
     def close(self) -> None:
         self._reader.close()

@@ -314,9 +314,11 @@ def iter_names_in_file_order(infos: Iterable[TensorInfo]) -> list[TensorInfo]:
 class BackgroundShardWriter:
     """A `StreamingShardWriter` whose writes run on a background thread, so that writing
     tensor i overlaps computing tensor i+1 (at most `depth` tensors queued). Same interface and
-    the same files; an error on the writer thread is raised by the next `write` or by `close`."""
+    the same files; an error on the writer thread is raised by the next `write` or by `close`.
+    `on_write(seconds)` is called after each write; `release(tensor)` too, once the writer no
+    longer needs the tensor (a buffer pool takes it back)."""
 
-    def __init__(self, writer: StreamingShardWriter, depth: int = 2, on_write: Any = None) -> None:
+    def __init__(self, writer: StreamingShardWriter, depth: int = 2, on_write: Any = None, release: Any = None) -> None:
         import queue
         import threading
 
@@ -325,6 +327,7 @@ class BackgroundShardWriter:
         self._q: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
         self._error: BaseException | None = None
         self._on_write = on_write
+        self._release = release
         self._thread = threading.Thread(target=self._run, name="hf-safety-merge-write", daemon=True)
         self._thread.start()
 
@@ -342,8 +345,12 @@ class BackgroundShardWriter:
                 self.writer.write(*item)
             except BaseException as e:  # re-raised on the caller's thread
                 self._error = e
+            else:
+                if self._release is not None:
+                    self._release(item[1])
             if self._on_write is not None:
                 self._on_write(time.perf_counter() - t)
+            del item
 
     def _raise(self) -> None:
         if self._error is not None:

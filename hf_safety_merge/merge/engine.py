@@ -38,7 +38,7 @@ from ..io.sink import card_sink
 from ..vectors import SafetyVector
 from .base import MergeMethod, build_method
 from .finite import _FiniteGuard
-from .passes import _global_pass, _merged_tensors
+from .passes import _global_pass, _merged_tensors, merge_pool
 from .pipeline import StageTimes
 from .plan import (
     _delta_getter,
@@ -171,11 +171,13 @@ def merge(
                 t_pass = time.perf_counter()
                 tmp = atomic.path
                 times = StageTimes()
+                pool = merge_pool(plan, task, device)
                 writer = BackgroundShardWriter(StreamingShardWriter(tmp, plan.outputs, config.max_shard_size, prefix="model"),
-                                               on_write=lambda s: setattr(times, "write", times.write + s))
+                                               on_write=lambda s: setattr(times, "write", times.write + s),
+                                               release=pool.give if pool is not None else None)
                 try:
                     for n, _spec, theta in _merged_tensors(method, plan, task, taus, get_delta, device, progress, guard, times,
-                                                                 non_finite_tau=non_finite_tau):
+                                                           non_finite_tau=non_finite_tau, pool=pool):
                         writer.write(n, theta)
                     files = writer.close()
                 except BaseException:

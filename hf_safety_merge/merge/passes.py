@@ -20,7 +20,7 @@ from ..io.safetensors_stream import (
 from .base import MergeMethod
 from .finite import _FiniteGuard, _is_finite
 from .interference import _intra_op_threads
-from .pipeline import StageTimes, _prefetch
+from .pipeline import BufferPool, StageTimes, _prefetch
 from .plan import (
     _Plan,
     _TauSource,
@@ -39,7 +39,8 @@ def _global_pass(method: MergeMethod, plan: _Plan, taus: _TauSource, get_delta: 
     names = plan.names if method.global_pass_all_tensors else [n for n in plan.names if n in plan.merged]
 
     def load(n: str) -> tuple[Any, Any, Any]:
-        theta = None if taus.lora_direct or taus.ref is None else taus.task.get(n)
+        # only read (tau = theta - reference is a new tensor): a memory map of the file where possible
+        theta = None if taus.lora_direct or taus.ref is None else taus.task.view(n)
         return theta, taus.fetch(n), (get_delta(n) if n in plan.merged else None)
 
     def stage(n: str, item: tuple[Any, Any, Any]) -> tuple[Any, ...]:
@@ -105,15 +106,31 @@ def _fetched_where(taus: _TauSource, name: str) -> str:
 def _merged_tensors(
     method: MergeMethod, plan: _Plan, task: TensorSource, taus: _TauSource, get_delta: Any, device: torch.device, progress: bool,
     guard: _FiniteGuard, times: StageTimes | None = None, non_finite_tau: set[str] | None = None,
+    pool: BufferPool | None = None,
 ) -> Iterator[tuple[str, OutputTensor, torch.Tensor]]:
     """Pass 2: yield (name, output spec, merged tensor in the output dtype), one at a time.
     Every output tensor is checked finite before it is yielded (so before it is written).
-    `non_finite_tau` is what the global pass returned (None: tau is checked here)."""
+    `non_finite_tau` is what the global pass returned (None: tau is checked here).
+
+    With `pool` (from `merge_pool`; CPU merges of local safetensors files), each merged tensor
+    is copied from a memory map of the task file into a reused float32 buffer (one pass, any
+    input dtype) and the output lands in reused buffers too; tensors the vector does not cover
+    go to the writer straight from the map. The caller gives each yielded tensor back
+    (`pool.give`) once it is written."""
     total = sum(o.nbytes for o in plan.outputs)
     specs = dict(zip(plan.names, plan.outputs))
 
     def load(n: str) -> tuple[Any, Any, Any]:
-        theta = task.get(n)
+        if pool is not None:
+            mapped = task.view(n)  # only read: the merge works on the pool's copy
+            if n in plan.merged:
+                theta = pool.take(mapped.shape, torch.float32)
+                theta.copy_(mapped)
+            else:
+                theta = mapped
+            del mapped
+        else:
+            theta = task.get(n)
         if n not in plan.merged:
             return theta, None, None
         fetched = taus.fetch(n) if method.needs_reference and not is_prepared(n) else None
@@ -173,8 +190,16 @@ def _merged_tensors(
                 theta32, owned, tau = item[3] if len(item) > 3 else stage(n, theta, fetched)
                 method.theta_owned = owned
                 theta = method.merge_tensor(n, theta32, tau, delta)
+                if pool is not None and not _same_buffer(theta, theta32):
+                    pool.give(theta32)  # the method returned a new tensor: its input buffer is free
                 del theta32, tau
-            out = theta.to("cpu").to(_tag_dtype(spec.dtype))
+            target = _tag_dtype(spec.dtype)
+            if pool is not None and pool.owns(theta) and theta.dtype != target:
+                out = pool.take(theta.shape, target)
+                out.copy_(theta)
+                pool.give(theta)
+            else:
+                out = theta.to("cpu").to(target)
             if not _is_finite(out):
                 guard.fail(_explain_non_finite(n, spec, task, taus, fetched, delta))
             if times is not None:
@@ -183,6 +208,26 @@ def _merged_tensors(
             bar.update(spec.nbytes)
         if times is not None:
             times.wall += time.perf_counter() - t_wall
+
+
+def _same_buffer(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def merge_pool(plan: _Plan, task: TensorSource, device: torch.device) -> BufferPool | None:
+    """The buffer pool of a merge pass (see `_merged_tensors`), where one applies: a CPU merge
+    whose task model is local (or downloaded) safetensors files, which can be memory-mapped."""
+    from ..io.hub import HubCheckpoint
+
+    if device.type != "cpu" or not isinstance(task, SafetensorsCheckpoint | HubCheckpoint):
+        return None
+    uses: list[tuple[int, torch.dtype]] = []
+    for name, spec in zip(plan.names, plan.outputs):
+        if name in plan.merged:
+            uses.append((math.prod(spec.shape), torch.float32))
+            if _tag_dtype(spec.dtype) != torch.float32:
+                uses.append((math.prod(spec.shape), _tag_dtype(spec.dtype)))
+    return BufferPool(uses)
 
 
 def _explain_non_finite(name: str, spec: OutputTensor, task: TensorSource, taus: _TauSource,

@@ -4,9 +4,11 @@ time of each stage (to report the achieved overlap)."""
 
 from __future__ import annotations
 
+import math
+import threading
 import time
-from collections import deque
-from collections.abc import Iterator
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -44,6 +46,68 @@ def _timed(fn: Any, times: StageTimes | None, stage: str) -> Any:
             setattr(times, stage, getattr(times, stage) + time.perf_counter() - t)
 
     return run
+
+
+class BufferPool:
+    """Reusable CPU buffers for a pass whose tensor shapes are known up front.
+
+    A merge pass reads each tensor into a buffer, merges in place and hands the buffer to the
+    writer; with a fresh `torch.empty` per tensor, every page of every buffer is a new page from
+    the kernel (a fault and a zeroing per 4 KiB: for SmolLM2-135M, 513 MiB of fresh pages per
+    pass, ~40% of the pass). Here a buffer the writer has finished with (`give`) is handed out
+    again for the next tensor of the same size and dtype (`take`). `uses` is every planned take's
+    (number of elements, dtype): a buffer whose size and dtype no later take needs is dropped
+    when given back, so the pool holds no more than the tensors in flight. Thread-safe."""
+
+    def __init__(self, uses: Iterable[tuple[int, torch.dtype]]) -> None:
+        self._left: Counter[tuple[int, torch.dtype]] = Counter(uses)
+        self._free: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
+        self._lent: dict[int, torch.Tensor] = {}
+        self._lock = threading.Lock()
+        #: takes served from a given-back buffer, and takes that needed a new one
+        self.reused = 0
+        self.allocated = 0
+
+    def take(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised CPU tensor of `shape` and `dtype` (reused where one is free)."""
+        key = (math.prod(shape), dtype)
+        with self._lock:
+            self._left[key] -= 1
+            free = self._free.get(key)
+            flat = free.pop() if free else None
+            if flat is not None:
+                self.reused += 1
+        if flat is None:
+            flat = torch.empty(key[0], dtype=dtype)
+            with self._lock:
+                self.allocated += 1
+        t = flat.view(tuple(shape))
+        if flat.numel():
+            with self._lock:
+                self._lent[flat.data_ptr()] = flat
+        return t
+
+    def owns(self, t: torch.Tensor) -> bool:
+        """Whether `t` views a buffer this pool lent out (and that was not given back)."""
+        return t.numel() > 0 and t.data_ptr() in self._lent
+
+    def give(self, t: torch.Tensor) -> None:
+        """Return a buffer from `take` once nothing reads or writes it any more; anything else
+        (a tensor the pool did not lend) is ignored."""
+        if not t.numel():
+            return
+        with self._lock:
+            flat = self._lent.pop(t.data_ptr(), None)
+            if flat is None:
+                return
+            key = (flat.numel(), flat.dtype)
+            if self._left[key] > 0:
+                self._free.setdefault(key, []).append(flat)
+
+    def held_bytes(self) -> int:
+        """Bytes of free buffers the pool keeps for later takes."""
+        with self._lock:
+            return sum(f.numel() * f.element_size() for fs in self._free.values() for f in fs)
 
 
 #: items queued per prepare worker (see `_prefetch`)
