@@ -4,8 +4,9 @@
   cache, and its naive form: the reference's two SVDs per matrix), Safe LoRA, TIES and DARE,
 - mergekit (`mergekit-yaml` with `task_arithmetic` on the same inputs), if a mergekit
   installation is given (`--mergekit-bin`; installed in its own virtual environment),
-- the raw I/O floor: read every input tensor once and write the output once with safetensors,
-  no arithmetic,
+- the I/O floor: read every input tensor once and write the output once with safetensors,
+  no arithmetic (issue 20's reference), and the raw I/O floor (`raw_floor`): the same bytes
+  copied through one reused buffer with plain reads and writes, no library in between,
 - EnchTable's compute floor: its decompositions alone, on the merge's own worker layout.
 
 Each run is a separate process (peak RSS is its own: VmHWM polled from /proc), repeated
@@ -55,6 +56,31 @@ for f in vec_files:
     with safe_open(f, "pt") as fh:
         for k in fh.keys():
             fh.get_tensor(k).sum()
+# the CLI's fast exit (hf_safety_merge.cli.main): shutdown does not walk torch's objects (~0.3 s);
+# the floor gets it too, so that it stays a floor
+import gc
+gc.freeze()
+'''
+
+
+RAW_FLOOR_SCRIPT = r'''
+import gc, sys
+from pathlib import Path
+import torch  # noqa: F401  (every merge process imports it; so does this floor)
+# The raw I/O floor: the same bytes as the I/O floor moved with no library in between: each task
+# file read once into one reused 64 MiB buffer and written out from it, the vector read likewise.
+task, vec, out = map(Path, sys.argv[1:4])
+out.mkdir(parents=True, exist_ok=True)
+view = memoryview(bytearray(64 << 20))
+for f in sorted(task.glob("model*.safetensors")):
+    with open(f, "rb", buffering=0) as src, open(out / f.name, "wb", buffering=0) as dst:
+        while n := src.readinto(view):
+            dst.write(view[:n])
+for f in sorted(vec.glob("safety_vector*.safetensors")):
+    with open(f, "rb", buffering=0) as src:
+        while src.readinto(view):
+            pass
+gc.freeze()
 '''
 
 
@@ -245,7 +271,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--mergekit-bin", default=str(HERE.parent / ".venv-mergekit" / "bin" / "mergekit-yaml"))
     ap.add_argument("--methods", default="floor,task_arithmetic,enchtable,enchtable_nocache,fine_floor,mergekit",
-                    help="comma list of: floor (I/O floor), task_arithmetic, enchtable (with the vector's subspace "
+                    help="comma list of: floor (I/O floor), raw_floor (raw I/O floor), task_arithmetic, enchtable (with the vector's subspace "
                          "cache), enchtable_nocache (without it), enchtable_svd (the naive form: the reference's two "
                          "SVDs per matrix), safe_lora, ties, dare (for their peak memory), fine_floor (EnchTable's "
                          "decompositions alone, with and without the cache; fine_floor_cached: with it only), mergekit")
@@ -287,6 +313,11 @@ def main() -> None:
         floor_script.write_text(FLOOR_SCRIPT)
         runs.append(("io_floor", [py, str(floor_script), str(paths["task"]), str(paths["vector"]), str(work / "out-floor")],
                      work / "out-floor"))
+    if "raw_floor" in methods:
+        raw_script = work / "raw_floor.py"
+        raw_script.write_text(RAW_FLOOR_SCRIPT)
+        runs.append(("io_floor_raw", [py, str(raw_script), str(paths["task"]), str(paths["vector"]), str(work / "out-raw-floor")],
+                     work / "out-raw-floor"))
     for method in MERGE_RUNS:
         if method not in methods:
             continue
@@ -330,7 +361,8 @@ def main() -> None:
     # Interleaved (floor A B C floor A B C ...): a comparison holds when a shared machine's speed
     # drifts (and the page cache is in the same state for each: every output is deleted first).
     def key(method: str) -> str:
-        return {"io_floor": "io_floor", "mergekit": "mergekit:task_arithmetic"}.get(method, f"hf_safety_merge:{method}")
+        return {"io_floor": "io_floor", "io_floor_raw": "io_floor_raw",
+                "mergekit": "mergekit:task_arithmetic"}.get(method, f"hf_safety_merge:{method}")
 
     for _ in range(args.repeats):
         for method, cmd, out_dir in runs:
@@ -338,7 +370,7 @@ def main() -> None:
             acc = results.setdefault(key(method), {"seconds_all": [], "peak_rss": 0})
             acc["seconds_all"] += r["seconds_all"]
             acc["peak_rss"] = max(acc["peak_rss"], r["peak_rss"])
-            if method not in ("io_floor", "mergekit"):
+            if method not in ("io_floor", "io_floor_raw", "mergekit"):
                 report = json.loads((out_dir / "merge_report.json").read_text())
                 acc.setdefault("timing_all", []).append(report.get("timing", {}))
     for method, _, _ in runs:

@@ -23,6 +23,7 @@ README = HERE.parent / "README.md"
 BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
 LABELS = {
     "io_floor": "I/O floor (read task + vector once, write output once, safetensors)",
+    "io_floor_raw": "raw I/O floor (the same bytes through one reused buffer: plain reads and writes)",
     "hf_safety_merge:task_arithmetic": "hf-safety-merge task arithmetic",
     "hf_safety_merge:enchtable": "hf-safety-merge EnchTable (vector with its subspace cache)",
     "hf_safety_merge:enchtable_nocache": "hf-safety-merge EnchTable (vector without the cache)",

@@ -367,10 +367,26 @@ def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. Library errors print one line (`error: ...`, exit 2); Ctrl-C and SIGTERM
-    clean up (no temporary folder is left) and print one line (exit 130 / 143)."""
+    clean up (no temporary folder is left) and print one line (exit 130 / 143).
+
+    Called without `argv` (the console script, `python -m hf_safety_merge.cli`), the process
+    exits right after: every object left is then moved out of the garbage collector's reach
+    (`gc.freeze()`), so that interpreter shutdown does not walk the hundreds of thousands of
+    objects torch creates at import (~0.3 s of every command on 2 cores, measured with
+    farm-bench: `python -c "import torch"` 1.54 s, with `gc.freeze()` at the end 1.10 s)."""
+    if argv is None:
+        try:
+            return _main(sys.argv[1:])
+        finally:
+            import gc
+
+            gc.freeze()
+    return _main(list(argv))
+
+
+def _main(argv: list[str]) -> int:
     from .io.output import Interrupted, terminate_as_interrupt
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     from .scripts import TRL_COMMANDS
 
     if argv and argv[0] in TRL_COMMANDS:  # TrlParser-based, like `trl sft`

@@ -22,14 +22,18 @@ def test_bench_merge_runs_side_by_side_and_writes_json(tmp_path: Path) -> None:
     """A tiny synthetic checkpoint: the I/O floor, task arithmetic, EnchTable and EnchTable's
     compute floor in one interleaved run; every row timed, EnchTable's stages reported."""
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_merge.py"), "--model", "synthetic-small",
-                        "--shards", "2", "--repeats", "1", "--methods", "floor,task_arithmetic,enchtable,fine_floor_cached",
+                        "--shards", "2", "--repeats", "1", "--methods", "floor,raw_floor,task_arithmetic,enchtable,fine_floor_cached",
                         "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "results")],
                        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "| hf_safety_merge:enchtable |" in r.stdout and "| io_floor |" in r.stdout
     d = json.loads((tmp_path / "results" / "bench_merge_synthetic-small.json").read_text())
     res = d["results"]
-    assert set(res) == {"io_floor", "hf_safety_merge:task_arithmetic", "hf_safety_merge:enchtable", "enchtable_fine_floor"}
+    assert set(res) == {"io_floor", "io_floor_raw", "hf_safety_merge:task_arithmetic", "hf_safety_merge:enchtable",
+                        "enchtable_fine_floor"}
+    # the raw floor moves the task's bytes unchanged
+    task = sorted((tmp_path / "work" / "inputs-synthetic-small" / "task").glob("model*.safetensors"))
+    assert len(task) >= 2 and all((tmp_path / "work" / "out-raw-floor" / f.name).read_bytes() == f.read_bytes() for f in task)
     assert all(v["seconds"] > 0 for v in res.values())
     timing = res["hf_safety_merge:enchtable"]["timing"]
     assert set(timing) == {"global_pass", "merge_pass"} and 0.0 <= timing["global_pass"]["overlap"] <= 1.0

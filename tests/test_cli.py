@@ -45,6 +45,17 @@ def test_console_script_entry_point() -> None:
     assert r.stdout.startswith("hf-safety-merge ")
 
 
+def test_only_the_process_command_line_takes_the_fast_exit() -> None:
+    """`main()` on the process's own command line freezes the garbage collector's objects as it
+    returns (the process exits next: shutdown then skips walking them); `main(argv)`, the form
+    a caller inside a longer-lived process uses, leaves the collector alone."""
+    code = ("import gc, sys; from hf_safety_merge.cli import main; main(['methods']); a = gc.get_freeze_count(); "
+            "sys.argv = ['hf-safety-merge', 'methods']; rc = main(); print(a, gc.get_freeze_count() > 0, rc)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines()[-1] == "0 True 0"
+
+
 def test_vector_compute_and_merge_from_cli(llama_family: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["vector", "compute", "--aligned", str(llama_family["aligned"]), "--reference", str(llama_family["harmful"]),
                  "--out", str(tmp_path / "v"), "--scope", "attention", "--dtype", "bfloat16", "--no-progress"]) == 0
