@@ -386,7 +386,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     from .io.output import Interrupted, terminate_as_interrupt
-
     from .scripts import TRL_COMMANDS
 
     if argv and argv[0] in TRL_COMMANDS:  # TrlParser-based, like `trl sft`
