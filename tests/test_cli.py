@@ -56,6 +56,18 @@ def test_only_the_process_command_line_takes_the_fast_exit() -> None:
     assert r.stdout.splitlines()[-1] == "0 True 0"
 
 
+def test_import_pauses_the_garbage_collector_and_restores_the_callers_setting() -> None:
+    """No full collection runs while the package (and torch) is imported; the collector is on
+    afterwards when it was on before, and stays off when the caller had turned it off."""
+    code = ("import gc, sys; full = []; gc.callbacks.append(lambda p, i: full.append(1) if p == 'start' and "
+            "i['generation'] == 2 else None); on = sys.argv[1] == 'on'; on or gc.disable(); import hf_safety_merge; "
+            "print(len(full), gc.isenabled())")
+    for setting, expected in (("on", "0 True"), ("off", "0 False")):
+        r = subprocess.run([sys.executable, "-c", code, setting], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.splitlines()[-1] == expected, (setting, r.stdout)
+
+
 def test_vector_compute_and_merge_from_cli(llama_family: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["vector", "compute", "--aligned", str(llama_family["aligned"]), "--reference", str(llama_family["harmful"]),
                  "--out", str(tmp_path / "v"), "--scope", "attention", "--dtype", "bfloat16", "--no-progress"]) == 0
