@@ -10,8 +10,9 @@
 - EnchTable's compute floor: its decompositions alone, on the merge's own worker layout.
 
 Each run is a separate process (peak RSS is its own: VmHWM polled from /proc), repeated
-`--repeats` times, interleaved (floor, A, B, ..., floor, A, B, ...) with every output deleted
-before its run; the table reports the best and median wall time, ratios to the floor, to task
+`--repeats` times, interleaved (floor, A, B, then A, B, floor, ...: each round starts one run
+later) with every output deleted and the page cache's dirty pages written back (`sync`) before
+its run; the table reports the best and median wall time, ratios to the floor, to task
 arithmetic and to mergekit, and peak RSS vs the largest input shard.
 
     python benchmarks/bench_merge.py --model smollm2 [--mergekit-bin .venv-mergekit/bin/mergekit-yaml]
@@ -166,6 +167,9 @@ def measure(cmd: list[str], repeats: int, cleanup: Path | None = None, env: dict
     for _ in range(repeats):
         if cleanup is not None and cleanup.exists():
             shutil.rmtree(cleanup)
+        # no dirty pages of an earlier run's output left to write back during this one (on 2
+        # cores that writeback competes with the run)
+        os.sync()
         r = subprocess.run(_peak_wrapper(cmd), capture_output=True, text=True, env=env)
         lines = [ln for ln in r.stdout.strip().splitlines() if ln.startswith("{")]
         res = json.loads(lines[-1]) if lines else {"rc": 1}
@@ -358,14 +362,16 @@ def main() -> None:
         print(f"(mergekit not found at {mk}; skipped. Install it in its own venv: python -m venv .venv-mergekit && "
               ".venv-mergekit/bin/pip install torch==2.13.0 mergekit)")
 
-    # Interleaved (floor A B C floor A B C ...): a comparison holds when a shared machine's speed
-    # drifts (and the page cache is in the same state for each: every output is deleted first).
+    # Interleaved (floor A B C, A B C floor, ...): a comparison holds when a shared machine's speed
+    # drifts; each round starts one run later, so no run always follows the same one (the one after a
+    # short run may meet that run's output still being written back, or its freed memory); and
+    # the page cache is in the same state for each (every output is deleted first, then `sync`).
     def key(method: str) -> str:
         return {"io_floor": "io_floor", "io_floor_raw": "io_floor_raw",
                 "mergekit": "mergekit:task_arithmetic"}.get(method, f"hf_safety_merge:{method}")
 
-    for _ in range(args.repeats):
-        for method, cmd, out_dir in runs:
+    for rnd in range(args.repeats):
+        for method, cmd, out_dir in runs[rnd % len(runs):] + runs[:rnd % len(runs)]:
             r = measure(cmd, 1, out_dir)
             acc = results.setdefault(key(method), {"seconds_all": [], "peak_rss": 0})
             acc["seconds_all"] += r["seconds_all"]
