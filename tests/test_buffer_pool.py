@@ -32,8 +32,18 @@ def test_pool_reuses_a_given_back_buffer_and_drops_one_no_later_take_needs() -> 
     assert b.data_ptr() == ptr and b.shape == (4, 3) and (pool.reused, pool.allocated) == (1, 1)
     pool.give(b)
     assert pool.held_bytes() == 0  # no take of that size is left: dropped, not kept
+    d = pool.take((3, 4), f32)  # a third (12, f32) take: not planned, so nothing is kept for it
+    pool.give(d)
+    assert pool.held_bytes() == 0
+    pool2 = BufferPool([(5, f32)] * 3)
+    e, f = pool2.take((5,), f32), pool2.take((5,), f32)
+    pool2.give(e)
+    pool2.give(f)
+    assert pool2.held_bytes() == 20  # one take left: one buffer kept, the other dropped
+    pool2.skip((5,), f32)  # that take will not happen after all
+    assert pool2.held_bytes() == 0
     c = pool.take((2, 3), torch.bfloat16)
-    assert c.dtype == torch.bfloat16 and pool.allocated == 2
+    assert c.dtype == torch.bfloat16 and pool.allocated == 3
     # anything the pool did not lend (a tensor of the caller's, a buffer given twice) is ignored
     pool.give(torch.zeros(12))
     pool.give(c)
@@ -113,3 +123,4 @@ def test_pooled_merge_is_the_unpooled_merge(llama_family: dict[str, Path], tmp_p
     (pool,) = pools
     assert pool is not None and pool.reused > 0  # the layers' buffers were handed out again
     assert not pool._lent  # every buffer came back: none was dropped while still lent, none leaked
+    assert pool.held_bytes() == 0  # and none is kept once no later tensor needs it

@@ -199,6 +199,8 @@ def _merged_tensors(
                 out.copy_(theta)
                 pool.give(theta)
             else:
+                if pool is not None and n in plan.merged and target != torch.float32:
+                    pool.skip(spec.shape, target)  # planned by `merge_pool`, not needed here
                 out = theta.to("cpu").to(target)
             if not _is_finite(out):
                 guard.fail(_explain_non_finite(n, spec, task, taus, fetched, delta))

@@ -56,8 +56,9 @@ class BufferPool:
     the kernel (a fault and a zeroing per 4 KiB: for SmolLM2-135M, 513 MiB of fresh pages per
     pass, ~40% of the pass). Here a buffer the writer has finished with (`give`) is handed out
     again for the next tensor of the same size and dtype (`take`). `uses` is every planned take's
-    (number of elements, dtype): a buffer whose size and dtype no later take needs is dropped
-    when given back, so the pool holds no more than the tensors in flight. Thread-safe."""
+    (number of elements, dtype): a buffer given back is kept only while more takes of its size
+    and dtype are still to come than free buffers of it are held (else it is dropped), so the
+    pool holds no more than the tensors in flight and nothing once the pass is done. Thread-safe."""
 
     def __init__(self, uses: Iterable[tuple[int, torch.dtype]]) -> None:
         self._left: Counter[tuple[int, torch.dtype]] = Counter(uses)
@@ -87,6 +88,15 @@ class BufferPool:
                 self._lent[flat.data_ptr()] = flat
         return t
 
+    def skip(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> None:
+        """A planned take that will not happen (so that no buffer is kept for it)."""
+        key = (math.prod(shape), dtype)
+        with self._lock:
+            self._left[key] -= 1
+            free = self._free.get(key)
+            while free and len(free) > self._left[key]:
+                free.pop()
+
     def owns(self, t: torch.Tensor) -> bool:
         """Whether `t` views a buffer this pool lent out (and that was not given back)."""
         return t.numel() > 0 and t.data_ptr() in self._lent
@@ -101,8 +111,9 @@ class BufferPool:
             if flat is None:
                 return
             key = (flat.numel(), flat.dtype)
-            if self._left[key] > 0:
-                self._free.setdefault(key, []).append(flat)
+            free = self._free.setdefault(key, [])
+            if len(free) < self._left[key]:  # kept only for a take still to come
+                free.append(flat)
 
     def held_bytes(self) -> int:
         """Bytes of free buffers the pool keeps for later takes."""
