@@ -52,6 +52,9 @@ class TensorSource(ABC):
     #: whether `get` / `view` may be called from several threads at once (local files: positional
     #: reads; a Hub source downloads lazily, a LoRA source computes)
     parallel_reads: bool = False
+    #: whether `view` hands out a memory map of the file (no copy, no fresh pages) rather than
+    #: `get`'s copy: a merge pass then copies from the map into reused buffers (`BufferPool`)
+    mapped_views: bool = False
 
     @abstractmethod
     def keys(self) -> list[str]: ...
@@ -133,6 +136,7 @@ class SafetensorsCheckpoint(TensorSource):
     """Safetensors files of one checkpoint, inspected from headers only."""
 
     parallel_reads = True
+    mapped_views = True
 
     def __init__(self, infos: dict[str, TensorInfo], path: Path, display: str) -> None:
         self._infos = infos

@@ -181,6 +181,8 @@ class HubCheckpoint(TensorSource):
     holding the tensor on first use (into the HF cache) and reads the tensor from disk.
     """
 
+    mapped_views = True  # the downloaded files are local safetensors
+
     def __init__(self, repo_id: str, revision: str | None = None, prefix: str = "model",
                  token: str | bool | None = None, aux_files: list[str] | None = None) -> None:
         from huggingface_hub import HfApi

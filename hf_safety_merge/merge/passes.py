@@ -218,10 +218,9 @@ def _same_buffer(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def merge_pool(plan: _Plan, task: TensorSource, device: torch.device) -> BufferPool | None:
     """The buffer pool of a merge pass (see `_merged_tensors`), where one applies: a CPU merge
-    whose task model is local (or downloaded) safetensors files, which can be memory-mapped."""
-    from ..io.hub import HubCheckpoint
-
-    if device.type != "cpu" or not isinstance(task, SafetensorsCheckpoint | HubCheckpoint):
+    whose task model's `view` is a memory map (`TensorSource.mapped_views`: local or downloaded
+    safetensors files)."""
+    if device.type != "cpu" or not task.mapped_views:
         return None
     uses: list[tuple[int, torch.dtype]] = []
     for name, spec in zip(plan.names, plan.outputs):
