@@ -33,6 +33,7 @@ def test_bench_merge_runs_side_by_side_and_writes_json(tmp_path: Path) -> None:
                         "enchtable_fine_floor"}
     # the raw floor moves the task's bytes unchanged
     task = sorted((tmp_path / "work" / "inputs-synthetic-small" / "task").glob("model*.safetensors"))
+    assert "byte-compiled" in d["package_bytecode"]
     assert len(task) >= 2 and all((tmp_path / "work" / "out-raw-floor" / f.name).read_bytes() == f.read_bytes() for f in task)
     assert all(v["seconds"] > 0 for v in res.values())
     timing = res["hf_safety_merge:enchtable"]["timing"]
