@@ -186,3 +186,57 @@ def test_engine_card_is_huggingface_hubs_card(method: str, llama_family: dict[st
         mc._render = real_render
     theirs = ModelCard.from_template(captured["data"], template_path=str(TEMPLATE_PATH), **captured["kwargs"])
     assert str(ours) == str(theirs) == str(ours.to_model_card())
+
+
+def test_card_preparation_runs_in_the_background_and_a_sink_may_skip_it(llama_family: dict[str, Path], vector: Path,
+                                                                       tmp_path: Path) -> None:
+    """A merge starts the sink's `prepare` on a thread (this package's sink: jinja2,
+    `huggingface_hub.repocard_data` and the compiled template, loaded while tensors are merged)
+    and joins it before it returns; a sink without `prepare` gets none, and one whose `prepare`
+    fails still writes its card (the failure is left to the card writing)."""
+    import subprocess
+    import sys
+    import threading
+
+    from hf_safety_merge.io import sink as sink_mod
+
+    code = ("import sys; from hf_safety_merge.io.sink import prepare_in_background; "
+            "before = 'jinja2' in sys.modules; t = prepare_in_background(); t.join(); "
+            "from hf_safety_merge.cards import model_card as mc; "
+            "print(before, 'jinja2' in sys.modules, 'huggingface_hub.repocard_data' in sys.modules, mc._template.cache_info().currsize)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["False", "True", "True", "1"]
+
+    calls: list[str] = []
+    real = sink_mod.card_sink()
+
+    class NoPrepare:
+        def merged_model_card(self, config, result, *, task_display, vector):  # type: ignore[no-untyped-def]
+            calls.append("card")
+            return real.merged_model_card(config, result, task_display=task_display, vector=vector)
+
+        def safety_vector_card(self, cfg):  # type: ignore[no-untyped-def]
+            return real.safety_vector_card(cfg)
+
+    class FailingPrepare(NoPrepare):
+        def prepare(self) -> None:
+            calls.append(f"prepare on {threading.current_thread().name}")
+            raise RuntimeError("no template here")
+
+    cfg = SafetyMergeConfig(task_model=str(llama_family["task"]), task_reference=str(llama_family["aligned"]),
+                            safety_vector=str(vector), method="task_arithmetic", parameters={"beta": 1.0})
+    try:
+        for i, sink in enumerate([NoPrepare(), FailingPrepare()]):
+            sink_mod.register_card_sink(sink)
+            t = sink_mod.prepare_in_background()
+            assert (t is None) == (i == 0)
+            if t is not None:
+                t.join()
+            calls.clear()
+            merge(cfg, output_dir=tmp_path / f"out{i}", progress=False)
+            assert calls == (["card"] if i == 0 else ["prepare on card-prepare", "card"])
+            assert (tmp_path / f"out{i}" / "README.md").read_text(encoding="utf-8").startswith("---")
+    finally:
+        sink_mod.register_card_sink(real)
+    assert not [t for t in threading.enumerate() if t.name == "card-prepare"]

@@ -33,6 +33,7 @@ from .model_card import (
     inherited_license,
     merge_base_models,
     merged_model_card,
+    prepare_rendering,
     published_config,
     render_merged_model_card,
     resolved_parameters,
@@ -65,6 +66,8 @@ class _ModuleSink:
     """This package as a :class:`~hf_safety_merge.io.sink.CardSink`."""
     merged_model_card = staticmethod(render_merged_model_card)
     safety_vector_card = staticmethod(safety_vector_card)
+
+    prepare = staticmethod(prepare_rendering)
 
 
 register_card_sink(_ModuleSink())

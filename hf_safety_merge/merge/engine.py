@@ -34,7 +34,7 @@ from ..io.safetensors_stream import (
     BackgroundShardWriter,
     StreamingShardWriter,
 )
-from ..io.sink import card_sink
+from ..io.sink import card_sink, prepare_in_background
 from ..vectors import SafetyVector
 from .base import MergeMethod, build_method
 from .finite import _FiniteGuard
@@ -157,6 +157,7 @@ def merge(
         ref: TensorSource | None = None
         vector: SafetyVector | None = None
         writer: BackgroundShardWriter | None = None
+        card_prep = prepare_in_background()
         try:
             ref = _open_reference(config, method, task)
             vector = SafetyVector.from_pretrained(config.safety_vector, revision=config.safety_vector_revision)
@@ -226,6 +227,8 @@ def merge(
         finally:
             if writer is not None:
                 writer.abort()
+            if card_prep is not None:
+                card_prep.join()
             task.close()
             if ref is not None and ref is not getattr(task, "base", None):
                 ref.close()
