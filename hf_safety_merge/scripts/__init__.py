@@ -17,17 +17,10 @@ TRL_COMMANDS = {"asft": "hf_safety_merge.scripts.asft", "safekey": "hf_safety_me
 def finish_distributed() -> None:
     """Tear down a torch.distributed process group (accelerate/torchrun launches) before the
     interpreter exits: a gloo group left alive can abort a rank at exit ("terminate called without
-    an active exception"), which fails a run whose training had finished. The trainer that just
-    returned (its DDP wrapper holds the group, and trainers sit in reference cycles) is collected
-    first, so the group's last owner goes while the interpreter is fully alive, not during its
-    finalization (with the destroy call alone, the abort was seen again once in a full test run,
-    while 23 runs of the two-process test on their own, 8 of them on loaded cores, passed)."""
-    import gc
-
+    an active exception"), which fails a run whose training had finished."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
