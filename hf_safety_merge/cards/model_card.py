@@ -216,12 +216,12 @@ class RenderedCard:
 
 
 @functools.lru_cache(maxsize=8)
-def _template(template_path: Path, text: str) -> Any:
-    """The compiled jinja2 template of `text` (read from `template_path`): compiled once per
-    process (~0.015 s); `prepare_rendering` compiles the merged-model card's ahead of time."""
+def _template(template_path: Path) -> Any:
+    """The compiled jinja2 template at `template_path` (package data): read and compiled once
+    per process (~0.015 s); `prepare_rendering` compiles the merged-model card's ahead of time."""
     import jinja2
 
-    return jinja2.Template(text)
+    return jinja2.Template(template_path.read_text(encoding="utf-8"))
 
 
 def prepare_rendering() -> None:
@@ -229,7 +229,7 @@ def prepare_rendering() -> None:
     merge engine runs this on a background thread while it merges: `CardSink.prepare`)."""
     import huggingface_hub.repocard_data  # noqa: F401
 
-    _template(TEMPLATE_PATH, TEMPLATE_PATH.read_text(encoding="utf-8"))
+    _template(TEMPLATE_PATH)
 
 
 def _render(data: Any, template_path: Path, **template_kwargs: Any) -> str:
@@ -237,7 +237,7 @@ def _render(data: Any, template_path: Path, **template_kwargs: Any) -> str:
     (card data fields as template variables, the keyword arguments taking priority)."""
     kwargs = data.to_dict().copy()
     kwargs.update(template_kwargs)
-    template = _template(template_path, template_path.read_text(encoding="utf-8"))
+    template = _template(template_path)
     return template.render(card_data=data.to_yaml(), **kwargs)
 
 

@@ -78,15 +78,14 @@ class BufferPool:
             flat = free.pop() if free else None
             if flat is not None:
                 self.reused += 1
-        if flat is None:
+        new = flat is None
+        if flat is None:  # allocated outside the lock: other threads take and give meanwhile
             flat = torch.empty(key[0], dtype=dtype)
-            with self._lock:
-                self.allocated += 1
-        t = flat.view(tuple(shape))
-        if flat.numel():
-            with self._lock:
+        with self._lock:
+            self.allocated += new
+            if flat.numel():
                 self._lent[flat.data_ptr()] = flat
-        return t
+        return flat.view(tuple(shape))
 
     def skip(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> None:
         """A planned take that will not happen (so that no buffer is kept for it)."""
