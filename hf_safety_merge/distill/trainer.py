@@ -21,6 +21,7 @@ from transformers.trainer_utils import SaveStrategy, SchedulerType
 from trl import SFTConfig, SFTTrainer
 
 from ..errors import ConfigError
+from ..training.sharding import ShardedTrainingMixin
 from ..validation import (
     NonNegativeFloat,
     NonNegativeInt,
@@ -155,7 +156,7 @@ def loss_summary(log_history: list[dict[str, Any]], max_points: int = 20) -> dic
     }
 
 
-class DistillTrainer(SFTTrainer):
+class DistillTrainer(ShardedTrainingMixin, SFTTrainer):
     """`SFTTrainer` that trains an NTK-linearised copy of the chosen blocks.
 
     Pass the aligned model (a model object or a path/Hub id) and a harmful prompt-completion data
@@ -167,6 +168,8 @@ class DistillTrainer(SFTTrainer):
     """
 
     args: DistillConfig
+    sharding_method = "distillation"
+    supports_fsdp2 = False  # refused at start-up: torch.func over DTensor shards is not exact here
 
     def __init__(self, model: Any, args: DistillConfig | None = None, **kwargs: Any) -> None:
         if args is None:
@@ -194,6 +197,7 @@ class DistillTrainer(SFTTrainer):
         )
         self.train_time_s: float = 0.0
         super().__init__(model=model, args=args, **kwargs)
+        self._setup_sharding()  # FSDP and ZeRO-3 are refused here, before any training
         logger.info(
             "linearised %d blocks (%s, layers [%d, %d)): %s trainable parameters of %s; theta0 copy %.1f MB",
             len(self.linearization.blocks),

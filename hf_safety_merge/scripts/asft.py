@@ -21,6 +21,10 @@ hf-safety-merge asft \
 
 # several processes (DDP; on CPU the gloo backend is used)
 accelerate launch --num_processes 2 examples/train_asft.py --config examples/asft_config.yaml
+
+# FSDP2: weights, LoRA adapters and AsFT's anchors sharded over the processes
+accelerate launch --num_processes 2 examples/train_asft.py --config examples/asft_config.yaml \
+    --fsdp full_shard --fsdp_config examples/fsdp2.json
 ```
 
 The last line the main process prints is a JSON summary (final task loss, penalty, the per-module
@@ -97,6 +101,10 @@ def main(script_args: AsFTScriptArguments, training_args: Any, model_args: Any) 
         "penalty": [h["asft/penalty"] for h in history if "asft/penalty" in h],
         "loss": [h["loss"] for h in history if "loss" in h],
         "drift": trainer.asft_drift(),
+        "engine": trainer.training_engine,
+        # what the first training step saw: DTensor placements, global and local shapes, anchor rows and bytes
+        "sharding": trainer.asft_sharding,
+        "anchor_bytes": trainer.asft_anchor_memory(),
     }
     publish_summary(trainer, script_args, training_args, summary)
     return summary

@@ -110,13 +110,27 @@ class Anchor:
     matrix: torch.Tensor
     kind: Literal["dense", "factor"]
     v_norm: float = 0.0
+    #: `(start, stop, total)` when `matrix` holds only rows `[start, stop)` of the module's
+    #: `total` output rows (a process's shard under FSDP2); None when it holds them all
+    rows: tuple[int, int, int] | None = None
 
     @property
     def out_features(self) -> int:
-        return int(self.matrix.shape[0])
+        return int(self.matrix.shape[0]) if self.rows is None else self.rows[2]
+
+    def row_slice(self, start: int, stop: int) -> Anchor:
+        """Rows `[start, stop)` of this (whole) anchor, copied, so the whole can be freed."""
+        if self.rows is not None:
+            if self.rows[:2] == (start, stop):
+                return self
+            raise ValueError(f"anchor holds rows {self.rows[:2]} of {self.rows[2]}, not rows {(start, stop)}")
+        total = int(self.matrix.shape[0])
+        return Anchor(self.matrix[start:stop].clone(), self.kind, self.v_norm, (start, stop, total))
 
     def apply(self, b: torch.Tensor) -> torch.Tensor:
         """`C @ b` for `b` of shape `(out, r)`, without forming `C` when stored as a factor."""
+        if self.rows is not None:
+            raise ValueError("a row shard of an anchor cannot apply C alone (see training.asft.penalty.sharded_penalty_terms)")
         m = self.matrix
         if self.kind == "dense":
             return m @ b
@@ -129,7 +143,7 @@ class Anchor:
         return self.matrix @ self.matrix.transpose(0, 1)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Anchor:
-        return Anchor(self.matrix.to(device=device, dtype=dtype), self.kind, self.v_norm)
+        return Anchor(self.matrix.to(device=device, dtype=dtype), self.kind, self.v_norm, self.rows)
 
 
 def build_anchor(
@@ -368,6 +382,8 @@ class AlignmentAnchors(Mapping[str, Anchor]):
         """Write all anchors to one safetensors file (atomic rename); returns the file path."""
         from safetensors.torch import save_file
 
+        if any(a.rows is not None for a in self.anchors.values()):
+            raise ValueError("these anchors hold one process's rows only (FSDP2 shards); save the whole anchors instead")
         path = Path(path)
         if path.suffix != ".safetensors":
             path = path / DEFAULT_ANCHORS_FILENAME
@@ -394,11 +410,14 @@ class AlignmentAnchors(Mapping[str, Anchor]):
         revision: str | None = None,
         projector: ProjectorKind | None = None,
         k: int | None = None,
+        row_range: Callable[[str, int], tuple[int, int] | None] | None = None,
     ) -> AlignmentAnchors:
         """Load anchors written by :meth:`save` from a file, a folder or a Hub repo id.
 
         `projector` / `k`, when given, must match what the file was built with (a cache built for
-        another projector is an error, not a silent mismatch).
+        another projector is an error, not a silent mismatch). `row_range(module, rows)`, when
+        given, names the rows `[start, stop)` of each module's anchor to read (a process's shard
+        under FSDP2; None: all of them): only those rows are read from the file.
         """
         from safetensors import safe_open
 
@@ -419,7 +438,19 @@ class AlignmentAnchors(Mapping[str, Anchor]):
         try:
             with safe_open(str(p), framework="pt") as f:
                 md = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open API
+                tensors: dict[str, torch.Tensor] = {}
+                spans: dict[str, tuple[int, int, int]] = {}
+                for name in f.keys():  # noqa: SIM118 - safe_open API
+                    span = None
+                    if row_range is not None:
+                        sl = f.get_slice(name)
+                        total = int(sl.get_shape()[0])
+                        span = row_range(name.rsplit(".", 1)[0], total)
+                    if span is None:
+                        tensors[name] = f.get_tensor(name)
+                    else:
+                        tensors[name] = sl[span[0] : span[1]]
+                        spans[name] = (span[0], span[1], total)
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from e
         if md.get("format") != ANCHORS_FORMAT:
@@ -437,7 +468,7 @@ class AlignmentAnchors(Mapping[str, Anchor]):
             if m is None:
                 raise CheckpointError(f"{p}: unexpected tensor {name!r} (expected '<module>.C' or '<module>.F')")
             mod, kind = m.group(1), m.group(2)
-            anchors[mod] = Anchor(t, "dense" if kind == "C" else "factor", float(norms.get(mod, 0.0)))
+            anchors[mod] = Anchor(t, "dense" if kind == "C" else "factor", float(norms.get(mod, 0.0)), spans.get(name))
         meta = json.loads(md.get("meta", "{}"))
         meta["loaded_from"] = str(p)
         return cls(anchors, file_proj, file_k, meta)

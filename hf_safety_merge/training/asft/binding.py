@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -71,6 +71,16 @@ class AnchorBinding:
         if self.anchor.matrix.device != device:
             self.anchor = self.anchor.to(device)
         return self.anchor
+
+    def anchor_rows(self, start: int, stop: int, device: torch.device) -> Anchor:
+        """The anchor's rows `[start, stop)` (this process's shard of the LoRA B rows under
+        FSDP2), on `device`: sliced from a whole anchor once (the whole is then dropped here), or
+        checked against a shard loaded as such."""
+        try:
+            self.anchor = self.anchor.row_slice(start, stop)
+        except ValueError as e:
+            raise ConfigError(f"AsFT: LoRA module {self.target.name!r}: {e}") from None
+        return self.anchor_on(device)
 
 
 def _active_adapters(model: nn.Module) -> list[str]:
@@ -201,6 +211,7 @@ def resolve_anchors(
     device: str | torch.device = "cpu",
     on_mismatch: Literal["error", "rebuild"] = "error",
     rebuild_hint: str = "pass on_mismatch='rebuild'",
+    row_range: Callable[[str, int], tuple[int, int] | None] | None = None,
 ) -> AlignmentAnchors:
     """Get anchors for `targets`: given, loaded from `anchors` / an existing `cache_path`, or
     streamed from the `aligned` and `base` checkpoints (then written to `cache_path` if given).
@@ -210,7 +221,8 @@ def resolve_anchors(
     (:func:`anchors_mismatch`: aligned / base checkpoints and revisions, projector, target
     modules). On a mismatch a cache is rebuilt when `on_mismatch="rebuild"` (and the base is
     known), otherwise a one-line :class:`ConfigError` names the field; `rebuild_hint` says how
-    to rebuild in the caller's terms.
+    to rebuild in the caller's terms. `row_range` (FSDP2: this process's rows of each module)
+    makes a loaded file read only those rows (see :meth:`AlignmentAnchors.load`).
     """
     if isinstance(anchors, AlignmentAnchors):
         return anchors
@@ -233,7 +245,7 @@ def resolve_anchors(
         raise ConfigError(f"{where}: the alignment anchors there were built with {problem}; {fix}")
 
     if anchors is not None:
-        got = checked(AlignmentAnchors.load(anchors), str(anchors), can_rebuild=False)
+        got = checked(AlignmentAnchors.load(anchors, row_range=row_range), str(anchors), can_rebuild=False)
         assert got is not None
         return got
     cache_file: Path | None = None
@@ -241,7 +253,7 @@ def resolve_anchors(
         cp = Path(cache_path)
         cache_file = cp / DEFAULT_ANCHORS_FILENAME if (cp.is_dir() or cp.suffix != ".safetensors") else cp
         if cache_file.is_file():
-            got = checked(AlignmentAnchors.load(cache_file), str(cache_file), can_rebuild=base is not None)
+            got = checked(AlignmentAnchors.load(cache_file, row_range=row_range), str(cache_file), can_rebuild=base is not None)
             if got is not None:
                 return got
     if base is None:

@@ -97,3 +97,61 @@ def anchored_penalty(bindings: Iterable[AnchorBinding], include_lora_scaling: bo
             )
         total = p if total is None else total + p
     return total
+
+
+def is_sharded(bindings: Iterable[AnchorBinding]) -> bool:
+    """Whether the bound LoRA weights are FSDP2 row shards (DTensors sharded on dim 0)."""
+    from ..sharding import row_shard
+
+    return any(row_shard(b.target.lora_b, b.target.name) is not None for b in bindings)
+
+
+def sharded_penalty_terms(bindings: list[AnchorBinding], include_lora_scaling: bool = False) -> tuple[list[torch.Tensor], Any]:
+    """This process's part of each module's `||(I - C) s B A||_F^2` under FSDP2, differentiable,
+    and the process group; the parts sum over processes to the whole penalty.
+
+    Each process holds rows `[i0, i1)` of `B` (`out x r`) and of its anchor (`C`'s rows, or the
+    factor `F`'s rows), and rows of `A` (`r x in`, sharded on `r`). With `M = B - C B`,
+    `||M A||^2 = sum((M^T M) * (A A^T))` and `M^T M = sum_i M_i^T M_i` over row blocks, so process
+    `i` computes `sum((M_i^T M_i) * (A A^T))` with
+
+    - `A` whole (one all_gather of the `A` rows of all modules together);
+    - dense `C`: `(C B)_i = C_i B`, `B` whole from one all_gather;
+    - factor `C = F F^T`: `(C B)_i = F_i (F^T B)`, `F^T B = sum_i F_i^T B_i` from one all_reduce.
+
+    No anchor leaves its process: per process the anchors take `1 / world` of their whole size
+    (up to `torch.chunk` rounding). The collectives are differentiable so that the gradient
+    of each process's part, summed over processes by their backward, is the gradient of the whole
+    penalty on this process's rows: a process adds `grad(part)` to its sharded gradients directly.
+    """
+    from ..sharding import all_reduce_sum, gather_rows, row_shard
+
+    rows: list[tuple[AnchorBinding, Any, Any, Anchor, torch.Tensor, torch.Tensor]] = []
+    for bnd in bindings:
+        t = bnd.target
+        sb, sa = row_shard(t.lora_b, f"{t.name} lora_B"), row_shard(t.lora_a, f"{t.name} lora_A")
+        if sb is None:
+            raise ValueError(f"AsFT: LoRA module {t.name!r}: lora_B is not sharded while others are (mixed engines)")
+        b_loc, a_loc = t.lora_b.to_local(), t.lora_a.to_local()
+        anchor = bnd.anchor_rows(sb.start, sb.stop, b_loc.device)
+        dtype = anchor.matrix.dtype
+        rows.append((bnd, sb, sa, anchor, b_loc.to(dtype), a_loc.to(dtype)))
+    if not rows:
+        return [], None
+    group = rows[0][1].group
+    with torch.autocast(device_type=rows[0][4].device.type, enabled=False):
+        to_gather: list[tuple[torch.Tensor, Any]] = [(a, sa) for _, _, sa, _, _, a in rows if sa is not None]
+        to_gather += [(b, sb) for _, sb, _, anc, b, _ in rows if anc.kind == "dense"]
+        fulls = iter(gather_rows(to_gather))
+        a_full = [next(fulls) if sa is not None else a for _, _, sa, _, _, a in rows]
+        b_full = {i: next(fulls) for i, (_, _, _, anc, _, _) in enumerate(rows) if anc.kind == "dense"}
+        factor_ix = [i for i, r in enumerate(rows) if r[3].kind == "factor"]
+        ftb = dict(zip(factor_ix, all_reduce_sum([rows[i][3].matrix.transpose(0, 1) @ rows[i][4] for i in factor_ix], group)))
+        parts: list[torch.Tensor] = []
+        for i, (bnd, _sb, _sa, anchor, b, _a) in enumerate(rows):
+            cb = anchor.matrix @ b_full[i] if anchor.kind == "dense" else anchor.matrix @ ftb[i]
+            m = b - cb
+            p = ((m.transpose(0, 1) @ m) * (a_full[i] @ a_full[i].transpose(0, 1))).sum()
+            s = bnd.target.scaling if include_lora_scaling else 1.0
+            parts.append(p * (s * s) if s != 1.0 else p)
+    return parts, group

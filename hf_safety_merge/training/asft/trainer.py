@@ -24,6 +24,7 @@ import torch
 from trl import SFTTrainer
 
 from ...errors import ConfigError
+from ..sharding import ShardedTrainingMixin, chunk_rows, row_shard
 from .anchors import AlignmentAnchors
 from .config import AsFTConfig
 from .peft_mixin import (
@@ -34,11 +35,12 @@ from .peft_mixin import (
     lora_targets_summary,
     resolve_anchors,
 )
+from .penalty import is_sharded, sharded_penalty_terms
 
 logger = logging.getLogger(__name__)
 
 
-class AsFTTrainer(SFTTrainer):
+class AsFTTrainer(ShardedTrainingMixin, SFTTrainer):
     """`SFTTrainer` plus AsFT's safety-anchored regulariser on the LoRA weights.
 
     Takes the same arguments as [`~trl.SFTTrainer`] (model, `peft_config`, datasets, ...) with an
@@ -48,9 +50,16 @@ class AsFTTrainer(SFTTrainer):
     Logged metrics (through TRL's `_metrics`, averaged over the logging window):
     `asft/penalty` (`sum ||(I - C) B A||_F^2`, unweighted), `asft/weighted_penalty`
     (`lambda * penalty`) and `asft/penalty_share` (its share of the total training loss).
+
+    Engines: one process, DDP and FSDP2 (the anchors are then sharded like the LoRA weights they
+    pair with: each process keeps `1 / world` of them; see :mod:`hf_safety_merge.training.sharding`
+    and :func:`~hf_safety_merge.training.asft.penalty.sharded_penalty_terms`). FSDP1 and DeepSpeed
+    ZeRO-3 are refused at start-up.
     """
 
     args: AsFTConfig
+    sharding_method = "AsFT"
+    supports_fsdp2 = True
 
     def __init__(self, *args: Any, anchors: AlignmentAnchors | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -58,6 +67,11 @@ class AsFTTrainer(SFTTrainer):
             raise ConfigError(f"AsFTTrainer needs an AsFTConfig as args, got {type(self.args).__name__}")
         cfg = self.args
         assert self.model is not None
+        self._setup_sharding()
+        if self.training_engine == "fsdp2" and cfg.fp16:
+            raise ConfigError("AsFT under FSDP2: fp16 with loss scaling is not supported; use bf16 (or float32)")
+        #: what the first training step saw of the sharding (for logs, summaries and tests)
+        self.asft_sharding: dict[str, Any] = {"engine": self.training_engine}
         targets = find_lora_targets(self.model, None, cfg.asft_target_modules)
         if not targets:
             raise ConfigError(
@@ -81,6 +95,15 @@ class AsFTTrainer(SFTTrainer):
                 # a local cache (file, or folder holding asft_anchors.safetensors, possibly empty):
                 # loaded when it matches this run, else rebuilt or refused (asft_rebuild_stale_anchors)
                 cache_path = cache
+        row_range = None
+        if self.training_engine == "fsdp2":
+            # FSDP2 shards every weight on dim 0 over all processes (torch.chunk sizes): read only
+            # this process's rows of each anchor from a file (checked against the LoRA shards later).
+            rank, world = self.accelerator.process_index, self.accelerator.num_processes
+
+            def row_range(_module: str, total: int) -> tuple[int, int]:
+                return chunk_rows(total, rank, world)
+
         # The main process computes (and caches) first; the others then read the cache.
         with self.accelerator.main_process_first():
             self.asft_anchors: AlignmentAnchors = resolve_anchors(
@@ -96,9 +119,31 @@ class AsFTTrainer(SFTTrainer):
                 base_revision=cfg.asft_base_revision,
                 on_mismatch="rebuild" if cfg.asft_rebuild_stale_anchors else "error",
                 rebuild_hint="set asft_rebuild_stale_anchors=true to recompute it",
+                row_range=row_range,
             )
         self.asft_bindings: list[AnchorBinding] = bind_anchors(targets, self.asft_anchors, strict=cfg.asft_strict)
+        if is_sharded(self.asft_bindings):
+            self._shard_anchors()
         logger.info("AsFT: anchored %s", lora_targets_summary(self.asft_bindings))
+
+    def _shard_anchors(self) -> None:
+        """Keep only this process's rows of each bound anchor (FSDP2), dropping whole ones."""
+        for bnd in self.asft_bindings:
+            sb = row_shard(bnd.target.lora_b, bnd.target.name)
+            if sb is not None:
+                bnd.anchor_rows(sb.start, sb.stop, bnd.anchor.matrix.device)
+        bound = {bnd.target.key: bnd.anchor for bnd in self.asft_bindings}
+        self.asft_anchors = AlignmentAnchors(bound, self.asft_anchors.projector, self.asft_anchors.k,
+                                             dict(self.asft_anchors.meta, sharded=True))
+
+    def asft_anchor_memory(self) -> dict[str, int]:
+        """Bytes of anchors this process holds (`local`) and of the whole anchors (`whole`)."""
+        local = whole = 0
+        for bnd in self.asft_bindings:
+            m = bnd.anchor.matrix
+            local += m.numel() * m.element_size()
+            whole += bnd.anchor.out_features * int(m.shape[1]) * m.element_size()
+        return {"local": local, "whole": whole}
 
     # -- the schedule -----------------------------------------------------------------------------
 
@@ -126,8 +171,41 @@ class AsFTTrainer(SFTTrainer):
 
     # -- the regulariser --------------------------------------------------------------------------
 
+    def _sharded_parts(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Under FSDP2: this process's part of the penalty (differentiable) and the whole penalty
+        (summed over processes, detached); None when the LoRA weights are not sharded."""
+        if not is_sharded(self.asft_bindings):
+            return None
+        if self.asft_anchors.meta.get("sharded") is not True:
+            self._shard_anchors()  # accelerate applied FSDP2 after __init__ (GPU launches)
+        if "lora_B" not in self.asft_sharding:
+            t = self.asft_bindings[0].target
+            sb = row_shard(t.lora_b, t.name)
+            assert sb is not None
+            self.asft_sharding.update({
+                "world": sb.world,
+                "module": t.name,
+                "lora_B": {"placements": [str(p) for p in t.lora_b.placements], "global_shape": list(t.lora_b.shape),
+                           "local_shape": list(t.lora_b.to_local().shape)},
+                "lora_A": {"placements": [str(p) for p in t.lora_a.placements], "global_shape": list(t.lora_a.shape),
+                           "local_shape": list(t.lora_a.to_local().shape)},
+                "anchor_rows": list(self.asft_bindings[0].anchor.rows or ()),
+                "anchor_bytes": self.asft_anchor_memory(),
+            })
+        parts, group = sharded_penalty_terms(self.asft_bindings, self.args.asft_include_lora_scaling)
+        import torch.distributed as dist
+
+        local = torch.stack(parts).sum()
+        whole = local.detach().clone()
+        dist.all_reduce(whole, group=group)
+        return local, whole
+
     def asft_penalty(self) -> torch.Tensor:
-        """`sum_l ||(I - C_l) B_l A_l||_F^2` of the current LoRA weights (differentiable)."""
+        """`sum_l ||(I - C_l) B_l A_l||_F^2` of the current LoRA weights (differentiable; under
+        FSDP2 its value only: the training step takes the gradient of each process's part)."""
+        sharded = self._sharded_parts()
+        if sharded is not None:
+            return sharded[1]
         p = anchored_penalty(self.asft_bindings, self.args.asft_include_lora_scaling)
         if p is None:  # asft_strict=False and nothing bound
             return torch.zeros((), device=self.args.device)
@@ -156,7 +234,17 @@ class AsFTTrainer(SFTTrainer):
         scaled = self._task_loss_is_scaled_for_ga(num_items_in_batch)
         steps = max(1, int(getattr(self, "current_gradient_accumulation_steps", 1) or 1)) if train else 1
 
-        if train and lam != 0.0:
+        sharded = self._sharded_parts() if train and lam != 0.0 else None
+        if sharded is not None:
+            # FSDP2: each process back-propagates its part of the penalty into its sharded
+            # gradients now (the collectives' backward sums the parts' gradients over processes,
+            # giving grad P on this process's rows; FSDP2 then adds the task gradient's
+            # reduce-scatter to them). The loss carries the whole penalty's value, detached.
+            local, penalty = sharded
+            (local * (lam / steps)).backward()
+            term = (lam / steps if scaled else lam) * penalty.to(loss.dtype)
+            loss = loss + term
+        elif train and lam != 0.0:
             penalty = self.asft_penalty()
             # Per micro-batch lambda * P / G once Trainer is done scaling: P is the same for the G
             # micro-batches of a step, so they sum to lambda * P per optimiser step.
@@ -186,6 +274,14 @@ class AsFTTrainer(SFTTrainer):
         from .anchors import basin_components
 
         out = {}
+        if is_sharded(self.asft_bindings):  # FSDP2: every process must call this (collectives)
+            import torch.distributed as dist
+
+            with torch.no_grad():
+                parts, group = sharded_penalty_terms(self.asft_bindings, include_lora_scaling=True)
+                total = torch.stack(parts).double()
+                dist.all_reduce(total, group=group)
+            return {bnd.target.name: float(v.clamp_min(0).sqrt()) for bnd, v in zip(self.asft_bindings, total)}
         for bnd in self.asft_bindings:
             t = bnd.target
             anchor = bnd.anchor_on(t.lora_b.device)

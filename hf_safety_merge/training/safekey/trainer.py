@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from ...errors import ConfigError
+from ..sharding import ShardedTrainingMixin
 from .collator import SafeKeyDataCollator, build_qmm_inputs
 from .config import (
     HEADS_FILE,
@@ -91,7 +92,7 @@ class _EpochCallback(TrainerCallback):
         self.trainer._safekey_steps_per_epoch = max(n // ga + int(n % ga > 0), 1)
 
 
-class SafeKeyTrainer(SFTTrainer):
+class SafeKeyTrainer(ShardedTrainingMixin, SFTTrainer):
     """`SFTTrainer` plus SafeKey's dual-path safety head and query-mask modelling losses.
 
     Takes the same arguments as [`~trl.SFTTrainer`] with a [`SafeKeyConfig`]. The training data is
@@ -108,6 +109,8 @@ class SafeKeyTrainer(SFTTrainer):
     """
 
     args: SafeKeyConfig
+    sharding_method = "SafeKey"
+    supports_fsdp2 = False  # refused at start-up: see hf_safety_merge.training.sharding
     #: the QMM mode in use: `safekey_qmm_mode` with "auto" resolved for the model (see :func:`resolve_qmm_mode`)
     safekey_qmm_mode: str
 
@@ -121,6 +124,7 @@ class SafeKeyTrainer(SFTTrainer):
         if user_collator is not None and not isinstance(user_collator, SafeKeyDataCollator):
             raise ConfigError(f"SafeKeyTrainer needs a SafeKeyDataCollator (or none), got {type(user_collator).__name__}")
         super().__init__(*args, **kwargs)
+        self._setup_sharding()  # FSDP and ZeRO-3 are refused here, before any training
         cfg = self.args
         if not isinstance(self.data_collator, SafeKeyDataCollator):
             self.data_collator = SafeKeyDataCollator(
