@@ -176,6 +176,7 @@ class DistillTrainer(ShardedTrainingMixin, SFTTrainer):
             args = DistillConfig(output_dir="distill-output")
         if not isinstance(args, DistillConfig):
             raise ConfigError(f"DistillTrainer needs a DistillConfig, got {type(args).__name__}")
+        self._refuse_early(args)
         if isinstance(model, str):
             from transformers import AutoModelForCausalLM
 

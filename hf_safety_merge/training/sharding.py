@@ -10,7 +10,7 @@ Engines and who supports what (docs/asft.md, docs/safekey.md, docs/distillation.
 | FSDP2 (`fully_shard`; accelerate `fsdp_version: 2`; TRL `--fsdp ... --fsdp_config '{"version": 2}'`) | yes, anchors sharded like the LoRA weights | refused at start-up | refused at start-up |
 | FSDP1 | refused at start-up | refused at start-up | refused at start-up |
 | DeepSpeed ZeRO-1/2 | as DDP (parameters whole) | as DDP | as DDP |
-| DeepSpeed ZeRO-3 | refused at start-up | refused at start-up | refused at start-up |
+| DeepSpeed ZeRO-3 | yes, anchors sharded by rows (`training.asft.zero3`) | refused at start-up | refused at start-up |
 
 FSDP2 on CPU: `accelerate` only turns FSDP on for accelerator devices; on CPU a `--fsdp` run
 becomes plain DDP without a word (the LoRA weights stay whole `Parameter`s). The trainers here
@@ -123,7 +123,7 @@ class ShardedTrainingMixin:
     """For this library's `Trainer` subclasses: checks the training engine at start-up and makes
     FSDP2 real on CPU.
 
-    Subclasses set `sharding_method` (a name for messages) and `supports_fsdp2`. At the end of
+    Subclasses set `sharding_method` (a name for messages), `supports_fsdp2` and `supports_zero3`. At the end of
     `__init__` they call :meth:`_setup_sharding`: an engine the trainer cannot train exactly under
     is refused with one line that says which engine to use instead; FSDP2 asked for on a CPU launch
     is applied here (see the module docstring). Under FSDP2 the saved model is gathered from the
@@ -132,9 +132,26 @@ class ShardedTrainingMixin:
 
     sharding_method: str = "this trainer"
     supports_fsdp2: bool = False
+    supports_zero3: bool = False
     #: the engine found at start-up (see :func:`training_engine`)
     training_engine: str = "single"
     _sharded_here: bool = False
+
+    @classmethod
+    def _refuse_early(cls, args: Any) -> None:
+        """What the arguments alone rule out, before the Trainer builds its accelerator (FSDP1 on
+        CPU fails inside accelerate with a message about `sync_module_states`)."""
+        if fsdp_version(args) == 1:
+            raise ConfigError(
+                f"{cls.sharding_method} does not support FSDP1 (it keeps the weights as flat shards outside the forward pass); "
+                + ("use FSDP2 (fsdp_config: {version: 2}; accelerate: --fsdp_version 2) or DDP" if cls.supports_fsdp2 else
+                   "launch it with DDP (accelerate launch --num_processes N, without --use_fsdp / --fsdp)")
+            )
+        if fsdp_version(args) == 2 and not cls.supports_fsdp2:
+            raise ConfigError(
+                f"{cls.sharding_method} does not support FSDP2 (sharded weights); launch it with DDP "
+                "(accelerate launch --num_processes N, without --use_fsdp / --fsdp) or DeepSpeed ZeRO-2"
+            )
 
     def _setup_sharding(self) -> None:
         t: Any = self
@@ -145,7 +162,7 @@ class ShardedTrainingMixin:
                 f"{what} does not support FSDP1 (it keeps the weights as flat shards outside the forward pass); "
                 "use FSDP2 (fsdp_config: {version: 2}; accelerate: --fsdp_version 2) or DDP"
             )
-        if engine == "deepspeed-zero3":
+        if engine == "deepspeed-zero3" and not self.supports_zero3:
             raise ConfigError(
                 f"{what} does not support DeepSpeed ZeRO-3 (parameters are partitioned outside the forward pass); "
                 + ("use FSDP2 (accelerate launch --use_fsdp --fsdp_version 2) or ZeRO-2" if self.supports_fsdp2 else "use DDP or ZeRO-2")

@@ -53,15 +53,20 @@ class AsFTTrainer(ShardedTrainingMixin, SFTTrainer):
 
     Engines: one process, DDP and FSDP2 (the anchors are then sharded like the LoRA weights they
     pair with: each process keeps `1 / world` of them; see :mod:`hf_safety_merge.training.sharding`
-    and :func:`~hf_safety_merge.training.asft.penalty.sharded_penalty_terms`). FSDP1 and DeepSpeed
-    ZeRO-3 are refused at start-up.
+    and :func:`~hf_safety_merge.training.asft.penalty.sharded_penalty_terms`) and DeepSpeed ZeRO-3
+    (the penalty runs as a module DeepSpeed gathers the LoRA weights for, anchors sharded by rows:
+    :mod:`hf_safety_merge.training.asft.zero3`). FSDP1 is refused at start-up.
     """
 
     args: AsFTConfig
     sharding_method = "AsFT"
     supports_fsdp2 = True
+    supports_zero3 = True
 
     def __init__(self, *args: Any, anchors: AlignmentAnchors | None = None, **kwargs: Any) -> None:
+        given = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if given is not None:
+            self._refuse_early(given)
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, AsFTConfig):
             raise ConfigError(f"AsFTTrainer needs an AsFTConfig as args, got {type(self.args).__name__}")
@@ -70,6 +75,7 @@ class AsFTTrainer(ShardedTrainingMixin, SFTTrainer):
         self._setup_sharding()
         if self.training_engine == "fsdp2" and cfg.fp16:
             raise ConfigError("AsFT under FSDP2: fp16 with loss scaling is not supported; use bf16 (or float32)")
+        self._zero3_penalty: Any = None
         #: what the first training step saw of the sharding (for logs, summaries and tests)
         self.asft_sharding: dict[str, Any] = {"engine": self.training_engine}
         targets = find_lora_targets(self.model, None, cfg.asft_target_modules)
@@ -96,7 +102,7 @@ class AsFTTrainer(ShardedTrainingMixin, SFTTrainer):
                 # loaded when it matches this run, else rebuilt or refused (asft_rebuild_stale_anchors)
                 cache_path = cache
         row_range = None
-        if self.training_engine == "fsdp2":
+        if self.training_engine in ("fsdp2", "deepspeed-zero3"):
             # FSDP2 shards every weight on dim 0 over all processes (torch.chunk sizes): read only
             # this process's rows of each anchor from a file (checked against the LoRA shards later).
             rank, world = self.accelerator.process_index, self.accelerator.num_processes
@@ -124,6 +130,16 @@ class AsFTTrainer(ShardedTrainingMixin, SFTTrainer):
         self.asft_bindings: list[AnchorBinding] = bind_anchors(targets, self.asft_anchors, strict=cfg.asft_strict)
         if is_sharded(self.asft_bindings):
             self._shard_anchors()
+        if self.training_engine == "deepspeed-zero3":
+            from .zero3 import ZeroPenaltyModule
+
+            # a submodule before DeepSpeed wraps the model, so that DeepSpeed hooks it
+            self._zero3_penalty = ZeroPenaltyModule(self.asft_bindings, cfg.asft_include_lora_scaling,
+                                                    self.accelerator.process_index, self.accelerator.num_processes)
+            self.model.add_module("asft_zero3_penalty", self._zero3_penalty)
+            bound = {bnd.target.key: bnd.anchor for bnd in self.asft_bindings}
+            self.asft_anchors = AlignmentAnchors(bound, self.asft_anchors.projector, self.asft_anchors.k,
+                                                 dict(self.asft_anchors.meta, sharded=True))
         logger.info("AsFT: anchored %s", lora_targets_summary(self.asft_bindings))
 
     def _shard_anchors(self) -> None:
@@ -171,6 +187,28 @@ class AsFTTrainer(ShardedTrainingMixin, SFTTrainer):
 
     # -- the regulariser --------------------------------------------------------------------------
 
+    def _zero3_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Under ZeRO-3: this process's part of each module's penalty (differentiable, through
+        DeepSpeed's gathered weights) and the whole per-module penalties (detached)."""
+        import torch.distributed as dist
+
+        local = self._zero3_penalty()
+        whole = local.detach().clone()
+        dist.all_reduce(whole)
+        if "anchor_rows" not in self.asft_sharding:
+            t = self.asft_bindings[0].target
+            w = t.lora_b
+            self.asft_sharding.update({
+                "world": self.accelerator.num_processes,
+                "module": t.name,
+                "lora_B": {"ds_status": str(getattr(w, "ds_status", None)), "global_shape": list(getattr(w, "ds_shape", w.shape)),
+                           "local_shape": list(w.ds_tensor.shape) if hasattr(w, "ds_tensor") else None,
+                           "data_shape_outside_forward": list(w.data.shape)},
+                "anchor_rows": list(self.asft_bindings[0].anchor.rows or ()),
+                "anchor_bytes": self.asft_anchor_memory(),
+            })
+        return local, whole
+
     def _sharded_parts(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Under FSDP2: this process's part of the penalty (differentiable) and the whole penalty
         (summed over processes, detached); None when the LoRA weights are not sharded."""
@@ -203,6 +241,8 @@ class AsFTTrainer(ShardedTrainingMixin, SFTTrainer):
     def asft_penalty(self) -> torch.Tensor:
         """`sum_l ||(I - C_l) B_l A_l||_F^2` of the current LoRA weights (differentiable; under
         FSDP2 its value only: the training step takes the gradient of each process's part)."""
+        if self._zero3_penalty is not None:
+            return self._zero3_parts()[1].sum()
         sharded = self._sharded_parts()
         if sharded is not None:
             return sharded[1]
@@ -234,8 +274,19 @@ class AsFTTrainer(ShardedTrainingMixin, SFTTrainer):
         scaled = self._task_loss_is_scaled_for_ga(num_items_in_batch)
         steps = max(1, int(getattr(self, "current_gradient_accumulation_steps", 1) or 1)) if train else 1
 
-        sharded = self._sharded_parts() if train and lam != 0.0 else None
-        if sharded is not None:
+        sharded = self._sharded_parts() if train and lam != 0.0 and self._zero3_penalty is None else None
+        if train and lam != 0.0 and self._zero3_penalty is not None:
+            # ZeRO-3: one backward (DeepSpeed reduces each weight's gradient once). DeepSpeed
+            # averages gradients over the w processes, so the loss carries w x this process's
+            # part for the gradient and the whole penalty as its value.
+            local_parts, whole_parts = self._zero3_parts()
+            w = float(self.accelerator.num_processes)
+            local, penalty = local_parts.sum(), whole_parts.sum()
+            pen = w * local + (penalty - w * local).detach()
+            term = (lam / steps if scaled else lam) * pen.to(loss.dtype)
+            loss = loss + term
+            term = term.detach()
+        elif sharded is not None:
             # FSDP2: each process back-propagates its part of the penalty into its sharded
             # gradients now (the collectives' backward sums the parts' gradients over processes,
             # giving grad P on this process's rows; FSDP2 then adds the task gradient's
@@ -274,6 +325,14 @@ class AsFTTrainer(ShardedTrainingMixin, SFTTrainer):
         from .anchors import basin_components
 
         out = {}
+        if self._zero3_penalty is not None:  # ZeRO-3: every process must call this (collectives)
+            with torch.no_grad():
+                self._zero3_penalty.include_lora_scaling, keep = True, self._zero3_penalty.include_lora_scaling
+                try:
+                    total = self._zero3_parts()[1].double()
+                finally:
+                    self._zero3_penalty.include_lora_scaling = keep
+            return {bnd.target.name: float(v.clamp_min(0).sqrt()) for bnd, v in zip(self.asft_bindings, total)}
         if is_sharded(self.asft_bindings):  # FSDP2: every process must call this (collectives)
             import torch.distributed as dist
 

@@ -120,6 +120,7 @@ class SafeKeyTrainer(ShardedTrainingMixin, SFTTrainer):
             raise ConfigError(f"SafeKeyTrainer needs a SafeKeyConfig as args, got {type(cfg).__name__}")
         if cfg is None:
             raise ConfigError("SafeKeyTrainer needs args=SafeKeyConfig(...)")
+        self._refuse_early(cfg)
         user_collator = kwargs.get("data_collator", args[2] if len(args) > 2 else None)
         if user_collator is not None and not isinstance(user_collator, SafeKeyDataCollator):
             raise ConfigError(f"SafeKeyTrainer needs a SafeKeyDataCollator (or none), got {type(user_collator).__name__}")
