@@ -39,3 +39,19 @@ def test_bench_merge_runs_side_by_side_and_writes_json(tmp_path: Path) -> None:
     timing = res["hf_safety_merge:enchtable"]["timing"]
     assert set(timing) == {"global_pass", "merge_pass"} and 0.0 <= timing["global_pass"]["overlap"] <= 1.0
     assert res["hf_safety_merge:task_arithmetic"]["peak_rss"] > 0
+
+
+def test_bench_sharded_asft_runs_ddp_and_fsdp2_side_by_side(tmp_path: Path) -> None:
+    """2 processes on a tiny Llama: DDP and FSDP2 rows, the penalty's bytes counted under FSDP2
+    (none of its own under DDP), anchors per process half of the whole under FSDP2."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_sharded_asft.py"), "--model", "tiny", "--targets", "qv",
+                        "--steps", "1", "--warmup", "0", "--seq", "32", "--out", str(tmp_path)],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "| qv | ddp |" in r.stdout and "| qv | fsdp2 |" in r.stdout
+    res = json.loads((tmp_path / "bench_sharded_asft.json").read_text())["results"]
+    ddp, fsdp = res["qv/ddp"], res["qv/fsdp2"]
+    assert ddp["penalty_bytes_sent_per_step"] == 0 and fsdp["penalty_bytes_sent_per_step"] > 0
+    assert ddp["anchor_bytes_per_process"] == ddp["anchor_bytes_whole"] == fsdp["anchor_bytes_whole"]
+    assert fsdp["anchor_bytes_per_process"] * 2 == fsdp["anchor_bytes_whole"]
+    assert all(v["step_with_s"] > 0 and v["penalty_alone_s"] > 0 for v in res.values())

@@ -435,3 +435,77 @@ def test_asft_script_zero3(setup: dict[str, Path], tmp_path: Path) -> None:
     for x, y in zip(a["loss"], b["loss"], strict=True):
         assert y == pytest.approx(x, rel=1e-4)
     assert (two / "out" / "adapter_model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# The Python API: AsFTTrainer over a model the user sharded with fully_shard
+# ---------------------------------------------------------------------------------------------
+
+
+def _api_run(paths: dict[str, str], out: Path, sharded: bool, **over: Any) -> dict[str, Any]:
+    from datasets import load_dataset
+    from test_asft_training import make_tokenizer, train_args
+
+    from hf_safety_merge.training import AsFTConfig, AsFTTrainer
+    from hf_safety_merge.training.sharding import apply_fsdp2
+
+    model = lora_model(Path(paths["aligned"]), r=4, targets=("q_proj", "v_proj", "up_proj", "down_proj"))
+    if sharded:
+        apply_fsdp2(model)  # the user's own fully_shard, before the trainer
+    opts: dict[str, Any] = dict(asft_lambda=5.0, asft_base_model=paths["base"], asft_aligned_model=paths["aligned"],
+                                asft_anchors_path=paths["anchors"], optim="sgd", learning_rate=0.5, max_steps=3,
+                                train_sampling_strategy="sequential")
+    opts.update(over)
+    trainer = AsFTTrainer(model=model, args=train_args(AsFTConfig, out, **opts),
+                          train_dataset=load_dataset(paths["data"], split="train"), processing_class=make_tokenizer())
+    trainer.train()
+    hist = trainer.state.log_history
+    return {"engine": trainer.training_engine, "sharding": trainer.asft_sharding,
+            "penalty": [h["asft/penalty"] for h in hist if "asft/penalty" in h], "loss": [h["loss"] for h in hist if "loss" in h],
+            "drift": trainer.asft_drift()}
+
+
+def _api_worker(rank: int, world: int, port: int, paths: dict[str, str], out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        r = _api_run(paths, Path(out) / f"run{rank}", True, per_device_train_batch_size=2)
+        if rank == 0:
+            Path(out, "api.json").write_text(json.dumps(r))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_python_api_asft_trainer_on_a_fully_sharded_model(setup: dict[str, Path], tmp_path: Path) -> None:
+    """`AsFTTrainer(model=fully_shard(peft_model), ...)` on 2 processes (no --fsdp flag: the
+    trainer finds the DTensor weights, does not wrap them in DDP, shards its anchors) equals one
+    process with the same examples per step."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from hf_safety_merge.training import AlignmentAnchors
+
+    anchors = tmp_path / "anchors.safetensors"
+    mods = [f"model.layers.{i}.{'self_attn' if t in ('q_proj', 'v_proj') else 'mlp'}.{t}" for i in range(2)
+            for t in ("q_proj", "v_proj", "up_proj", "down_proj")]
+    AlignmentAnchors.from_checkpoints(setup["aligned"], setup["base"], mods).save(anchors)
+    paths = {**{k: str(v) for k, v in setup.items()}, "anchors": str(anchors)}
+    one = _api_run(paths, tmp_path / "one", False, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_api_worker, args=(2, port, paths, str(tmp_path)), nprocs=2, join=True)
+    two = json.loads((tmp_path / "api.json").read_text())
+    assert one["engine"] == "single" and two["engine"] == "fsdp2"
+    assert two["sharding"]["lora_B"]["placements"] == ["S(0)"] and two["sharding"]["anchor_bytes"]["local"] * 2 == two["sharding"]["anchor_bytes"]["whole"]
+    assert len(one["penalty"]) == len(two["penalty"]) == 3 and one["penalty"][-1] > 0
+    for x, y in zip(one["penalty"] + one["loss"], two["penalty"] + two["loss"], strict=True):
+        assert y == pytest.approx(x, rel=1e-5, abs=1e-10)
+    for k, v in one["drift"].items():
+        assert two["drift"][k] == pytest.approx(v, rel=1e-5)

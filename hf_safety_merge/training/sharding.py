@@ -97,7 +97,7 @@ def training_engine(trainer: Any) -> str:
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules FSDP2 shards one by one: those whose class the transformers model names in
     `_no_split_modules` (its decoder layers), found through a PEFT wrapper."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner: Any = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
     names = set(getattr(inner, "_no_split_modules", None) or [])
     if not names:
         raise ConfigError(f"{type(inner).__name__} names no decoder layer class (_no_split_modules); cannot apply FSDP2 per layer")
@@ -297,7 +297,7 @@ class _GatherRows(torch.autograd.Function):
     all_reduce) and each process keeps its rows."""
 
     @staticmethod
-    def forward(ctx: Any, shards: list[RowShard], *locals_: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+    def forward(ctx: Any, shards: list[RowShard], *locals_: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.shards = shards
         group, world = _same_group(shards), shards[0].world
         flats = []
@@ -320,7 +320,7 @@ class _GatherRows(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
         shards: list[RowShard] = ctx.shards
         flat = torch.cat([g.contiguous().reshape(-1) for g in grads])
         dist.all_reduce(flat, group=shards[0].group)
@@ -339,7 +339,7 @@ class _AllReduceSum(torch.autograd.Function):
     processes of the incoming gradients."""
 
     @staticmethod
-    def forward(ctx: Any, group: Any, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+    def forward(ctx: Any, group: Any, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.group = group
         flat = torch.cat([x.contiguous().reshape(-1) for x in xs])
         dist.all_reduce(flat, group=group)
@@ -347,7 +347,7 @@ class _AllReduceSum(torch.autograd.Function):
         return tuple(_split_like(flat, xs))
 
     @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
         flat = torch.cat([g.contiguous().reshape(-1) for g in grads])
         dist.all_reduce(flat, group=ctx.group)
         COMM_BYTES["backward"] += flat.numel() * flat.element_size()

@@ -5,7 +5,7 @@ loop)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -132,7 +132,7 @@ def sharded_penalty_terms(bindings: list[AnchorBinding], include_lora_scaling: b
         sb, sa = row_shard(t.lora_b, f"{t.name} lora_B"), row_shard(t.lora_a, f"{t.name} lora_A")
         if sb is None:
             raise ValueError(f"AsFT: LoRA module {t.name!r}: lora_B is not sharded while others are (mixed engines)")
-        b_loc, a_loc = t.lora_b.to_local(), t.lora_a.to_local()
+        b_loc, a_loc = cast(Any, t.lora_b).to_local(), cast(Any, t.lora_a).to_local()
         anchor = bnd.anchor_rows(sb.start, sb.stop, b_loc.device)
         dtype = anchor.matrix.dtype
         rows.append((bnd, sb, sa, anchor, b_loc.to(dtype), a_loc.to(dtype)))

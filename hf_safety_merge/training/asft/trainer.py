@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from trl import SFTTrainer
@@ -220,13 +220,14 @@ class AsFTTrainer(ShardedTrainingMixin, SFTTrainer):
             t = self.asft_bindings[0].target
             sb = row_shard(t.lora_b, t.name)
             assert sb is not None
+            lb, la = cast(Any, t.lora_b), cast(Any, t.lora_a)  # DTensors
             self.asft_sharding.update({
                 "world": sb.world,
                 "module": t.name,
-                "lora_B": {"placements": [str(p) for p in t.lora_b.placements], "global_shape": list(t.lora_b.shape),
-                           "local_shape": list(t.lora_b.to_local().shape)},
-                "lora_A": {"placements": [str(p) for p in t.lora_a.placements], "global_shape": list(t.lora_a.shape),
-                           "local_shape": list(t.lora_a.to_local().shape)},
+                "lora_B": {"placements": [str(p) for p in lb.placements], "global_shape": list(lb.shape),
+                           "local_shape": list(lb.to_local().shape)},
+                "lora_A": {"placements": [str(p) for p in la.placements], "global_shape": list(la.shape),
+                           "local_shape": list(la.to_local().shape)},
                 "anchor_rows": list(self.asft_bindings[0].anchor.rows or ()),
                 "anchor_bytes": self.asft_anchor_memory(),
             })
@@ -282,8 +283,8 @@ class AsFTTrainer(ShardedTrainingMixin, SFTTrainer):
             local_parts, whole_parts = self._zero3_parts()
             w = float(self.accelerator.num_processes)
             local, penalty = local_parts.sum(), whole_parts.sum()
-            pen = w * local + (penalty - w * local).detach()
-            term = (lam / steps if scaled else lam) * pen.to(loss.dtype)
+            pen_grad = w * local + (penalty - w * local).detach()
+            term = (lam / steps if scaled else lam) * pen_grad.to(loss.dtype)
             loss = loss + term
             term = term.detach()
         elif sharded is not None:

@@ -18,7 +18,7 @@ processes, so each process back-propagates `w` times its part (see `AsFTTrainer.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -46,7 +46,7 @@ class ZeroPenaltyModule(nn.Module):
             bnd.anchor_rows(*chunk_rows(out, rank, world), bnd.anchor.matrix.device)
 
     def forward(self) -> torch.Tensor:
-        bindings: list[AnchorBinding] = self._bindings  # type: ignore[attr-defined]
+        bindings = cast("list[AnchorBinding]", self.__dict__["_bindings"])
         rows = []
         for bnd in bindings:
             anchor = bnd.anchor
