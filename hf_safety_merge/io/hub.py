@@ -354,6 +354,36 @@ def resolve_checkpoint(
     return Path(local), display
 
 
+def resolve_commit(
+    ref: str | os.PathLike[str], *, revision: str | None = None, token: str | bool | None = None
+) -> str | None:
+    """The commit a Hub repo id's `revision` (default: the default branch) resolves to now, or
+    None when `ref` is a local path.
+
+    One metadata request, no file download (`HfApi.resolve_revision`); a commit hash resolves to
+    itself without a request. Offline (`HF_HUB_OFFLINE=1`), or when the Hub cannot be reached,
+    the commit the local HF cache records for that revision (its `refs/` folder) is used.
+    Failures (unknown repo or revision, nothing cached offline) raise `CheckpointError` or
+    `HubError` in one line.
+    """
+    ref = str(ref)
+    if _local_path(ref) is not None:
+        return None
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RevisionResolutionError
+
+    display = f"{ref}@{revision}" if revision else ref
+    try:
+        resolved = _hub_call(display, "the commit of its revision", HfApi(token=token).resolve_revision, ref,
+                             revision=revision, local_files_only=_offline())
+    except RevisionResolutionError as e:  # offline or unreachable, and no refs/ entry in the cache
+        raise CheckpointError(
+            f"{display}: cannot resolve its revision to a commit: the Hub ({_endpoint()}) cannot be reached "
+            f"(offline, or HF_HUB_OFFLINE=1) and the local HF cache records no commit for it"
+        ) from e
+    return str(resolved.resolved)
+
+
 def open_remote(
     ref: str,
     *,

@@ -25,6 +25,7 @@ tensors of the two checkpoints, and cached as one safetensors file (tensors ``<m
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -35,13 +36,15 @@ from typing import Any, Literal
 
 import torch
 
-from ...errors import CheckpointError, ConfigError, did_you_mean
+from ...errors import CheckpointError, ConfigError, SafetyMergeError, did_you_mean
 
 ProjectorKind = Literal["safe_lora", "topk"]
 PROJECTORS: tuple[str, ...] = ("safe_lora", "topk")
 ANCHORS_FORMAT = "hf-safety-merge/asft-anchors"
 ANCHORS_VERSION = "1"
 DEFAULT_ANCHORS_FILENAME = "asft_anchors.safetensors"
+
+logger = logging.getLogger(__name__)
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -93,6 +96,22 @@ def same_checkpoint(recorded: str | None, recorded_path: str | None, given: str 
         return False
     there = recorded_path or _local_path(recorded)
     return there is not None and there == here
+
+
+def _read_commit(src: Any, ref: str | os.PathLike[str], revision: str | None) -> str | None:
+    """The commit an opened checkpoint is read at: a Hub checkpoint is pinned to one when opened;
+    offline it is the snapshot the local HF cache holds for `revision` (from its refs/ folder, no
+    request). None for a local checkpoint (or, with a warning, when it cannot be told)."""
+    from ...io.hub import resolve_commit
+
+    commit = getattr(src, "commit", None)
+    if isinstance(commit, str):
+        return commit
+    try:
+        return resolve_commit(ref, revision=revision)
+    except SafetyMergeError as e:
+        logger.warning("AsFT: cannot tell which commit of %s the anchors are built from, so none is recorded: %s", ref, e)
+        return None
 
 
 @dataclass
@@ -330,6 +349,10 @@ class AlignmentAnchors(Mapping[str, Anchor]):
         src_a = open_checkpoint(aligned, revision=aligned_revision)
         src_b = open_checkpoint(base, revision=base_revision)
         try:
+            # the commit each Hub checkpoint is read at: a Hub checkpoint is pinned to one commit
+            # when opened; offline it is the snapshot the local HF cache holds for the revision
+            # (read from its refs/ folder, no request); None for local checkpoints
+            commits = [_read_commit(src, ref, rev) for src, ref, rev in ((src_a, aligned, aligned_revision), (src_b, base, base_revision))]
             keys_a, keys_b = src_a.keys(), src_b.keys()
             weights_a = [k_ for k_ in keys_a if k_.endswith(".weight")]
             weights_b = [k_ for k_ in keys_b if k_.endswith(".weight")]
@@ -374,6 +397,10 @@ class AlignmentAnchors(Mapping[str, Anchor]):
             "base_files": checkpoint_fingerprint(base),
             "aligned_revision": aligned_revision,
             "base_revision": base_revision,
+            # the commits the Hub checkpoints were read at (None for local checkpoints), so that a
+            # repo that changed upstream since is noticed even without a pinned revision
+            "aligned_commit": commits[0],
+            "base_commit": commits[1],
             "dtype": str(out_dtype).removeprefix("torch."),
         }
         return cls(anchors, projector, k if projector == "topk" else None, meta)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ...errors import ConfigError
+from ...errors import ConfigError, SafetyMergeError
 from .anchors import (
     DEFAULT_ANCHORS_FILENAME,
     AlignmentAnchors,
@@ -29,6 +29,8 @@ from .anchors import (
 )
 
 logger = logging.getLogger(__name__)
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass
@@ -167,6 +169,11 @@ def anchors_mismatch(
     modules is fine: an anchor depends on its own module's weights only). Checkpoints compare equal
     when the strings agree or they resolve to the same local folder; a local checkpoint whose
     weight files changed (size or modification time) since the anchors were built does not match.
+    A Hub checkpoint is resolved to its commit now (one metadata request, or the local HF cache's
+    record offline; :func:`~hf_safety_merge.io.hub.resolve_commit`) and compared with the commit
+    the anchors were built at: a different commit does not match, the same commit matches whatever
+    the revision is called. A file without a recorded commit (older versions), or a commit that
+    cannot be resolved now, falls back to comparing the revisions, with a warning.
     """
     meta = cached.meta
     for what, given, rev in (("aligned", aligned, aligned_revision), ("base", base, base_revision)):
@@ -181,6 +188,13 @@ def anchors_mismatch(
         if recorded_files is not None and files is not None and recorded_files != files:
             changed = sorted(set(recorded_files) ^ set(files) | {f for f in files if recorded_files.get(f) != files[f]})
             return f"{what} model {str(given)!r} as it was before its weight files changed ({', '.join(changed[:3])})"
+        recorded_commit = meta.get(f"{what}_commit")
+        current = _current_commit(cached, what, given, rev, recorded_commit) if files is None else None
+        if current is not None and recorded_commit is not None:
+            if current != recorded_commit:
+                at = f" (revision {rev!r})" if rev else ""
+                return f"{what} model {str(given)!r} at commit {recorded_commit}, but this run resolves it{at} to commit {current}"
+            continue  # the same commit: the same weights, whatever the revision is called
         if meta.get(f"{what}_revision") != rev:
             return f"{what} revision {meta.get(f'{what}_revision')!r}, but this run asks for {rev!r}"
     if projector is not None and cached.projector != projector:
@@ -194,6 +208,35 @@ def anchors_mismatch(
             f"(e.g. {missing[0]!r})"
         )
     return None
+
+
+def _current_commit(
+    cached: AlignmentAnchors, what: str, given: str | os.PathLike[str], rev: str | None, recorded: str | None
+) -> str | None:
+    """The commit the Hub checkpoint `given` resolves to now, to compare with the `recorded` one;
+    None (with a warning saying why the commit cannot be checked) when it is no Hub id, when the
+    anchors record no commit (files written before commits were recorded: nothing is requested
+    then), or when it cannot be resolved (the caller then compares the revisions)."""
+    from ...io.hub import is_repo_id, resolve_commit
+
+    ref = str(given)
+    if not is_repo_id(ref):
+        return None
+    where = cached.meta.get("loaded_from", "the anchors")
+    if recorded is None:
+        if not (rev is not None and _COMMIT.fullmatch(rev)):  # a pinned commit is exact already
+            logger.warning(
+                "AsFT: %s records no commit of the %s model %r (written by an older version), so a change to that repo "
+                "since the anchors were built cannot be detected; pin its revision to a commit, or rebuild the anchors "
+                "to record one", where, what, ref,
+            )
+        return None
+    try:
+        return resolve_commit(ref, revision=rev)
+    except SafetyMergeError as e:
+        logger.warning("AsFT: cannot check that the %s model %r is still at commit %s (the commit %s was built at): %s",
+                       what, ref, recorded, where, e)
+        return None
 
 
 def resolve_anchors(
@@ -218,11 +261,12 @@ def resolve_anchors(
 
     `cache_path` is a safetensors file or a folder (which then holds `asft_anchors.safetensors`;
     an existing empty folder is fine). A cached or given anchors file is checked against this run
-    (:func:`anchors_mismatch`: aligned / base checkpoints and revisions, projector, target
-    modules). On a mismatch a cache is rebuilt when `on_mismatch="rebuild"` (and the base is
-    known), otherwise a one-line :class:`ConfigError` names the field; `rebuild_hint` says how
-    to rebuild in the caller's terms. `row_range` (FSDP2: this process's rows of each module)
-    makes a loaded file read only those rows (see :meth:`AlignmentAnchors.load`).
+    (:func:`anchors_mismatch`: aligned / base checkpoints, their revisions and, for Hub
+    checkpoints, the commits they resolve to now, projector, target modules). On a mismatch a
+    cache is rebuilt when `on_mismatch="rebuild"` (and the base is known), otherwise a one-line
+    :class:`ConfigError` names the field; `rebuild_hint` says how to rebuild in the caller's
+    terms. `row_range` (FSDP2: this process's rows of each module) makes a loaded file read only
+    those rows (see :meth:`AlignmentAnchors.load`).
     """
     if isinstance(anchors, AlignmentAnchors):
         return anchors
