@@ -50,6 +50,10 @@ class SafetyMergeConfig:
         *_revision: Hub revisions (branch, tag or commit) of the inputs.
         allow_pickle: read legacy pickle `.bin` checkpoints (unsafe; off by default).
         overwrite: replace a non-empty `output_dir`.
+        on_shape_mismatch: "error" (default) refuses a tensor whose shape differs between the task
+            model and the safety vector or the reference (e.g. a fine-tune that added tokens);
+            "skip" keeps the task model's weights for such tensors, as the EnchTable reference
+            does, and names them in `merge_report.json` and the card.
         allow_non_finite: pass NaN/Inf values in the inputs through to the output with a warning
             instead of refusing the merge (off by default: no non-finite model is ever written
             silently).
@@ -82,6 +86,7 @@ class SafetyMergeConfig:
     allow_pickle: bool = False
     overwrite: bool = False
     allow_non_finite: bool = False
+    on_shape_mismatch: Literal["error", "skip"] = "error"
     push_to_hub: _Ref | None = None
     private: bool = False
     create_pr: bool = False
@@ -127,7 +132,9 @@ class SafetyMergeConfig:
         if self.calibration is not None:
             from .calibrate.config import CalibrationConfig
 
-            CalibrationConfig.from_dict(self.calibration).scale_for(self.method)
+            scaled = CalibrationConfig.from_dict(self.calibration).scale_for(self.method)[0]
+            if scaled == "beta" and self.parameters.get("alpha") is not None:
+                raise ConfigError("calibration searches 'beta': remove the fixed 'alpha' from `parameters` (or drop `calibration`)")
 
     @property
     def reference(self) -> str | None:

@@ -132,7 +132,8 @@ def test_help_texts(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "so a merge is reproducible." in out  # DARE's description, whole
-    assert "beta: float in (0, 100] = 0.1" in out and "one of 'svd', 'gram'" in out
+    assert "beta: float in (0, 100] or None = None" in out and "Default 0.1 unless `alpha` is given" in out
+    assert "alpha: float > 0 or None = None" in out and "one of 'svd', 'gram'" in out
     assert "density: float in (0, 1] = 0.5" in out and "fraction of entries kept" in out
 
 

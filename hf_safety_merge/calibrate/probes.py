@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import SafetyMergeConfig
+from ..errors import ConfigError
 from ..io.checkpoints import LoraCheckpoint, TensorSource
 from ..merge.base import build_method
 from ..merge.enchtable import EnchTable
@@ -98,6 +99,9 @@ class ScaledMerge:
         method = build_method(self.config.method, params)
         out: dict[str, torch.Tensor] = {}
         if isinstance(method, EnchTable):
+            if method.params.alpha is not None:  # pragma: no cover - refused when calibration starts
+                raise ConfigError("calibration searches enchtable's 'beta': remove the fixed 'alpha' from the parameters")
+            assert method.params.beta is not None
             alpha = method.params.beta * self.norm_ratio
             lam = method.params.lam
             ws = []

@@ -24,7 +24,7 @@ TEMPLATE_PATH = Path(__file__).parent.parent / "templates" / "merged_model_card.
 
 _METHOD_TEXT = {
     "enchtable": "EnchTable (arXiv 2511.09880): `theta = theta_task + w * alpha * Delta_s`, with the coarse "
-    "scale `alpha = beta * ||tau|| / ||Delta_s||` and a per-matrix SVD interference weight `w = exp(-I)`.",
+    "scale `alpha = beta * ||tau|| / ||Delta_s||` (or a fixed `alpha`) and a per-matrix SVD interference weight `w = exp(-I)`.",
     "task_arithmetic": "Task arithmetic (RESTA): `theta = theta_task + beta * Delta_s`.",
     "safe_lora": "Safe LoRA projection: the fine-tuning update of the least aligned matrices is projected onto "
     "the alignment subspace `C = V V^T / ||V||_F`.",

@@ -81,4 +81,6 @@ def _type_text(ann: object) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(ann))
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         return " or ".join(_type_text(a) for a in typing.get_args(ann))
+    if ann is type(None):
+        return "None"
     return getattr(ann, "__name__", str(ann))

@@ -25,7 +25,10 @@ class EnchTableParams(MethodParams):
 
     Attributes:
         beta: coarse scale factor in (0, 100]; `alpha = beta * ||tau|| / ||Delta_s||` (reference
-            `ada_alpha` = 0.1).
+            `--ada --ada_alpha` = 0.1). Default 0.1 unless `alpha` is given.
+        alpha: a fixed coarse scale instead of `beta` (> 0): `theta = theta_task + w * alpha *
+            Delta_s` whatever the norms; the reference without `--ada` merges with alpha = 1.
+            Give exactly one of `beta` and `alpha`.
         gamma: fraction of singular triplets kept per matrix, `r = floor(gamma * min(m, n))` (0.5).
         lam: interference temperature >= 0, `w = exp(-lam * ||M||_1 / (2r)^2)` (200).
         norm_scope: "all" (reference: ||tau|| over every tensor of the checkpoint, ||Delta_s|| over
@@ -53,7 +56,8 @@ class EnchTableParams(MethodParams):
             does not match, is decomposed as before.
     """
 
-    beta: Annotated[float, Field(gt=0, le=100)] = 0.1
+    beta: Annotated[float, Field(gt=0, le=100)] | None = None
+    alpha: Annotated[float, Field(gt=0)] | None = None
     gamma: UnitInterval = 0.5
     lam: NonNegativeFloat = 200.0
     norm_scope: Literal["all", "vector"] = "all"
@@ -64,6 +68,15 @@ class EnchTableParams(MethodParams):
     parallel: bool | Literal["auto"] = "auto"
     precision: Literal["auto", "float64"] = "auto"
     subspace_cache: bool = True
+
+    def validate(self) -> None:
+        if self.alpha is not None and self.beta is not None:
+            raise ConfigError(
+                f"enchtable: give exactly one of 'beta' (alpha = beta * ||tau|| / ||Delta_s||) and 'alpha' "
+                f"(a fixed scale), got beta={self.beta} and alpha={self.alpha}"
+            )
+        if self.alpha is None and self.beta is None:
+            self.beta = 0.1  # the paper's and the reference script's ada_alpha
 
 
 @register
@@ -143,8 +156,13 @@ class EnchTable(MergeMethod):
         tau_norm, delta_norm = math.sqrt(self._tau_sq), math.sqrt(self._delta_sq)
         if delta_norm == 0:
             raise ConfigError("the safety vector is zero everywhere: nothing to merge")
-        # Coarse scale (EnchTable Eq. for alpha): alpha = beta * ||tau|| / ||Delta_s||.
-        self.alpha = self.params.beta * tau_norm / delta_norm
+        # Coarse scale (EnchTable Eq. for alpha): alpha = beta * ||tau|| / ||Delta_s||, or the
+        # fixed `alpha` (the reference without --ada: alpha = 1).
+        if self.params.alpha is not None:
+            self.alpha = float(self.params.alpha)
+        else:
+            assert self.params.beta is not None
+            self.alpha = self.params.beta * tau_norm / delta_norm
         self._norms = {"tau_norm": tau_norm, "safety_vector_norm": delta_norm}
 
     def summary(self) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from ..io.sink import card_sink, prepare_in_background
 from ..vectors import SafetyVector
 from .base import MergeMethod, build_method
 from .finite import _FiniteGuard
-from .passes import _global_pass, _merged_tensors, merge_pool
+from .passes import _global_pass, _merged_tensors, merge_pool, patch_survival_summary
 from .pipeline import StageTimes
 from .plan import (
     _delta_getter,
@@ -193,6 +193,9 @@ def merge(
                 summary = _summary(method)
                 if guard.passed:
                     summary["non_finite_passed_through"] = len(guard.passed)
+                survival = _note_survival(method, summary)
+                if plan.skipped:
+                    summary["shape_mismatch_skipped"] = _skipped_text(plan.skipped)
                 result = MergeResult(
                     output_dir=out,
                     method=method.name,
@@ -210,6 +213,8 @@ def merge(
                     "parameters": _jsonable(vars(method.params)),
                     "summary": _jsonable(summary),
                     "non_finite": guard.passed,
+                    "patch_survival": survival,
+                    "shape_mismatch_skipped": plan.skipped,
                     "tensors": _jsonable(method.report),
                     "task_model": task.display,
                     "task_reference": ref.display if ref is not None else None,
@@ -243,6 +248,30 @@ def merge(
         result.pr_url = getattr(info, "pr_url", None)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _note_survival(method: MergeMethod, summary: dict[str, Any]) -> dict[str, Any] | None:
+    """Put how much of the patch the output dtype kept in the summary (a line for the card), warn
+    when some tensors keep under half of theirs; returns the report's record (None: float32)."""
+    got = patch_survival_summary(method.report, "the output dtype")
+    if got is None:
+        return None
+    stats, below = got
+    summary["patch_survival"] = (
+        f"min {stats['min']:.3f}, median {stats['median']:.3f} over {stats['tensors']} patched tensors in the "
+        f"output dtype; {stats['below_half']} keep under half of their patch"
+        + (f" (e.g. {below[0]}): write dtype: float32 to keep small patches" if below else "")
+    )
+    if below:
+        logger.warning("%d of %d patched tensors keep under half of their patch in the output dtype (e.g. %s); "
+                       "dtype: float32 keeps small patches (docs/merging.md)", len(below), stats["tensors"], below[0])
+    return {**stats, "below_half_tensors": below}
+
+
+def _skipped_text(skipped: dict[str, str]) -> str:
+    names = sorted(skipped)
+    shown = "; ".join(f"`{n}` ({skipped[n]})" for n in names[:5])
+    return f"{len(names)} tensor(s) kept as in the task model (on_shape_mismatch: skip): {shown}" + (" ..." if len(names) > 5 else "")
 
 
 def _inputs(config: SafetyMergeConfig) -> list[str | None]:
@@ -319,6 +348,9 @@ def apply_safety_vector(
     summary = _summary(m)
     if guard.passed:
         summary["non_finite_passed_through"] = len(guard.passed)
+    _note_survival(m, summary)
+    if plan.skipped:
+        summary["shape_mismatch_skipped"] = _skipped_text(plan.skipped)
     return MergeResult(output_dir=Path("."), method=m.name, summary=summary, tensors=m.report,
                        num_tensors=len(tensors), num_merged=len(plan.merged), seconds=time.perf_counter() - t0)
 

@@ -36,7 +36,8 @@ def _global_pass(method: MergeMethod, plan: _Plan, taus: _TauSource, get_delta: 
     if not method.wants_global_pass():
         return None
     non_finite: set[str] = set()
-    names = plan.names if method.global_pass_all_tensors else [n for n in plan.names if n in plan.merged]
+    names = ([n for n in plan.names if n not in plan.skipped] if method.global_pass_all_tensors
+             else [n for n in plan.names if n in plan.merged])
 
     def load(n: str) -> tuple[Any, Any, Any]:
         # only read (tau = theta - reference is a new tensor): a memory map of the file where possible
@@ -186,14 +187,19 @@ def _merged_tensors(
             t0 = time.perf_counter()
             theta, fetched, delta = item[:3]
             spec = specs[n]
+            target = _tag_dtype(spec.dtype)
+            probe: tuple[slice, torch.Tensor, torch.Tensor] | None = None
             if n in plan.merged:
                 theta32, owned, tau = item[3] if len(item) > 3 else stage(n, theta, fetched)
+                sl = _probe_slice(theta32.numel()) if target != torch.float32 else None
+                before = theta32.reshape(-1)[sl].clone() if sl is not None else None
                 method.theta_owned = owned
                 theta = method.merge_tensor(n, theta32, tau, delta)
+                if sl is not None and before is not None:
+                    probe = (sl, before, theta.reshape(-1)[sl].to(torch.float32, copy=True))  # the buffer may go back to the pool
                 if pool is not None and not _same_buffer(theta, theta32):
                     pool.give(theta32)  # the method returned a new tensor: its input buffer is free
                 del theta32, tau
-            target = _tag_dtype(spec.dtype)
             if pool is not None and pool.owns(theta) and theta.dtype != target:
                 out = pool.take(theta.shape, target)
                 out.copy_(theta)
@@ -204,12 +210,47 @@ def _merged_tensors(
                 out = theta.to("cpu").to(target)
             if not _is_finite(out):
                 guard.fail(_explain_non_finite(n, spec, task, taus, fetched, delta))
+            if probe is not None:
+                method.report.setdefault(n, {})["patch_survival"] = _survival(probe, out)
             if times is not None:
                 times.compute += time.perf_counter() - t0
             yield n, spec, out
             bar.update(spec.nbytes)
         if times is not None:
             times.wall += time.perf_counter() - t_wall
+
+
+#: elements per tensor on which the patch's survival in the output dtype is measured (a fixed
+#: stride through the tensor; the whole tensor when it is smaller)
+SURVIVAL_SAMPLE = 1 << 16
+
+
+def _probe_slice(numel: int) -> slice:
+    return slice(0, numel, max(1, numel // SURVIVAL_SAMPLE))
+
+
+def _survival(probe: tuple[slice, torch.Tensor, torch.Tensor], out: torch.Tensor) -> float | None:
+    """How much of the patch `p = merged - task` (float32) the output dtype keeps: the share of
+    `p` along itself in `round(merged) - task`, `<r, p> / <p, p>` (1: all of it, 0: none),
+    on a strided sample of the tensor. None where the patch is zero there."""
+    sl, before, after = probe
+    p = (after - before).double()
+    r = (out.reshape(-1)[sl].double() - before.double())
+    pp = float(p.dot(p))
+    return float(r.dot(p)) / pp if pp > 0 else None
+
+
+def patch_survival_summary(report: dict[str, dict[str, Any]], dtype: str) -> tuple[dict[str, Any], list[str]] | None:
+    """Min and median survival of the patch over the merged tensors, and the tensors keeping
+    under half of their patch in the output dtype; None when nothing was measured (float32
+    output keeps every patch whole)."""
+    vals = {n: r["patch_survival"] for n, r in report.items() if isinstance(r, dict) and r.get("patch_survival") is not None}
+    if not vals:
+        return None
+    xs = sorted(vals.values())
+    below = sorted(n for n, v in vals.items() if v < 0.5)
+    return {"output_dtype": dtype, "tensors": len(xs), "min": xs[0], "median": xs[len(xs) // 2],
+            "below_half": len(below)}, below
 
 
 def _same_buffer(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -4,7 +4,7 @@ theta_task - theta_ref per tensor."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +30,9 @@ class _Plan:
     names: list[str]  # output tensors, in read order
     merged: set[str]  # names covered by the safety vector
     outputs: list[OutputTensor]
+    #: tensors left as the task model has them because of a shape mismatch (on_shape_mismatch:
+    #: skip), with the reason; they take part in no statistic either
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 def _arch(cfg: dict[str, Any] | None) -> str | None:
@@ -77,6 +80,8 @@ def _validate_plan(
             raise PlanError(f"architecture mismatch: task model is {task_arch}, reference {ref.display} is {ref_arch}")
     task_keys = set(task.keys())
     tied = bool(task_cfg.get("tie_word_embeddings", False))
+    skip = getattr(cfg, "on_shape_mismatch", "error") == "skip"
+    skipped: dict[str, str] = {}
     for n in vector:
         vm = vector.meta(n)
         if vm.dtype not in _FLOAT_TAGS:
@@ -92,6 +97,9 @@ def _validate_plan(
                 f"safety vector tensor {n!r} ({vector.source.where(n)}) is missing from the task model {task.display}"
             )
         tm = task.meta(n)
+        if tm.shape != vm.shape and skip:
+            skipped[n] = f"shape {list(tm.shape)} in the task model, {list(vm.shape)} in the safety vector"
+            continue
         if tm.shape != vm.shape:
             hint = ""
             if len(tm.shape) == 2 and tm.shape[1] == vm.shape[1] and tm.shape[0] != vm.shape[0] and (
@@ -100,7 +108,7 @@ def _validate_plan(
                 hint = f": vocabulary sizes differ ({tm.shape[0]} vs {vm.shape[0]}); did the fine-tune add tokens?"
             raise PlanError(
                 f"shape mismatch for {n!r}: task model {list(tm.shape)} ({task.where(n)}) vs safety vector "
-                f"{list(vm.shape)} ({vector.source.where(n)}){hint}"
+                f"{list(vm.shape)} ({vector.source.where(n)}){hint}; on_shape_mismatch: skip keeps the task's weights there"
             )
     if method.needs_reference:
         if ref is None:
@@ -114,9 +122,13 @@ def _validate_plan(
             if n not in ref_keys:
                 raise PlanError(f"tensor {n!r} of the task model ({task.where(n)}) is missing from the reference {ref.display}")
             if ref.meta(n).shape != task.meta(n).shape:
+                if skip:
+                    skipped.setdefault(n, f"shape {list(task.meta(n).shape)} in the task model, "
+                                          f"{list(ref.meta(n).shape)} in the reference")
+                    continue
                 raise PlanError(
                     f"shape mismatch for {n!r}: task model {list(task.meta(n).shape)} ({task.where(n)}) vs reference "
-                    f"{list(ref.meta(n).shape)} ({ref.where(n)})"
+                    f"{list(ref.meta(n).shape)} ({ref.where(n)}); on_shape_mismatch: skip keeps the task's weights there"
                 )
     names = _read_order(task)
     out_dtype = _OUT_DTYPES.get(cfg.dtype)
@@ -125,7 +137,7 @@ def _validate_plan(
         m = task.meta(n)
         tag = TORCH_TO_TAG[out_dtype] if out_dtype is not None and m.dtype in _FLOAT_TAGS else m.dtype
         outputs.append(OutputTensor(n, tag, m.shape))
-    return _Plan(names=names, merged=set(vector.keys()), outputs=outputs)
+    return _Plan(names=names, merged=set(vector.keys()) - set(skipped), outputs=outputs, skipped=skipped)
 
 
 class _TauSource:
