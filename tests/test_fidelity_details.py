@@ -96,8 +96,8 @@ def test_patch_survival_in_bf16_is_measured_reported_and_warned(models: dict[str
 
 def test_min_ndim_one_adds_the_norms_to_delta_s_and_moves_alpha(models: dict[str, Path], tmp_path: Path) -> None:
     v2, v1 = SafetyVector.from_pretrained(models["vec"]), SafetyVector.from_pretrained(models["vec_1d"])
-    one_d = [n for n in v1.keys() if v1.meta(n).shape.__len__() == 1]
-    assert one_d and not any(len(v2.meta(n).shape) == 1 for n in v2.keys())
+    one_d = [n for n in v1 if len(v1.meta(n).shape) == 1]
+    assert one_d and not any(len(v2.meta(n).shape) == 1 for n in v2)
     n2, n1 = v2.config.norm, v1.config.norm
     extra = sum(float(v1[n].double().pow(2).sum()) for n in one_d)
     assert n1**2 == pytest.approx(n2**2 + extra, rel=1e-6) and n1 > n2
@@ -114,7 +114,7 @@ def test_min_ndim_one_adds_the_norms_to_delta_s_and_moves_alpha(models: dict[str
 
 
 def test_shape_mismatch_refused_by_default_and_skipped_on_request(models: dict[str, Path], tmp_path: Path) -> None:
-    with pytest.raises(PlanError, match="vocabulary sizes differ.*on_shape_mismatch: skip"):
+    with pytest.raises(PlanError, match=r"vocabulary sizes differ.*on_shape_mismatch: skip"):
         _merge(models, tmp_path / "no", task_model=str(models["task_vocab"]))
     assert not (tmp_path / "no").exists()
     for method, extra in (("task_arithmetic", {}), ("enchtable", {"task_reference": str(models["base"])})):
@@ -169,14 +169,14 @@ def test_fixed_alpha_instead_of_beta(models: dict[str, Path], tmp_path: Path) ->
     assert res.summary["alpha"] == 1.0
     v = SafetyVector.from_pretrained(models["vec"])
     task, out = load_state(models["task"]), load_state(tmp_path / "a1")
-    vec = {n: v[n] for n in v.keys()}
+    vec = {n: v[n] for n in v}
     for n in vec:  # theta = theta_task + 1 * Delta_s (coarse only)
         torch.testing.assert_close(out[n], task[n] + vec[n].to(task[n].dtype), rtol=0, atol=1e-6)
     report = json.loads((tmp_path / "a1" / "merge_report.json").read_text())
     assert report["parameters"]["alpha"] == 1.0 and report["parameters"]["beta"] is None
     # beta stays the default when alpha is not given
     assert _merge(models, tmp_path / "b", parameters={"fine": False}, **kw).summary["alpha"] != 1.0
-    with pytest.raises(ConfigError, match="exactly one of 'beta'.*and 'alpha'"):
+    with pytest.raises(ConfigError, match=r"exactly one of 'beta'.*and 'alpha'"):
         SafetyMergeConfig(task_model="a", safety_vector="b", method="enchtable", parameters={"alpha": 1.0, "beta": 0.1})
     with pytest.raises(ConfigError, match="alpha"):
         SafetyMergeConfig(task_model="a", safety_vector="b", method="enchtable", parameters={"alpha": -1.0})
