@@ -32,6 +32,10 @@ class NonFiniteError(SafetyMergeError, ValueError):
     """A tensor holds NaN or Inf values."""
 
 
+class DiskSpaceError(SafetyMergeError, OSError):
+    """A folder lacks the free space a write needs (checked before writing), or filled during it."""
+
+
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     """Return a `" (did you mean 'x'?)"` hint, or an empty string."""
     close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)

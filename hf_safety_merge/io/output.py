@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DiskSpaceError
 
 
 class Interrupted(KeyboardInterrupt):
@@ -92,6 +92,35 @@ def check_output_dir(
         if p == target or target in p.parents:
             raise ConfigError(f"{what} {out} is (or contains) the input {p}; writing there would destroy it")
     return out
+
+
+#: bytes kept free beyond what a write needs (file system metadata, the card, logs)
+FREE_SPACE_MARGIN = 16 * 2**20
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def check_free_space(folder: str | os.PathLike[str], needed_bytes: int, what: str = "output") -> None:
+    """Refuse, before anything is written, a write of `needed_bytes` into `folder` (or, when it
+    does not exist yet, its first existing parent) that the file system cannot hold: one line
+    naming the folder, the bytes needed and the bytes free (`DiskSpaceError`). A margin of
+    `FREE_SPACE_MARGIN` is kept for metadata and small files."""
+    p = Path(folder).expanduser()
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed_bytes + FREE_SPACE_MARGIN > free:
+        raise DiskSpaceError(
+            f"{what} {p}: needs {_fmt_bytes(needed_bytes)} ({needed_bytes:,} bytes) but {probe} has only "
+            f"{_fmt_bytes(free)} ({free:,} bytes) free; free some space or choose another folder"
+        )
 
 
 class AtomicDir:
