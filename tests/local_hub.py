@@ -1,4 +1,4 @@
-"""A small, honest test double of the Hugging Face Hub HTTP API, served on 127.0.0.1.
+r"""A small, honest test double of the Hugging Face Hub HTTP API, served on 127.0.0.1.
 
 It implements the subset that `huggingface_hub` calls for the operations this library uses:
 repo create, model info by revision, file resolve/download (HEAD, GET, Range) with ETags and
@@ -7,6 +7,13 @@ or as a pull request (`refs/pr/N`). Repos live on disk. Like the real Hub it rej
 without a valid token, unknown revisions and repos, and commits whose `parentCommit` is stale.
 
 Fault injection: `hub.fail_uploads = n` makes the next n LFS uploads drop the connection halfway.
+A fault plan does more, per test: `hub.fault(r"/resolve/.*model\.safetensors$", times=2, status=500)`
+answers the next 2 matching requests with HTTP 500 (any status; `retry_after=` adds a `Retry-After`
+header, as for 429), `cut_after=n` sends the response's headers and only its first n body bytes and
+then drops the connection, `flip_byte=k` serves a file with one bit of its byte k flipped while the
+ETags and the LFS sha256 metadata stay those of the original (silent corruption). `method=` and
+`ranged=` (True: only Range requests, False: only whole-file ones) narrow what matches; a request
+takes the first matching fault that has times left. `hub.faults` lists them (`hits` counts uses).
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,6 +38,35 @@ class Commit:
     parent: str | None
     files: dict[str, str]  # path -> blob sha256
     message: str
+    lfs: set[str] = field(default_factory=set)  # paths committed as LFS files
+
+    def is_lfs(self, path: str) -> bool:
+        return path in self.lfs or path.endswith(".safetensors")
+
+
+@dataclass
+class Fault:
+    """One entry of a fault plan: the next `times` requests whose path matches `path` (a regular
+    expression searched in the unquoted URL path) fail in the way given."""
+
+    path: str
+    times: int = 1
+    method: str | None = None  # "GET", "HEAD", "POST", "PUT"; None: any
+    ranged: bool | None = None  # True: only requests with a Range header; False: only without
+    status: int | None = None  # answer with this HTTP status (and no work done)
+    retry_after: str | int | None = None  # with `status`: a Retry-After header
+    cut_after: int | None = None  # do the work, send headers and this many body bytes, then drop
+    flip_byte: int | None = None  # serve a file with one bit of this byte offset flipped
+    hits: int = 0
+
+    def matches(self, method: str, path: str, ranged: bool) -> bool:
+        return (self.times > 0 and (self.method is None or self.method == method)
+                and (self.ranged is None or self.ranged == ranged) and re.search(self.path, path) is not None)
+
+
+def git_blob_sha1(data: bytes) -> str:
+    """The git object id of a file's content (what the Hub reports as `blobId` of a regular file)."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 @dataclass
@@ -48,6 +86,7 @@ class LocalHub:
         self.repos: dict[str, Repo] = {}
         self.lock = threading.Lock()
         self.fail_uploads = 0
+        self.faults: list[Fault] = []
         self.requests: list[tuple[str, str, str]] = []  # (method, path, range header)
         handler = _make_handler(self)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -61,6 +100,25 @@ class LocalHub:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+    # ------------------------------------------------------------------ faults
+    def fault(self, path: str, *, times: int = 1, method: str | None = None, ranged: bool | None = None,
+              status: int | None = None, retry_after: str | int | None = None, cut_after: int | None = None,
+              flip_byte: int | None = None) -> Fault:
+        """Add a fault to the plan (see the module docstring); returns it (its `hits` count uses)."""
+        f = Fault(path, times, method, ranged, status, retry_after, cut_after, flip_byte)
+        with self.lock:
+            self.faults.append(f)
+        return f
+
+    def take_fault(self, method: str, path: str, ranged: bool) -> Fault | None:
+        with self.lock:
+            for f in self.faults:
+                if f.matches(method, path, ranged):
+                    f.times -= 1
+                    f.hits += 1
+                    return f
+        return None
 
     # ------------------------------------------------------------------ storage
     def blob_path(self, sha: str) -> Path:
@@ -103,6 +161,26 @@ def _make_handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
             pass
 
         # -------------------------------------------------------------- helpers
+        _cut: int | None = None
+        _flip: int | None = None
+
+        def _begin(self, path: str) -> bool:
+            """Record the request and apply the fault plan; False when a fault already answered it."""
+            ranged = bool(self.headers.get("range"))
+            hub.requests.append((self.command, path, self.headers.get("range", "")))
+            fault = hub.take_fault(self.command, path, ranged)
+            self._cut = fault.cut_after if fault else None
+            self._flip = fault.flip_byte if fault else None
+            if fault is None or fault.status is None:
+                return True
+            self._body()  # drain the request so that the answer is read as one
+            headers = {"Connection": "close"}
+            if fault.retry_after is not None:
+                headers["Retry-After"] = str(fault.retry_after)
+            self.close_connection = True
+            self._error(fault.status, f"injected fault: HTTP {fault.status}", None, headers)
+            return False
+
         def _authorized(self) -> bool:
             return self.headers.get("authorization", "") == f"Bearer {hub.token}"
 
@@ -119,11 +197,18 @@ def _make_handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
+            if self.command == "HEAD":
+                return
+            if self._cut is not None and self._cut < len(data):  # injected: drop the connection mid-body
+                self.wfile.write(data[: self._cut])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            self.wfile.write(data)
 
-        def _error(self, code: int, msg: str, error_code: str | None = None) -> None:
-            headers = {"X-Error-Message": msg}
+        def _error(self, code: int, msg: str, error_code: str | None = None, extra: dict[str, str] | None = None) -> None:
+            headers = {"X-Error-Message": msg, **(extra or {})}
             if error_code:
                 headers["X-Error-Code"] = error_code
             self._send(code, {"error": msg}, headers)
@@ -145,7 +230,8 @@ def _make_handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             url = urlparse(self.path)
             path = unquote(url.path)
-            hub.requests.append((self.command, path, self.headers.get("range", "")))
+            if not self._begin(path):
+                return
             # data set repos share the store with model repos (one namespace, as the tests use it)
             if path.startswith("/api/datasets/"):
                 path = "/api/models/" + path[len("/api/datasets/"):]
@@ -181,7 +267,7 @@ def _make_handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
                             dirs.update(prefix + "/".join(parts[: i + 1]) for i in range(len(parts)))
                         size = hub.blob_path(sha).stat().st_size
                         e: dict[str, Any] = {"type": "file", "path": p, "size": size, "oid": sha}
-                        if p.endswith(".safetensors"):
+                        if commit.is_lfs(p):
                             e["lfs"] = {"oid": sha, "size": size, "pointerSize": 134}
                         entries.append(e)
                     entries += [{"type": "directory", "path": d, "oid": "0" * 40, "size": 0} for d in sorted(dirs)]
@@ -202,6 +288,15 @@ def _make_handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
                     self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
                     return
                 siblings = [{"rfilename": p, "size": hub.blob_path(s).stat().st_size} for p, s in sorted(commit.files.items())]
+                if parse_qs(url.query).get("blobs", ["false"])[0].lower() == "true":  # files_metadata=True
+                    for sib in siblings:  # like the Hub: LFS files give their sha256, others their git oid
+                        sha = commit.files[sib["rfilename"]]
+                        if commit.is_lfs(sib["rfilename"]):
+                            pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha}\nsize {sib['size']}\n"
+                            sib["blobId"] = git_blob_sha1(pointer.encode())
+                            sib["lfs"] = {"sha256": sha, "size": sib["size"], "pointerSize": len(pointer)}
+                        else:
+                            sib["blobId"] = git_blob_sha1(hub.blob_path(sha).read_bytes())
                 self._send(200, {"id": repo_id, "modelId": repo_id, "sha": commit.oid, "private": repo.private,
                                  "siblings": siblings, "tags": [], "downloads": 0, "likes": 0})
                 return
@@ -223,8 +318,12 @@ def _make_handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
                     self._error(404, f"Entry not found: {filename}", "EntryNotFound")
                     return
                 data = hub.blob_path(sha).read_bytes()
+                if self._flip is not None and 0 <= self._flip < len(data):  # injected: silent corruption
+                    flipped = bytearray(data)
+                    flipped[self._flip] ^= 0x01
+                    data = bytes(flipped)
                 headers = {"X-Repo-Commit": commit.oid, "ETag": f'"{sha}"', "Accept-Ranges": "bytes"}
-                if filename.endswith(".safetensors"):
+                if commit.is_lfs(filename):
                     headers["X-Linked-Etag"] = f'"{sha}"'
                     headers["X-Linked-Size"] = str(len(data))
                 rng = self.headers.get("range")
@@ -241,7 +340,8 @@ def _make_handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
 
         def do_PUT(self) -> None:
             path = unquote(urlparse(self.path).path)
-            hub.requests.append(("PUT", path, ""))
+            if not self._begin(path):
+                return
             if path.startswith("/lfs-upload/"):
                 oid = path.rsplit("/", 1)[1]
                 n = int(self.headers.get("content-length") or 0)
@@ -264,7 +364,8 @@ def _make_handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
             url = urlparse(self.path)
             path = unquote(url.path)
             query = parse_qs(url.query)
-            hub.requests.append(("POST", path, ""))
+            if not self._begin(path):
+                return
             body = self._body()
             if path == "/api/validate-yaml":
                 self._validate_yaml(json.loads(body))
@@ -378,20 +479,24 @@ def _make_handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
                     self._error(412, f"A commit has happened since. Please refresh and try again. (parent {parent} is not {base.oid})")
                     return
                 files = dict(base.files)
+                lfs = set(base.lfs)
                 for item in lines:
                     v = item["value"]
                     if item["key"] == "file":
                         content = base64.b64decode(v["content"]) if v.get("encoding") == "base64" else v["content"].encode()
                         files[v["path"]] = hub.put_blob(content)
+                        lfs.discard(v["path"])
                     elif item["key"] == "lfsFile":
                         if not hub.blob_path(v["oid"]).exists():
                             self._error(422, f"LFS file {v['path']} ({v['oid']}) was not uploaded")
                             return
                         files[v["path"]] = v["oid"]
+                        lfs.add(v["path"])
                     elif item["key"] == "deletedFile":
                         files.pop(v["path"], None)
+                        lfs.discard(v["path"])
                 oid = hashlib.sha1(json.dumps([base.oid, sorted(files.items()), header.get("summary")]).encode()).hexdigest()
-                repo.commits[oid] = Commit(oid, base.oid, files, header.get("summary", ""))
+                repo.commits[oid] = Commit(oid, base.oid, files, header.get("summary", ""), lfs)
                 pr_url = None
                 if create_pr:
                     repo.prs += 1
