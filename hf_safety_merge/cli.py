@@ -89,8 +89,18 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         cfg.create_pr = True
     cfg.validate()
     if args.calibrate or cfg.calibration is not None:
+        if args.hash_inputs:
+            raise ConfigError("merge: --hash-inputs is not available with --calibrate; use --verify REPORT, or record "
+                              "the hashes with a merge without calibration")
+        if args.verify:
+            from .merge.engine import verify_inputs
+
+            n = verify_inputs(cfg, args.verify)
+            print(f"verified {n} local input files against {args.verify}: every sha256 matches", flush=True)
         return _merge_calibrated(cfg, args, out)
-    result = merge(cfg, output_dir=out, progress=not args.no_progress)
+    result = merge(cfg, output_dir=out, progress=not args.no_progress, verify=args.verify, hash_inputs=args.hash_inputs)
+    if args.verify:
+        print(f"verified the local input files against {args.verify} before merging: every sha256 matched")
     print(result)
     return 0
 
@@ -267,6 +277,12 @@ def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
     m.add_argument("--push-to-hub", metavar="REPO_ID", help="push the patched model to this Hub repo (one commit)")
     m.add_argument("--private", action="store_true", help="create the Hub repo as private")
     m.add_argument("--create-pr", action="store_true", help="push as a pull request instead of to main")
+    m.add_argument("--hash-inputs", action="store_true",
+                   help="also record the sha256 of every local input file in merge_report.json (reads every input "
+                   "once more; output files are always hashed)")
+    m.add_argument("--verify", metavar="REPORT",
+                   help="before merging, hash the local input files and refuse if one differs from what REPORT (a "
+                   "merge_report.json written with --hash-inputs, or its folder) recorded; implies --hash-inputs")
     m.add_argument("--calibrate", action="store_true",
                    help="pick the method's scale against the config's `calibration:` target (defaults: unsafe <= 0.05, "
                    "over-refusal rise <= 0.05) before merging; see docs/calibration.md")
@@ -406,6 +422,15 @@ def _main(argv: list[str]) -> int:
             return int(func(None if argv and argv[0] in TRL_COMMANDS else args))
     except SafetyMergeError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        from .io.output import is_disk_full
+
+        if not is_disk_full(e):
+            raise
+        # a write outside an output folder's own handling (which raises DiskSpaceError)
+        print(f"error: the disk filled ({e.strerror or e}{': ' + str(e.filename) if e.filename else ''}); "
+              "free some space and run again", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         signame = e.signame if isinstance(e, Interrupted) else "SIGINT"

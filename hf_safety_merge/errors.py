@@ -36,6 +36,14 @@ class DiskSpaceError(SafetyMergeError, OSError):
     """A folder lacks the free space a write needs (checked before writing), or filled during it."""
 
 
+class OutputBusyError(SafetyMergeError, RuntimeError):
+    """Another process is writing the same output folder (its lock is held)."""
+
+
+class IntegrityError(SafetyMergeError, ValueError):
+    """A file's sha256 differs from the one recorded for it (`--verify`): it changed on disk."""
+
+
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     """Return a `" (did you mean 'x'?)"` hint, or an empty string."""
     close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)

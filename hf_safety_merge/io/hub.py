@@ -226,7 +226,13 @@ def _with_retries(display: str, doing: str, fn: Callable[..., Any], *args: Any, 
                                        f"itself may be damaged)")) from e
             last_corrupt = corrupt or last_corrupt
             if attempt == tries:
-                raise HubError(_redact(f"{display}: {doing} failed after {tries} {'try' if tries == 1 else 'tries'}: {cause}")) from e
+                n = f"{tries} {'try' if tries == 1 else 'tries'}"
+                if corrupt is None and cause.startswith(("ConnectError", "ConnectTimeout", "ConnectionRefusedError")):  # no server
+                    raise HubError(_redact(
+                        f"{display}: cannot reach the Hub at {_endpoint()}: {doing} failed after {n} ({cause}); offline? "
+                        f"Set HF_HUB_OFFLINE=1 to read from the local cache{_as_local_too(display)}"
+                    )) from e
+                raise HubError(_redact(f"{display}: {doing} failed after {n}: {cause}")) from e
             if retry_after is not None and retry_after > max_wait:
                 raise HubError(_redact(
                     f"{display}: {doing} failed: {cause}, and the Hub asks to wait {retry_after:.0f} s (Retry-After), "

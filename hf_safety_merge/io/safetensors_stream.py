@@ -303,7 +303,12 @@ class StreamingShardWriter:
         return list(self.files)
 
     def abort(self) -> None:
-        self._close_file()
+        """Close the open shard, never raising: after a failed write (a full disk) closing
+        flushes what is buffered and fails again; the caller's error is the one that counts."""
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            with contextlib.suppress(OSError):
+                fh.close()
 
 
 def iter_names_in_file_order(infos: Iterable[TensorInfo]) -> list[TensorInfo]:

@@ -13,6 +13,8 @@ pipeline (read-ahead, worker pool, stage times) in `merge.pipeline`, the NaN/Inf
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -26,16 +28,25 @@ from typing import Any
 import torch
 
 from ..config import SafetyMergeConfig
-from ..errors import ConfigError
-from ..io.checkpoints import LoraCheckpoint, TensorSource
-from ..io.hub import AUX_PATTERNS, check_push_target, open_checkpoint
-from ..io.output import AtomicDir, check_output_dir, terminate_as_interrupt
+from ..errors import ConfigError, IntegrityError
+from ..io.checkpoints import InMemorySource, LoraCheckpoint, SafetensorsCheckpoint, TensorSource
+from ..io.hub import AUX_PATTERNS, HubCheckpoint, check_push_target, open_checkpoint
+from ..io.output import (
+    TMP_MARKER,
+    AtomicDir,
+    OutputLock,
+    check_free_space,
+    check_output_dir,
+    sha256_files,
+    terminate_as_interrupt,
+)
 from ..io.safetensors_stream import (
     BackgroundShardWriter,
     StreamingShardWriter,
+    _header_bytes,
 )
 from ..io.sink import card_sink, prepare_in_background
-from ..vectors import SafetyVector
+from ..vectors import SUBSPACE_CACHE, VECTOR_CONFIG, SafetyVector
 from .base import MergeMethod, build_method
 from .finite import _FiniteGuard
 from .passes import _global_pass, _merged_tensors, merge_pool, patch_survival_summary
@@ -85,8 +96,9 @@ class MergeResult:
         return "\n".join(lines)
 
 
-def _copy_aux_files(task: TensorSource, cfg: SafetyMergeConfig, out: Path) -> list[str]:
-    copied: list[str] = []
+def _aux_files(task: TensorSource) -> list[tuple[str, Path]]:
+    """The tokenizer/config files the output gets from the task model: (name, source file)."""
+    found: list[tuple[str, Path]] = []
     folders: list[Path] = []
     if isinstance(task, LoraCheckpoint):
         folders.append(task.adapter_dir)  # tokenizer saved with the adapter wins (added tokens)
@@ -98,9 +110,16 @@ def _copy_aux_files(task: TensorSource, cfg: SafetyMergeConfig, out: Path) -> li
             if src.is_file():
                 if name == "config.json" and isinstance(task, LoraCheckpoint) and folder == task.adapter_dir:
                     continue
-                shutil.copyfile(src, out / name)
-                copied.append(name)
+                found.append((name, src))
                 break
+    return found
+
+
+def _copy_aux_files(task: TensorSource, cfg: SafetyMergeConfig, out: Path) -> list[str]:
+    copied: list[str] = []
+    for name, src in _aux_files(task):
+        shutil.copyfile(src, out / name)
+        copied.append(name)
     cfg_file = out / "config.json"
     if cfg_file.is_file() and cfg.dtype != "auto":
         data = json.loads(cfg_file.read_text())
@@ -108,6 +127,19 @@ def _copy_aux_files(task: TensorSource, cfg: SafetyMergeConfig, out: Path) -> li
         data.pop("torch_dtype", None)
         cfg_file.write_text(json.dumps(data, indent=2) + "\n")
     return copied
+
+
+def _bytes_to_write(plan: _Plan, task: TensorSource) -> int:
+    """What the output folder will take, from the plan alone: every output tensor, its header
+    entry and the copied tokenizer/config files (the card, config and report fall in the margin
+    `check_free_space` keeps)."""
+    tensors = sum(o.nbytes for o in plan.outputs)
+    headers = sum(len(o.name) + 100 for o in plan.outputs)
+    aux = 0
+    for _name, src in _aux_files(task):
+        with contextlib.suppress(OSError):
+            aux += src.stat().st_size
+    return tensors + headers + aux
 
 
 def _summary(method: MergeMethod) -> dict[str, Any]:
@@ -125,6 +157,8 @@ def merge(
     progress: bool = True,
     finalize: Callable[[Path], list[str]] | None = None,
     method_instance: MergeMethod | None = None,
+    verify: str | Path | None = None,
+    hash_inputs: bool = False,
 ) -> MergeResult:
     """Merge a safety vector into a fine-tuned model as `config` says and write the result.
 
@@ -136,6 +170,13 @@ def merge(
     tied embeddings) before a weight is read (for Hub repos: before a weight is downloaded);
     the model is streamed tensor by tensor, so peak memory is a few tensors regardless of model
     or shard size. With `config.push_to_hub`, the folder is then pushed as one commit (or PR).
+
+    One merge at a time writes an output folder (a lock beside it; a second one fails at once,
+    naming the first one's pid); the free space is checked against the plan before any tensor
+    is computed. `merge_report.json` records every output file's sha256 and every input file;
+    with `hash_inputs` (or `verify`), the inputs' sha256 too. With `verify` (a previous merge's
+    `merge_report.json`, or its folder), the local input files are hashed first and the merge is
+    refused (`IntegrityError`, naming the file) when one differs from what that report recorded.
     """
     t0 = time.perf_counter()
     config.validate()
@@ -144,14 +185,39 @@ def merge(
         raise ConfigError("no output folder: set `output_dir` in the config or pass --out")
     # Everything that can be checked without reading a tensor is checked first.
     out = check_output_dir(out_str, config.overwrite, inputs=_inputs(config))
-    method = method_instance if method_instance is not None else build_method(config.method, config.parameters)
-    device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but torch.cuda.is_available() is False")
-    if config.push_to_hub:
-        check_push_target(config.push_to_hub)
-    guard = _FiniteGuard(config.allow_non_finite)
+    with OutputLock(out):
+        manifest = _load_manifest(verify) if verify is not None else None
+        method = method_instance if method_instance is not None else build_method(config.method, config.parameters)
+        device = torch.device(config.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' requested but torch.cuda.is_available() is False")
+        if config.push_to_hub:
+            check_push_target(config.push_to_hub)
+        result = _merge_locked(config, out, method, device, progress, finalize, manifest,
+                               hash_inputs or manifest is not None, t0)
+        if config.push_to_hub:
+            from ..io.hub import push_folder
 
+            info = push_folder(out, config.push_to_hub, private=config.private, create_pr=config.create_pr,
+                               commit_message=config.commit_message)
+            result.commit_url = str(getattr(info, "commit_url", "") or "")
+            result.pr_url = getattr(info, "pr_url", None)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _merge_locked(
+    config: SafetyMergeConfig,
+    out: Path,
+    method: MergeMethod,
+    device: torch.device,
+    progress: bool,
+    finalize: Callable[[Path], list[str]] | None,
+    manifest: tuple[Path, list[dict[str, Any]]] | None,
+    hash_inputs: bool,
+    t0: float,
+) -> MergeResult:
+    guard = _FiniteGuard(config.allow_non_finite)
     with terminate_as_interrupt():
         task = _open_task(config)
         ref: TensorSource | None = None
@@ -162,6 +228,14 @@ def merge(
             ref = _open_reference(config, method, task)
             vector = SafetyVector.from_pretrained(config.safety_vector, revision=config.safety_vector_revision)
             plan = _validate_plan(config, method, task, ref, vector)
+            # Before any tensor is computed: room for the output, and (when asked) the inputs'
+            # bytes are those a previous merge recorded.
+            check_free_space(out, _bytes_to_write(plan, task), "output folder")
+            inputs = _input_records(config, task, ref, vector)
+            if hash_inputs:
+                _hash_inputs(inputs)
+            if manifest is not None:
+                _verify_inputs(inputs, *manifest)
             taus = _TauSource(task, ref, device)
             get_delta = _delta_getter(vector, device, guard)
             if hasattr(method, "use_vector"):
@@ -173,9 +247,10 @@ def merge(
                 tmp = atomic.path
                 times = StageTimes()
                 pool = merge_pool(plan, task, device)
-                writer = BackgroundShardWriter(StreamingShardWriter(tmp, plan.outputs, config.max_shard_size, prefix="model"),
-                                               on_write=lambda s: setattr(times, "write", times.write + s),
-                                               release=pool.give if pool is not None else None)
+                shards = StreamingShardWriter(tmp, plan.outputs, config.max_shard_size, prefix="model")
+                hasher = _ShardHasher(shards, pool.give if pool is not None else None)
+                writer = BackgroundShardWriter(shards, on_write=lambda s: setattr(times, "write", times.write + s),
+                                               release=hasher.written)
                 try:
                     for n, _spec, theta in _merged_tensors(method, plan, task, taus, get_delta, device, progress, guard, times,
                                                            non_finite_tau=non_finite_tau, pool=pool):
@@ -228,6 +303,7 @@ def merge(
                 result.files += [REPORT_NAME, "safety_merge_config.yaml", "README.md"]
                 if finalize is not None:
                     result.files += finalize(tmp)
+                _record_files(tmp, inputs, hasher.digests())
                 atomic.commit()
         finally:
             if writer is not None:
@@ -239,15 +315,173 @@ def merge(
                 ref.close()
             if vector is not None:
                 vector.close()
-    if config.push_to_hub:
-        from ..io.hub import push_folder
-
-        info = push_folder(out, config.push_to_hub, private=config.private, create_pr=config.create_pr,
-                           commit_message=config.commit_message)
-        result.commit_url = str(getattr(info, "commit_url", "") or "")
-        result.pr_url = getattr(info, "pr_url", None)
-    result.seconds = time.perf_counter() - t0
     return result
+
+
+# ------------------------------------------------------------------------------------------
+# File records: what the merge read and wrote (merge_report.json "files"), and --verify
+# ------------------------------------------------------------------------------------------
+
+#: files beside the weights that a merge reads or copies, recorded (and verified) with them
+_META_FILES = (*AUX_PATTERNS, VECTOR_CONFIG, SUBSPACE_CACHE, "adapter_config.json")
+
+
+def _source_records(role: str, given: str | None, src: TensorSource) -> list[dict[str, Any]]:
+    if isinstance(src, HubCheckpoint):
+        return [{"role": role, "source": given, "repo": src.repo_id, "revision": src.commit, "file": f}
+                for f in sorted({src.file_of(n) for n in src})]
+    if isinstance(src, InMemorySource) or src.path is None:
+        return []
+    folder = src.path
+    weights = src.files() if isinstance(src, SafetensorsCheckpoint) else sorted({Path(src.where(n)) for n in src})
+    paths = [f for f in weights if f.is_file()]
+    paths += sorted(folder.glob("*.index.json")) + [folder / n for n in _META_FILES if (folder / n).is_file()]
+    records = []
+    for f in dict.fromkeys(paths):
+        try:
+            name = f.relative_to(folder).as_posix()
+        except ValueError:
+            name = f.name
+        records.append({"role": role, "source": given, "path": str(f.resolve()), "file": name, "bytes": f.stat().st_size})
+    return records
+
+
+def _input_records(config: SafetyMergeConfig, task: TensorSource, ref: TensorSource | None,
+                   vector: SafetyVector) -> list[dict[str, Any]]:
+    """One record per input file: role, the config's value, the local path (or Hub repo,
+    commit and file), its size; `_hash_inputs` adds the sha256."""
+    records: list[dict[str, Any]] = []
+    if isinstance(task, LoraCheckpoint):
+        records += _source_records("task_model", config.task_model, task.base)
+        records += _source_records("task_adapter", config.task_adapter, task.adapter)
+    else:
+        records += _source_records("task_model", config.task_model, task)
+    if ref is not None and ref is not getattr(task, "base", None):
+        records += _source_records("task_reference", config.task_reference, ref)
+    records += _source_records("safety_vector", config.safety_vector, vector.source)
+    return records
+
+
+def _hash_inputs(records: list[dict[str, Any]]) -> None:
+    digests = sha256_files(r["path"] for r in records if "path" in r)
+    for r in records:
+        if "path" in r:
+            r["sha256"] = digests[Path(r["path"])]
+
+
+def _load_manifest(verify: str | Path) -> tuple[Path, list[dict[str, Any]]]:
+    """The input records of a previous merge's report (a `merge_report.json` or its folder)."""
+    path = Path(verify).expanduser()
+    if path.is_dir():
+        path = path / REPORT_NAME
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"verify: cannot read {path} ({e.strerror or e}); give a merge_report.json written with "
+                          "--hash-inputs (or its folder)") from e
+    except ValueError as e:
+        raise ConfigError(f"verify: {path} is not valid JSON ({e})") from e
+    files = data.get("files") if isinstance(data, dict) else None
+    inputs = files.get("inputs") if isinstance(files, dict) else None
+    recorded = [r for r in inputs or [] if isinstance(r, dict) and r.get("sha256") and r.get("role") and r.get("file")]
+    if not recorded:
+        raise ConfigError(f"verify: {path} records no sha256 of input files; it was written without --hash-inputs "
+                          "(hash_inputs=True): run that merge again with --hash-inputs to record them")
+    return path, recorded
+
+
+def verify_inputs(config: SafetyMergeConfig, report: str | Path) -> int:
+    """Check, without merging, that the local input files of `config` hash to what `report` (a
+    previous merge's `merge_report.json`, or its folder) recorded; raises `IntegrityError`
+    naming the first file that changed. Returns the number of files checked."""
+    path, recorded = _load_manifest(report)
+    method = build_method(config.method, config.parameters)
+    task = _open_task(config)
+    ref: TensorSource | None = None
+    vector: SafetyVector | None = None
+    try:
+        ref = _open_reference(config, method, task)
+        vector = SafetyVector.from_pretrained(config.safety_vector, revision=config.safety_vector_revision)
+        records = _input_records(config, task, ref, vector)
+        _hash_inputs(records)
+        _verify_inputs(records, path, recorded)
+        return sum("sha256" in r for r in records)
+    finally:
+        task.close()
+        if ref is not None and ref is not getattr(task, "base", None):
+            ref.close()
+        if vector is not None:
+            vector.close()
+
+
+def _verify_inputs(records: list[dict[str, Any]], report: Path, recorded: list[dict[str, Any]]) -> None:
+    """Refuse, naming the file, when a local input's sha256 differs from the one `report`
+    recorded for the same role and file (Hub inputs are pinned by commit: not hashed here)."""
+    known = {(r["role"], r["file"]): r for r in recorded}
+    for r in records:
+        if "sha256" not in r:
+            continue
+        old = known.get((r["role"], r["file"]))
+        if old is None:
+            raise IntegrityError(f"{r['path']}: {report} records no sha256 for the {r['role']} file {r['file']!r}; "
+                                 "verify against the report of a merge of these same inputs")
+        if old["sha256"] != r["sha256"]:
+            raise IntegrityError(
+                f"{r['path']}: sha256 {r['sha256'][:16]}... differs from {old['sha256'][:16]}... recorded in {report} "
+                f"for the {r['role']} file {r['file']!r}: the file changed since that merge (corrupted on disk, or "
+                "replaced); nothing was merged"
+            )
+
+
+class _ShardHasher:
+    """The sha256 of each output shard, computed on the writer thread as its tensors are written
+    (the shard's header, then each tensor's bytes, as `StreamingShardWriter` lays them out), so
+    that hashing the output overlaps the merge instead of reading every file again at the end.
+    `written(tensor)` is the writer's `release` callback; `release` is passed each tensor after."""
+
+    def __init__(self, writer: StreamingShardWriter, release: Callable[[torch.Tensor], Any] | None) -> None:
+        self._writer = writer
+        self._order = [(i, t) for i, shard in enumerate(writer.shards) for t in shard]
+        self._pos = 0
+        self._hashes: dict[int, Any] = {}
+        self._release = release
+
+    def written(self, tensor: torch.Tensor) -> None:
+        i, _spec = self._order[self._pos]
+        h = self._hashes.get(i)
+        if h is None:
+            h = self._hashes[i] = hashlib.sha256(_header_bytes(self._writer.shards[i], self._writer.metadata))
+        t = tensor.detach().to("cpu").contiguous()
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        self._pos += 1
+        if self._release is not None:
+            self._release(tensor)
+
+    def digests(self) -> dict[str, str]:
+        """{shard file name: sha256}, once every tensor was written (else empty: hash the files)."""
+        if self._pos != len(self._order):
+            return {}
+        return {self._writer.files[i]: h.hexdigest() for i, h in self._hashes.items()}
+
+
+def _record_files(folder: Path, inputs: list[dict[str, Any]], known: dict[str, str] | None = None) -> None:
+    """Add the `files` record to the report in `folder` (after `finalize`, which may edit the
+    report and the card): the inputs, and every output file's size and sha256 (`known`: those
+    hashed while they were written)."""
+    report_file = folder / REPORT_NAME
+    outputs = sorted(p for p in folder.rglob("*") if p.is_file() and p != report_file and p.name != TMP_MARKER)
+    known = known or {}
+    digests = sha256_files(p for p in outputs if p.relative_to(folder).as_posix() not in known)
+    digests.update({folder / name: d for name, d in known.items()})
+    report = json.loads(report_file.read_text())
+    report["files"] = {
+        "algorithm": "sha256",
+        "inputs": inputs,
+        "outputs": [{"file": p.relative_to(folder).as_posix(), "bytes": p.stat().st_size, "sha256": digests[p]}
+                    for p in outputs],
+    }
+    report_file.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _note_survival(method: MergeMethod, summary: dict[str, Any]) -> dict[str, Any] | None:

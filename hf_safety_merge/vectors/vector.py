@@ -25,12 +25,18 @@ from ..io.checkpoints import (
 )
 from ..io.filters import TensorFilter
 from ..io.hub import open_checkpoint
-from ..io.output import AtomicDir, check_output_dir, terminate_as_interrupt
+from ..io.output import (
+    AtomicDir,
+    OutputLock,
+    check_free_space,
+    check_output_dir,
+    terminate_as_interrupt,
+)
 from ..io.safetensors_stream import TORCH_TO_TAG, OutputTensor, StreamingShardWriter
 from ..io.sink import card_sink
 from ..merge.finite import sq_sum
 from .files import SUBSPACE_CACHE, VECTOR_CONFIG, VECTOR_PREFIX
-from .subspace_cache import SubspaceCache, write_subspace_cache
+from .subspace_cache import CACHE_GAMMA, SubspaceCache, write_subspace_cache
 
 _STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -90,6 +96,21 @@ def _check_config_matches_files(cfg: SafetyVectorConfig, source: TensorSource, c
         source.close()
         raise CheckpointError(f"{cfg_file}: num_tensors is {cfg.num_tensors} but the files hold {len(held)} tensors; "
                               "the vector is incomplete or was edited: recompute it")
+
+
+def _bytes_to_write(specs: list[OutputTensor], subspaces: bool) -> int:
+    """What a vector folder will take, from the plan alone: the tensors with their header
+    entries and, with `subspaces`, the cache (`floor(CACHE_GAMMA * min(m, n))` float32 singular
+    values and right singular vectors of length `min(m, n)` per matrix, with a hash each)."""
+    total = sum(s.nbytes + len(s.name) + 100 for s in specs)
+    if subspaces:
+        for s in specs:
+            if len(s.shape) == 2:
+                k = min(s.shape)
+                r = math.floor(CACHE_GAMMA * k)
+                if r > 0:
+                    total += 4 * r * (k + 1) + 2 * len(s.name) + 300
+    return total
 
 
 def _names(names: list[str], k: int = 5) -> str:
@@ -276,37 +297,41 @@ class SafetyVector:
         memory: dict[str, torch.Tensor] = {}
         sq_total = 0.0
         specs = [OutputTensor(n, tag, a_src.meta(n).shape) for n in names]
+        what = "safety vector folder"
         try:
-            with terminate_as_interrupt(), (AtomicDir(out, overwrite) if out is not None else nullcontext()) as atomic:
-                writer = StreamingShardWriter(atomic.path, specs, max_shard_size, prefix=VECTOR_PREFIX) if atomic else None
-                try:
-                    for n in tqdm(names, desc="safety vector", unit="tensor", disable=not progress):
-                        d = a_src.get(n).float() - r_src.get(n).float()
-                        if not torch.isfinite(d).all():
-                            raise NonFiniteError(f"tensor {n!r}: aligned - reference has NaN/Inf (check {a_src.where(n)} and {r_src.where(n)})")
-                        d = d.to(store)
-                        sq = sq_sum(d)
-                        sq_total += sq
-                        cfg.tensor_norms[n] = math.sqrt(sq)
+            with OutputLock(out, what) if out is not None else nullcontext():
+                if out is not None:  # before any tensor is computed (stale temporaries were removed)
+                    check_free_space(out, _bytes_to_write(specs, subspaces), what)
+                with terminate_as_interrupt(), (AtomicDir(out, overwrite, what) if out is not None else nullcontext()) as atomic:
+                    writer = StreamingShardWriter(atomic.path, specs, max_shard_size, prefix=VECTOR_PREFIX) if atomic else None
+                    try:
+                        for n in tqdm(names, desc="safety vector", unit="tensor", disable=not progress):
+                            d = a_src.get(n).float() - r_src.get(n).float()
+                            if not torch.isfinite(d).all():
+                                raise NonFiniteError(f"tensor {n!r}: aligned - reference has NaN/Inf (check {a_src.where(n)} and {r_src.where(n)})")
+                            d = d.to(store)
+                            sq = sq_sum(d)
+                            sq_total += sq
+                            cfg.tensor_norms[n] = math.sqrt(sq)
+                            if writer is not None:
+                                writer.write(n, d)
+                            else:
+                                memory[n] = d
+                        cfg.num_tensors = len(names)
+                        cfg.num_parameters = sum(a_src.meta(n).numel for n in names)
+                        cfg.norm = math.sqrt(sq_total)
+                        if atomic is None:
+                            return cls(InMemorySource(memory, display="<computed>"), cfg)
+                        assert writer is not None and out is not None
+                        writer.close()
+                        writer = None
+                        cls(InMemorySource({}), cfg)._write_meta(atomic.path)
+                        if subspaces:
+                            write_subspace_cache(atomic.path, progress=progress)
+                        atomic.commit()
+                    finally:
                         if writer is not None:
-                            writer.write(n, d)
-                        else:
-                            memory[n] = d
-                    cfg.num_tensors = len(names)
-                    cfg.num_parameters = sum(a_src.meta(n).numel for n in names)
-                    cfg.norm = math.sqrt(sq_total)
-                    if atomic is None:
-                        return cls(InMemorySource(memory, display="<computed>"), cfg)
-                    assert writer is not None and out is not None
-                    writer.close()
-                    writer = None
-                    cls(InMemorySource({}), cfg)._write_meta(atomic.path)
-                    if subspaces:
-                        write_subspace_cache(atomic.path, progress=progress)
-                    atomic.commit()
-                finally:
-                    if writer is not None:
-                        writer.abort()
+                            writer.abort()
             assert out is not None
             return cls.from_pretrained(out)
         finally:
@@ -337,22 +362,25 @@ class SafetyVector:
         specs = [
             OutputTensor(n, TORCH_TO_TAG[store] if store else self.meta(n).dtype, self.meta(n).shape) for n in names
         ]
-        with terminate_as_interrupt(), AtomicDir(out, overwrite) as atomic:
-            writer = StreamingShardWriter(atomic.path, specs, max_shard_size, prefix=VECTOR_PREFIX)
-            try:
-                for n in names:
-                    t = self[n]
-                    writer.write(n, t.to(store) if store else t)
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
-            if dtype:
-                self.config.dtype = dtype
-            self._write_meta(atomic.path)
-            if subspaces:
-                write_subspace_cache(atomic.path)
-            atomic.commit()
+        what = "safety vector folder"
+        with OutputLock(out, what):
+            check_free_space(out, _bytes_to_write(specs, subspaces), what)
+            with terminate_as_interrupt(), AtomicDir(out, overwrite, what) as atomic:
+                writer = StreamingShardWriter(atomic.path, specs, max_shard_size, prefix=VECTOR_PREFIX)
+                try:
+                    for n in names:
+                        t = self[n]
+                        writer.write(n, t.to(store) if store else t)
+                    writer.close()
+                except BaseException:
+                    writer.abort()
+                    raise
+                if dtype:
+                    self.config.dtype = dtype
+                self._write_meta(atomic.path)
+                if subspaces:
+                    write_subspace_cache(atomic.path)
+                atomic.commit()
         return out
 
     def push_to_hub(
