@@ -43,6 +43,8 @@ def test_reference_config_parses(tmp_path: Path) -> None:
     assert cfg.max_length == 8192 and cfg.seed == 2002 and cfg.gradient_checkpointing
     assert model.dtype == "float32" and cfg.bf16
     assert cfg.safekey_qmm_mode == "auto"
+    # one global gradient norm over the model and the heads, as the reference's DeepSpeed engine clips them
+    assert cfg.safekey_clip_heads_with_model and cfg.max_grad_norm == 1.0
 
 
 def _setup(tmp_path: Path) -> tuple[Path, Path]:
@@ -92,16 +94,20 @@ def test_example_single_process(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None, reason="accelerate CLI not installed")
-def test_accelerate_two_processes_match_gradient_accumulation(tmp_path: Path) -> None:
+@pytest.mark.parametrize("joint_clip", [False, True])
+def test_accelerate_two_processes_match_gradient_accumulation(tmp_path: Path, joint_clip: bool) -> None:
     """DDP over 2 CPU processes (gloo), batch 2 each, vs one process with batch 2 x 2 accumulation
     steps: the same micro-batches, so the same losses, SafeKey metrics and trained heads (whose
-    gradients the trainer averages over processes itself: they are outside the DDP model)."""
+    gradients the trainer averages over processes itself: they are outside the DDP model). With
+    `safekey_clip_heads_with_model` and a clip that bites, the heads' gradients must be averaged
+    before the joint norm, or the two runs part."""
     model, data = _setup(tmp_path)
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    cfg1 = _config(model, data, one / "c.yaml", per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    clip: dict[str, Any] = {"safekey_clip_heads_with_model": True, "max_grad_norm": 0.01} if joint_clip else {}
+    cfg1 = _config(model, data, one / "c.yaml", per_device_train_batch_size=2, gradient_accumulation_steps=2, **clip)
     _run([sys.executable, str(SCRIPT), "--config", str(cfg1), "--output_dir", str(one / "out"), "--summary_file", str(one / "s.json")], one)
-    cfg2 = _config(model, data, two / "c.yaml", per_device_train_batch_size=2)
+    cfg2 = _config(model, data, two / "c.yaml", per_device_train_batch_size=2, **clip)
     accelerate = str(Path(sys.executable).parent / "accelerate")
     _run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
           "--dynamo_backend", "no", "--main_process_port", "0", str(SCRIPT), "--config", str(cfg2), "--output_dir", str(two / "out"),

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 from .linearize import ATTN_NAMES, MLP_NAMES, resolve_variant
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ class DistillResult:
             f"  vector            : {self.vector.config.num_tensors} tensors, {self.vector.config.num_parameters:,} parameters, "
             f"L2 norm {self.vector.config.norm:.4g}",
         ]
+        if s.get("vector_rounding", "none") != "none":
+            lines.append(f"  vector rounding   : {s['vector_rounding']}(theta_aligned) - {s['vector_rounding']}(theta_harmful)")
         if self.output_dir is not None:
             lines.append(f"  saved to          : {self.output_dir}")
         if self.harmful_model_dir is not None:
@@ -88,6 +90,7 @@ def distill_safety_vector(
     tokenizer: Any = None,
     aligned_revision: str | None = None,
     dtype: str = "float32",
+    vector_rounding: str | None = None,
     attn_implementation: str | None = None,
     mlp_names: tuple[str, ...] | list[str] = MLP_NAMES,
     attn_names: tuple[str, ...] | list[str] = ATTN_NAMES,
@@ -125,7 +128,11 @@ def distill_safety_vector(
             schedule, warmup, epochs and the effective batch of 16 are the EnchTable reference's;
             `max_length` 512 and fp32 differ from its cutoff 2048 and bf16 on purpose
             (docs/distillation.md, "Reference settings").
-        dtype: stored dtype of the vector ("float32", "bfloat16", "float16").
+        dtype: stored dtype of the vector ("float32", "bfloat16", "float16"): the difference is
+            rounded once, after it is taken.
+        vector_rounding: "none" (default) or "bf16": round `theta_aligned` and `theta_harmful` each
+            to bfloat16 before the difference, as the EnchTable reference's bf16 checkpoints are
+            (`DistillConfig.distill_vector_rounding`; docs/distillation.md, "Precision").
         attn_implementation: passed to `from_pretrained` (the default "sdpa" works: the linearised
             attention runs scaled-dot-product attention's math backend under forward-mode AD).
         save_harmful_model: also write the trained (harmful) model there (not kept by default).
@@ -137,10 +144,22 @@ def distill_safety_vector(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .data import load_harmful_qa
-    from .trainer import DistillConfig, DistillTrainer
+    from .trainer import VECTOR_ROUNDINGS, DistillConfig, DistillTrainer
 
     t_start = time.perf_counter()
     variant = resolve_variant(variant, warn_attn=False)
+    extra_args = dict(training_args or {})
+    given_rounding = extra_args.pop("distill_vector_rounding", None)
+    if vector_rounding is not None and given_rounding is not None and vector_rounding != given_rounding:
+        raise ConfigError(
+            f"vector_rounding={vector_rounding!r} and training_args distill_vector_rounding={given_rounding!r} disagree; give one"
+        )
+    rounding = vector_rounding if vector_rounding is not None else (given_rounding if given_rounding is not None else "none")
+    if rounding not in VECTOR_ROUNDINGS:
+        raise ConfigError(
+            f"vector_rounding = {rounding!r}: expected one of {', '.join(map(repr, VECTOR_ROUNDINGS))}"
+            f"{did_you_mean(str(rounding), VECTOR_ROUNDINGS)}"
+        )
     out = Path(output_dir) if output_dir is not None else None
     if out is not None:
         _check_out(out, overwrite)
@@ -187,7 +206,6 @@ def distill_safety_vector(
         raise ConfigError(f"the tokenizer of {aligned_name} has no chat template; distillation trains on chat-formatted data")
 
     run_dir_owned = False
-    extra_args = dict(training_args or {})
     run_dir = extra_args.pop("output_dir", None)
     if run_dir is None:
         run_dir = tempfile.mkdtemp(prefix="hf-safety-distill-")
@@ -199,6 +217,7 @@ def distill_safety_vector(
         distill_skip_layers=skip_layers,
         distill_mlp_names=list(mlp_names),
         distill_attn_names=list(attn_names),
+        distill_vector_rounding=rounding,
         learning_rate=learning_rate,
         num_train_epochs=num_train_epochs,
         max_steps=max_steps,

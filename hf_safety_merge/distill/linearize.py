@@ -428,15 +428,26 @@ def unlinearize_model(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def delta_tensors(model: nn.Module, sign: float = 1.0) -> dict[str, torch.Tensor]:
+def delta_tensors(model: nn.Module, sign: float = 1.0, round_to: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """`sign * (theta - theta0)` of every linearised tensor, keyed by full parameter name.
 
     `sign=-1` gives the safety vector `theta_aligned - theta_harmful` when `theta0` is the aligned
     model and `theta` the trained (harmful) one. Tensors are returned in float32 on the CPU.
+
+    `round_to` (e.g. `torch.bfloat16`) rounds `theta` and `theta0` each to that dtype (round to
+    nearest even) before the difference, which is then taken in float32: the vector of two
+    checkpoints saved in that dtype, as the EnchTable reference's is (docs/distillation.md).
     """
     out: dict[str, torch.Tensor] = {}
     for prefix, wrapper in linearized_modules(model):
-        for n, d in wrapper.delta().items():
+        if round_to is None:
+            deltas = wrapper.delta()
+        else:
+            t0 = wrapper.theta0()
+            deltas = {
+                n: p.detach().to(round_to).float() - t0[n].to(round_to).float() for n, p in wrapper.theta().items()
+            }
+        for n, d in deltas.items():
             out[f"{prefix}.{n}"] = (sign * d.float()).cpu().contiguous()
     return out
 

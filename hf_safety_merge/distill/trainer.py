@@ -20,7 +20,7 @@ import torch
 from transformers.trainer_utils import SaveStrategy, SchedulerType
 from trl import SFTConfig, SFTTrainer
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 from ..training.sharding import ShardedTrainingMixin
 from ..validation import (
     NonNegativeFloat,
@@ -43,6 +43,10 @@ from .linearize import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: `distill_vector_rounding` values: the dtype that `theta_aligned` and `theta_harmful` are each
+#: rounded to before the difference (`None`: the difference of the float32 weights as trained)
+VECTOR_ROUNDINGS: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -70,6 +74,13 @@ class DistillConfig(SFTConfig):
             An explicit half-open layer range `[start, end)`; excludes `distill_skip_layers`.
         distill_mlp_names / distill_attn_names (`list[str]`):
             Child names under which a decoder layer keeps its MLP / attention block.
+        distill_vector_rounding (`str`, defaults to `"none"`):
+            `"none"`: `Delta_s = theta_aligned - theta_harmful` of the weights as trained.
+            `"bf16"`: the EnchTable reference's rounding: `theta_aligned` and `theta_harmful` are
+            each rounded to bfloat16 (round to nearest even) and the difference is taken in float32,
+            as the reference subtracts its two bf16 checkpoints (DeepSpeed saves the harmful model
+            in bf16). An element that moved less than half a bf16 step from a bf16-representable
+            aligned weight is then exactly 0. Training itself is unchanged.
     """
 
     distill_variant: str = field(
@@ -85,6 +96,11 @@ class DistillConfig(SFTConfig):
     )
     distill_attn_names: list[str] = field(
         default_factory=lambda: list(ATTN_NAMES), metadata={"help": "Child names of a layer's attention block."}
+    )
+    distill_vector_rounding: str = field(
+        default="none",
+        metadata={"help": "'none': theta_aligned - theta_harmful as trained; 'bf16': each rounded to bfloat16 before "
+                  "the difference (the EnchTable reference's bf16 checkpoints).", "choices": list(VECTOR_ROUNDINGS)},
     )
 
     # EnchTable's reference hyperparameters (max_length and precision differ on purpose).
@@ -119,11 +135,17 @@ class DistillConfig(SFTConfig):
             raise ConfigError(f"distill option 'distill_layers' = {self.distill_layers!r}: expected [start, end) with start < end")
         if self.distill_layers is not None and self.distill_skip_layers:
             raise ConfigError("give either distill_layers or distill_skip_layers, not both")
+        if self.distill_vector_rounding not in VECTOR_ROUNDINGS:
+            raise ConfigError(
+                f"distill option 'distill_vector_rounding' = {self.distill_vector_rounding!r}: expected one of "
+                f"{', '.join(map(repr, VECTOR_ROUNDINGS))}{did_you_mean(str(self.distill_vector_rounding), VECTOR_ROUNDINGS)}"
+            )
         super().__post_init__()
 
 
 #: DistillConfig's own fields, checked strictly when it is built (the SFTConfig ones are TRL's)
 _OWN_FIELDS = ("distill_variant", "distill_skip_layers", "distill_layers", "distill_mlp_names", "distill_attn_names",
+               "distill_vector_rounding",
                "learning_rate", "warmup_steps", "num_train_epochs", "per_device_train_batch_size",
                "gradient_accumulation_steps", "max_length")
 _CONSTRAINTS: dict[str, Any] = {
@@ -223,8 +245,9 @@ class DistillTrainer(ShardedTrainingMixin, SFTTrainer):
         return model
 
     def delta(self) -> dict[str, torch.Tensor]:
-        """`theta_aligned - theta_harmful` of every trained tensor (float32, CPU)."""
-        return delta_tensors(self._unwrapped(), sign=-1.0)
+        """`theta_aligned - theta_harmful` of every trained tensor (float32, CPU), with the
+        rounding of `args.distill_vector_rounding` (`"bf16"`: `bf16(theta_aligned) - bf16(theta_harmful)`)."""
+        return delta_tensors(self._unwrapped(), sign=-1.0, round_to=VECTOR_ROUNDINGS[self.args.distill_vector_rounding])
 
     def summary(self) -> dict[str, Any]:
         """What the card records: variant, layers, steps, loss curve summary, time."""
@@ -247,6 +270,7 @@ class DistillTrainer(ShardedTrainingMixin, SFTTrainer):
             "warmup": a.warmup_steps,
             "max_length": a.max_length,
             "bf16": bool(a.bf16),
+            "vector_rounding": a.distill_vector_rounding,
             "seed": a.seed,
             "loss": loss_summary(self.state.log_history),
             "train_time_s": round(self.train_time_s, 2),

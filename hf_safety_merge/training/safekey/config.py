@@ -98,6 +98,14 @@ class SafeKeyConfig(SFTConfig):
         safekey_save_heads (`bool`, defaults to `False`):
             Also write the heads (`safekey_heads.safetensors`) beside the model when `save_model` is
             called. Checkpoints always hold them, so that training resumes with them.
+        safekey_clip_heads_with_model (`bool`, defaults to `False`):
+            How `max_grad_norm` reaches the heads' gradients. `False`: the model's gradients are
+            clipped by `Trainer` and the heads' separately, each to `max_grad_norm`. `True`: one
+            global norm over the model's and the heads' gradients together and one scale factor for
+            all of them, as in the reference, whose heads are a submodule of the DeepSpeed model
+            (SafeKey `train/sft.py`). The logged `grad_norm` then includes the heads. One process or
+            DDP (the heads' gradients are averaged over processes before the norm); refused under
+            DeepSpeed, which clips the model's gradients inside its engine.
 
         > Data (used when the trainer is given raw (prompt, response, label) records)
 
@@ -134,6 +142,11 @@ class SafeKeyConfig(SFTConfig):
     )
     safekey_head_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the heads (default: learning_rate)."})
     safekey_save_heads: bool = field(default=False, metadata={"help": "Write safekey_heads.safetensors beside the saved model."})
+    safekey_clip_heads_with_model: bool = field(
+        default=False,
+        metadata={"help": "Clip the heads' gradients together with the model's (one global norm, one scale, as the reference) "
+                  "instead of separately, each to max_grad_norm."},
+    )
     safekey_max_u_sentences: int = field(default=4, metadata={"help": "Heuristic U/K split: at most this many sentences in U."})
     safekey_overlap_threshold: float = field(
         default=0.5, metadata={"help": "Heuristic U/K split: share of a sentence's content words found in the query to count as restatement."}
@@ -170,6 +183,8 @@ class SafeKeyConfig(SFTConfig):
             raise ConfigError(f"safekey_last_k_epochs must be > 0 (or None for always on), got {self.safekey_last_k_epochs}")
         if self.safekey_head_learning_rate is not None and not self.safekey_head_learning_rate >= 0:
             raise ConfigError(f"safekey_head_learning_rate must be >= 0, got {self.safekey_head_learning_rate}")
+        if not isinstance(self.safekey_clip_heads_with_model, bool):
+            raise ConfigError(f"safekey_clip_heads_with_model must be true or false, got {self.safekey_clip_heads_with_model!r}")
         if self.safekey_max_u_sentences < 1:
             raise ConfigError(f"safekey_max_u_sentences must be >= 1, got {self.safekey_max_u_sentences}")
         if not 0.0 < self.safekey_overlap_threshold <= 1.0:

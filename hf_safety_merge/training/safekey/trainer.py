@@ -72,7 +72,8 @@ def _longest_row(dataset: Any) -> int:
 
 
 class _EpochCallback(TrainerCallback):
-    """Records the number of optimiser steps per epoch when training starts (for the schedule)."""
+    """Records the number of optimiser steps per epoch when training starts (for the schedule), and
+    zeroes the heads' gradients after every optimiser step."""
 
     def __init__(self, trainer: SafeKeyTrainer) -> None:
         self.trainer = trainer
@@ -90,6 +91,12 @@ class _EpochCallback(TrainerCallback):
             return
         ga = max(1, args.gradient_accumulation_steps)
         self.trainer._safekey_steps_per_epoch = max(n // ga + int(n % ga > 0), 1)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # `Trainer` zeroes the model's gradients after each optimiser step (`model.zero_grad()`); the
+        # heads sit outside the model, so theirs are zeroed here, or they would add up over steps.
+        self.trainer.safekey_heads.zero_grad(set_to_none=True)
+        self.trainer._safekey_heads_synced = False  # (a skipped fp16 step never ran the optimiser's pre-hook)
 
 
 class SafeKeyTrainer(ShardedTrainingMixin, SFTTrainer):
@@ -127,6 +134,12 @@ class SafeKeyTrainer(ShardedTrainingMixin, SFTTrainer):
         super().__init__(*args, **kwargs)
         self._setup_sharding()  # FSDP and ZeRO-3 are refused here, before any training
         cfg = self.args
+        if cfg.safekey_clip_heads_with_model and self.is_deepspeed_enabled:
+            raise ConfigError(
+                "safekey_clip_heads_with_model is not supported under DeepSpeed (its engine clips the model's gradients "
+                "itself, without the heads); launch with DDP or set safekey_clip_heads_with_model false"
+            )
+        self._safekey_heads_synced = False
         if not isinstance(self.data_collator, SafeKeyDataCollator):
             self.data_collator = SafeKeyDataCollator(
                 pad_token_id=self._tokenizer.pad_token_id, pad_to_multiple_of=cast("int | None", cfg.pad_to_multiple_of)
@@ -210,12 +223,10 @@ class SafeKeyTrainer(ShardedTrainingMixin, SFTTrainer):
             raw.register_step_pre_hook(self._sync_head_grads)
         return opt
 
-    def _sync_head_grads(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        """Average the heads' gradients over processes (they sit outside DDP) and clip them."""
+    def _average_head_grads(self) -> None:
+        """Average the heads' gradients over processes (the heads sit outside DDP)."""
         grads = [p.grad for p in self.safekey_heads.parameters() if p.grad is not None]
-        if not grads:
-            return
-        if self.accelerator.num_processes > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if grads and self.accelerator.num_processes > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             flat = torch.cat([g.reshape(-1) for g in grads])
             torch.distributed.all_reduce(flat)
             flat /= self.accelerator.num_processes
@@ -223,8 +234,27 @@ class SafeKeyTrainer(ShardedTrainingMixin, SFTTrainer):
             for g in grads:
                 g.copy_(flat[i : i + g.numel()].view_as(g))
                 i += g.numel()
-        if self.args.max_grad_norm is not None and self.args.max_grad_norm > 0:
+
+    def _sync_head_grads(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """Before each optimiser step: average the heads' gradients over processes and clip them to
+        `max_grad_norm` on their own, unless `_clip_grad_norm` already did both (with the model's)."""
+        if self._safekey_heads_synced:
+            self._safekey_heads_synced = False
+            return
+        self._average_head_grads()
+        if not self.args.safekey_clip_heads_with_model and self.args.max_grad_norm is not None and self.args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(list(self.safekey_heads.parameters()), self.args.max_grad_norm)
+
+    def _clip_grad_norm(self, model: Any) -> Any:
+        """`Trainer`'s clip of the model's gradients; with `safekey_clip_heads_with_model`, one global
+        norm over the model's and the (process-averaged) heads' gradients and one scale for all of
+        them, as the reference's DeepSpeed engine clips its model, heads included."""
+        if not (self.args.safekey_clip_heads_with_model and self.args.safekey_head_weight > 0):
+            return super()._clip_grad_norm(model)
+        self._average_head_grads()
+        self._safekey_heads_synced = True  # the optimiser's pre-hook must not average or clip them again
+        params = [*model.parameters(), *self.safekey_heads.parameters()]
+        return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
 
     def save_safekey_heads(self, path: str | os.PathLike[str] | None = None) -> Path:
         """Write the heads as `safekey_heads.safetensors` into `path` (default: `output_dir`)."""
