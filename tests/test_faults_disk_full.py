@@ -133,3 +133,28 @@ def test_vector_compute_disk_filling_during_the_write(llama_family: dict[str, Pa
         with pytest.raises(DiskSpaceError, match=rf"^safety vector folder {out}: the disk filled while writing"):
             SafetyVector.compute(llama_family["aligned"], llama_family["harmful"], out, progress=False)
         assert not out.exists() and _leftovers(disk) == []
+
+
+def test_trainer_save_checks_free_space_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """AsFT / SafeKey / distillation trainers (ShardedTrainingMixin) refuse a save or a checkpoint
+    the disk cannot hold, in one line naming the folder, before writing anything."""
+    from collections import namedtuple
+
+    from datasets import load_dataset
+    from test_asft_training import lora_model, make_tiny_setup, make_tokenizer, train_args
+
+    from hf_safety_merge.errors import DiskSpaceError
+    from hf_safety_merge.io import output
+    from hf_safety_merge.training import AsFTConfig, AsFTTrainer
+
+    setup = make_tiny_setup(tmp_path / "setup", n_examples=8)
+    trainer = AsFTTrainer(model=lora_model(setup["aligned"]), args=train_args(AsFTConfig, tmp_path / "run", max_steps=1,
+                          asft_base_model=str(setup["base"])), train_dataset=load_dataset(str(setup["data"]), split="train"),
+                          processing_class=make_tokenizer())
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(output.shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(DiskSpaceError) as e:
+        trainer.save_model(str(tmp_path / "adapter"))
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "AsFT: saving to" in msg and str(tmp_path / "adapter") in msg and "1,000 bytes" in msg
+    assert not (tmp_path / "adapter" / "adapter_model.safetensors").exists()

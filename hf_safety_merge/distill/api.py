@@ -235,17 +235,21 @@ def distill_safety_vector(
     try:
         trainer = DistillTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer)
         trainer.aligned_name = aligned_name
-        trainer.train()
+        # a killed run resumes from its last checkpoint (`resume_from_checkpoint`: a checkpoint
+        # folder, or True for the newest under `output_dir`) to the same vector, bit for bit on CPU
+        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
         vector = trainer.safety_vector(dataset=data_name)
         summary = {"aligned_model": aligned_name, **vector.config.extra}
         harmful_dir = None
         if save_harmful_model is not None:
+            from ..io.output import AtomicDir
+
             harmful_dir = Path(save_harmful_model)
-            if harmful_dir.exists():
-                shutil.rmtree(harmful_dir)
             hm: Any = trainer.harmful_model()
-            hm.save_pretrained(harmful_dir)
-            tokenizer.save_pretrained(harmful_dir)
+            with AtomicDir(harmful_dir, overwrite=True) as atomic:  # written whole, then moved into place
+                hm.save_pretrained(atomic.path)
+                tokenizer.save_pretrained(atomic.path)
+                atomic.commit()
         summary["total_time_s"] = round(time.perf_counter() - t_start, 2)
         vector.config.extra["total_time_s"] = summary["total_time_s"]
         if out is not None:

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError
+from ..io.output import check_free_space
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +211,27 @@ class ShardedTrainingMixin:
         t: Any = self
         if self._sharded_here and state_dict is None:
             state_dict = gathered_trainable_state(t.model)  # a collective: every rank runs it
+        if t.args.should_save:
+            check_free_space(output_dir or t.args.output_dir, _saved_bytes(t.model), f"{self.sharding_method}: saving to")
         super()._save(output_dir, state_dict=state_dict)  # type: ignore[misc]
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """A checkpoint holds the saved weights and the optimiser state: check the free space for
+        both before writing either (one line naming the folder, the bytes needed and free)."""
+        t: Any = self
+        if t.args.should_save:
+            opt = 0
+            if t.optimizer is not None and not t.args.save_only_model:
+                for st in t.optimizer.state.values():
+                    opt += sum(v.numel() * v.element_size() for v in st.values() if isinstance(v, torch.Tensor))
+            check_free_space(t.args.output_dir, _saved_bytes(t.model) + opt, f"{self.sharding_method}: checkpoint in")
+        super()._save_checkpoint(model, trial)  # type: ignore[misc]
+
+
+def _saved_bytes(model: torch.nn.Module) -> int:
+    """What `save_model` writes: a PEFT model's adapter (its trainable weights), else every weight."""
+    peft = hasattr(model, "peft_config")
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad or not peft)
 
 
 def gathered_trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
