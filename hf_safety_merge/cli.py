@@ -289,7 +289,7 @@ def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
     m.set_defaults(func=_cmd_merge)
 
     pu = sub.add_parser("push", help="push an already-merged folder to the Hub as one commit (or a PR), like `hf upload`",
-                        description="Push every file of LOCAL_PATH to REPO_ID in one atomic commit (HfApi.upload_folder), "
+                        description="Push every file of LOCAL_PATH to REPO_ID in one atomic commit (the files uploaded first, then one create_commit), "
                         "with `hf upload`'s arguments. Token: --token, HF_TOKEN or `hf auth login`. The old order "
                         "`push FOLDER REPO_ID` still works (deprecated).",
                         epilog="examples:\n  hf-safety-merge push me/my-finetune-safe ./patched --create-pr\n"
