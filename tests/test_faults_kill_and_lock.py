@@ -162,7 +162,7 @@ def test_two_merges_into_one_folder(llama_family: dict[str, Path], vec: Path, tm
         msg = str(info.value)
         assert "\n" not in msg and msg.startswith(f"output folder {out} is being written by another process "
                                                   f"(pid {first.pid}; lock {tmp_path / '.patched.lock'})"), msg
-        assert seconds < 1.0, f"the second merge must fail at once, took {seconds:.2f}s"
+        assert seconds < 5.0, f"the second merge must fail at once (not wait for the lock), took {seconds:.2f}s"
     finally:
         go.touch()
         first.wait(timeout=120)
@@ -189,5 +189,5 @@ def test_lock_of_a_killed_process_does_not_block(tmp_path: Path) -> None:
         assert lock_file.read_text().strip() == str(os.getpid())
         with pytest.raises(OutputBusyError, match=rf"pid {os.getpid()}"):
             OutputLock(out).__enter__()  # another open of the file (a second writer in this process)
-    assert time.perf_counter() - t < 1.0
+    assert time.perf_counter() - t < 5.0  # no waiting on a dead holder (generous: a busy 2-core machine)
     assert not lock_file.exists()
