@@ -508,3 +508,21 @@ def _make_handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
                              "pullRequestUrl": pr_url})
 
     return Handler
+
+
+def point_hf_at(hub: LocalHub, home: Path, monkeypatch: Any, **extra_env: str) -> dict[str, str]:
+    """Point huggingface_hub (env and its already-read constants) at `hub`, with a fresh HF home
+    under `home`; returns the environment set (for subprocesses)."""
+    from huggingface_hub import constants
+
+    env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": hub.token or "", "HF_HUB_OFFLINE": "0",
+           "HF_HOME": str(home / "hf-home"), "HF_HUB_CACHE": str(home / "hf-home" / "hub"),
+           "HF_HUB_DISABLE_TELEMETRY": "1", **extra_env}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", env["HF_HUB_CACHE"])
+    return env

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from local_hub import LocalHub
+from local_hub import LocalHub, point_hf_at
 from test_asft_training import TINY, lora_model, make_tiny_setup
 
 from hf_safety_merge import push_folder
@@ -30,19 +30,8 @@ BINDING_LOG = "hf_safety_merge.training.asft.binding"
 
 @pytest.fixture
 def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalHub]:
-    from huggingface_hub import constants
-
     h = LocalHub(tmp_path / "hub-storage", token=TOKEN).start()
-    env = {"HF_ENDPOINT": h.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0",
-           "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_CACHE": str(tmp_path / "hf-home" / "hub"),
-           "HF_HUB_DISABLE_TELEMETRY": "1"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setattr(constants, "ENDPOINT", h.endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", h.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", env["HF_HUB_CACHE"])
+    point_hf_at(h, tmp_path, monkeypatch)
     yield h
     h.stop()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from local_hub import LocalHub
+from local_hub import LocalHub, point_hf_at
 from safetensors.torch import save_file
 
 from hf_safety_merge import HubError, push_folder
@@ -30,21 +30,10 @@ SHARD = r"/user/m/resolve/[0-9a-f]{40}/model\.safetensors$"  # the pinned shard 
 
 @pytest.fixture
 def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalHub]:
-    from huggingface_hub import constants
-
     h = LocalHub(tmp_path / "hub-storage", token=TOKEN).start()
-    env = {"HF_ENDPOINT": h.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0",
-           "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_CACHE": str(tmp_path / "hf-home" / "hub"),
-           "HF_HUB_DISABLE_TELEMETRY": "1",
-           # tiny back-offs: the retries are counted, not timed
-           "HF_SAFETY_MERGE_HUB_TRIES": "4", "HF_SAFETY_MERGE_HUB_BACKOFF": "0.01", "HF_SAFETY_MERGE_HUB_MAX_WAIT": "5"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setattr(constants, "ENDPOINT", h.endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", h.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", env["HF_HUB_CACHE"])
+    # tiny back-offs: the retries are counted, not timed
+    point_hf_at(h, tmp_path, monkeypatch, HF_SAFETY_MERGE_HUB_TRIES="4", HF_SAFETY_MERGE_HUB_BACKOFF="0.01",
+                HF_SAFETY_MERGE_HUB_MAX_WAIT="5")
     # huggingface_hub's own back-off (uploads, metadata of snapshot downloads: 1 s, 2 s, ... 8 s) made tiny too
     import huggingface_hub.utils._http as hf_http
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from local_hub import LocalHub
+from local_hub import LocalHub, point_hf_at
 from naive_reference import load_state
 
 from hf_safety_merge import (
@@ -31,19 +31,8 @@ TOKEN = "hf_localTestToken0123456789abcdef"
 
 @pytest.fixture
 def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalHub]:
-    from huggingface_hub import constants
-
     h = LocalHub(tmp_path / "hub-storage", token=TOKEN).start()
-    env = {"HF_ENDPOINT": h.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0",
-           "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_CACHE": str(tmp_path / "hf-home" / "hub"),
-           "HF_HUB_DISABLE_TELEMETRY": "1"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setattr(constants, "ENDPOINT", h.endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", h.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", env["HF_HUB_CACHE"])
+    env = point_hf_at(h, tmp_path, monkeypatch)
     h.env = env  # type: ignore[attr-defined]
     yield h
     h.stop()

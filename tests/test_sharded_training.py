@@ -59,13 +59,26 @@ def _seed_lora(model: Any, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
+def _one_process_reference(paths: dict[str, str], targets: tuple[str, ...], anchors: Any, scaling: bool) -> tuple[float, dict[str, torch.Tensor]]:
+    """The penalty and the LoRA gradients of one process (the reference), on seeded LoRA weights."""
+    from hf_safety_merge.training.asft.peft_mixin import bind_anchors, find_lora_targets
+    from hf_safety_merge.training.asft.penalty import anchored_penalty
+
+    ref = lora_model(Path(paths["aligned"]), r=3, targets=targets)
+    _seed_lora(ref, 7)
+    p_ref = anchored_penalty(bind_anchors(find_lora_targets(ref), anchors), scaling)
+    assert p_ref is not None
+    p_ref.backward()
+    return float(p_ref), {n: p.grad.clone() for n, p in ref.named_parameters() if "lora_" in n}
+
+
 def _penalty_worker(rank: int, world: int, init: str, paths: dict[str, str], out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     from hf_safety_merge.training import AlignmentAnchors
     from hf_safety_merge.training.asft.peft_mixin import bind_anchors, find_lora_targets
-    from hf_safety_merge.training.asft.penalty import anchored_penalty, sharded_penalty_terms
+    from hf_safety_merge.training.asft.penalty import sharded_penalty_terms
     from hf_safety_merge.training.sharding import COMM_BYTES, apply_fsdp2, reset_comm_bytes
 
     torch.set_num_threads(1)
@@ -79,12 +92,7 @@ def _penalty_worker(rank: int, world: int, init: str, paths: dict[str, str], out
             kinds = sorted({a.kind for a in anchors.anchors.values()})
             for scaling in (False, True):
                 # one process (the reference), on every rank
-                ref = lora_model(Path(paths["aligned"]), r=3, targets=targets)
-                _seed_lora(ref, 7)
-                p_ref = anchored_penalty(bind_anchors(find_lora_targets(ref), anchors), scaling)
-                assert p_ref is not None
-                p_ref.backward()
-                ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters() if "lora_" in n}
+                p_ref, ref_grads = _one_process_reference(paths, targets, anchors, scaling)
                 # sharded
                 model = lora_model(Path(paths["aligned"]), r=3, targets=targets)
                 _seed_lora(model, 7)
@@ -154,34 +162,11 @@ def test_sharded_penalty_and_gradient_equal_one_process(setup: dict[str, Path], 
 
 
 def _asft_config(setup: dict[str, Path], tmp: Path, **over: Any) -> Path:
-    cfg: dict[str, Any] = dict(
-        model_name_or_path=str(setup["aligned"]),
-        asft_base_model=str(setup["base"]),
-        asft_anchors_path=str(tmp / "anchors.safetensors"),
-        asft_lambda=5.0,
-        dataset_name=str(setup["data"] / "train.jsonl"),
-        lora_r=4,
-        lora_alpha=8,
-        lora_dropout=0.0,
-        lora_target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
-        max_steps=4,
-        per_device_train_batch_size=4,
-        optim="sgd",
-        learning_rate=0.5,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        max_length=32,
-        use_cpu=True,
-        seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
-    cfg.update(over)
-    path = tmp / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    """test_asft_example's config, with LoRA on four projections and batch 4 per process."""
+    from test_asft_example import _config
+
+    return _config(setup, tmp, **{"lora_target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"],
+                                  "per_device_train_batch_size": 4, **over})
 
 
 FSDP2 = ["--fsdp", "full_shard", "--fsdp_config", str(ROOT / "examples" / "fsdp2.json")]
@@ -325,7 +310,6 @@ def _zero3_worker(rank: int, world: int, port: int, paths: dict[str, str], out: 
 
     from hf_safety_merge.training import AlignmentAnchors
     from hf_safety_merge.training.asft.peft_mixin import bind_anchors, find_lora_targets
-    from hf_safety_merge.training.asft.penalty import anchored_penalty
     from hf_safety_merge.training.asft.zero3 import ZeroPenaltyModule
 
     torch.set_num_threads(1)
@@ -335,12 +319,7 @@ def _zero3_worker(rank: int, world: int, port: int, paths: dict[str, str], out: 
         targets = ("q_proj", "v_proj", "up_proj", "down_proj")
         modules = [f"model.layers.{i}.{'self_attn' if t in ('q_proj', 'v_proj') else 'mlp'}.{t}" for i in range(2) for t in targets]
         anchors = AlignmentAnchors.from_checkpoints(paths["aligned"], paths["base"], modules)
-        ref = lora_model(Path(paths["aligned"]), r=3, targets=targets)
-        _seed_lora(ref, 7)
-        p_ref = anchored_penalty(bind_anchors(find_lora_targets(ref), anchors), True)
-        assert p_ref is not None
-        p_ref.backward()
-        ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters() if "lora_" in n}
+        p_ref, ref_grads = _one_process_reference(paths, targets, anchors, True)
 
         model = lora_model(Path(paths["aligned"]), r=3, targets=targets)
         _seed_lora(model, 7)
