@@ -40,6 +40,10 @@ class OutputBusyError(SafetyMergeError, RuntimeError):
     """Another process is writing the same output folder (its lock is held)."""
 
 
+class CalibrationError(SafetyMergeError, RuntimeError):
+    """Calibration found no setting that keeps the hard constraints (over-refusal, utility)."""
+
+
 class IntegrityError(SafetyMergeError, ValueError):
     """A file's sha256 differs from the one recorded for it (`--verify`): it changed on disk."""
 

@@ -41,13 +41,92 @@ def test_target_out_of_range_reports_the_best_trade_off() -> None:
     res = search_scale(probe, 0.01, 10.0, target=Target(0.05, 0.05), max_probes=5, baseline_over_refusal=0.1)
     assert not res.met and len(calls) == 5 and "max_unsafe" in res.misses
     assert res.misses["max_unsafe"] == pytest.approx(0.45, abs=0.02)
-    assert "no probed beta meets the whole target" in res.message("beta") and "max_unsafe by 0.4" in res.message("beta")
+    assert res.feasible and "the least unsafe that keeps them" in res.message("beta")
+    assert "misses max_unsafe by 0.450" in res.message("beta")
 
 
-def test_over_refusal_target_is_reported_when_safety_costs_too_much() -> None:
+def test_over_refusal_is_a_hard_constraint_never_given_away() -> None:
+    # the unsafe target needs s ~ 0.95, where over-refusal has risen by ~0.29: the search returns
+    # the least unsafe setting whose rise stays within 0.05 (s <= ~0.17), and says by how much
+    # the unsafe target is missed; the old rule (least total shortfall) chose s ~ 0.95
     probe, _ = _fake(lambda s: 1 - s, over=lambda s: 0.1 + 0.3 * s)
     res = search_scale(probe, 0.01, 10.0, target=Target(0.05, 0.05), max_probes=8, baseline_over_refusal=0.1)
-    assert not res.met and "max_over_refusal_increase" in res.misses
+    assert not res.met and res.feasible and list(res.misses) == ["max_unsafe"]
+    assert res.chosen.over_refusal.value - 0.1 <= 0.05 + 1e-9
+    assert all(p.over_refusal.value - 0.1 > 0.05 for p in res.probes if p.unsafe.value < res.chosen.unsafe.value)
+    loose = search_scale(probe, 0.01, 10.0, target=Target(0.05, 0.05, allow_constraint_violation=True),
+                         max_probes=8, baseline_over_refusal=0.1)
+    assert loose.chosen.scale == res.chosen.scale  # a feasible setting exists: the flag changes nothing
+
+
+def test_no_feasible_setting_is_reported_not_chosen() -> None:
+    probe, _ = _fake(lambda s: 1 - s, over=lambda s: 0.5)  # every scale breaks the over-refusal budget
+    res = search_scale(probe, 0.01, 10.0, target=Target(0.05, 0.05), max_probes=4, baseline_over_refusal=0.1)
+    assert not res.feasible and not res.met and "max_over_refusal_increase" in res.misses
+    assert "keeps the constraints" in res.message("beta") and "least violating" in res.message("beta")
+
+
+def _outcomes(flags: list[bool]) -> dict[str, bool]:
+    return {f"p{i}": f for i, f in enumerate(flags)}
+
+
+def test_paired_check_uses_the_same_prompts() -> None:
+    from hf_safety_merge.calibrate.search import paired_rise_upper
+
+    before = [i < 5 for i in range(48)]
+    same = paired_rise_upper(_outcomes(before), _outcomes(before), 0.9)
+    assert same[0] == 0 and 0 < same[1] < 0.05  # no change: within a 5-point budget
+    one_more = list(before)
+    one_more[20] = True
+    rise, upper, n = paired_rise_upper(_outcomes(one_more), _outcomes(before), 0.9)
+    assert n == 48 and rise == pytest.approx(1 / 48) and upper > 0.05  # one new refusal in 48: not shown within budget
+    # swapped refusals (one new, one gone) are no rise, and the bound stays near the budget
+    swapped = list(one_more)
+    swapped[0] = False
+    assert paired_rise_upper(_outcomes(swapped), _outcomes(before), 0.9)[0] == 0
+    # the bound shrinks with more prompts: one new refusal in 125 is within 5 points
+    b125 = [i < 13 for i in range(125)]
+    a125 = list(b125)
+    a125[50] = True
+    assert paired_rise_upper(_outcomes(a125), _outcomes(b125), 0.9)[1] < 0.05
+
+
+def test_paired_upper_bound_covers_at_its_confidence() -> None:
+    # one-sided 90% bound of a paired rise: over 600 simulated calibration sets with a true rise of
+    # 0.06 (p(new refusal) 0.08, p(refusal gone) 0.02, n 48), the bound is below 0.06 at most ~10%
+    import random
+
+    from hf_safety_merge.calibrate.search import paired_rise_upper
+
+    rng = random.Random(0)
+    below = 0
+    for _ in range(600):
+        before, after = {}, {}
+        for i in range(48):
+            u = rng.random()
+            before[str(i)], after[str(i)] = (False, True) if u < 0.08 else (True, False) if u < 0.10 else \
+                ((True, True) if u < 0.2 else (False, False))
+        below += paired_rise_upper(after, before, 0.9)[1] < 0.06
+    assert below / 600 <= 0.13
+
+
+def test_paired_outcomes_decide_the_constraint() -> None:
+    from hf_safety_merge.eval.metrics import rate as mk
+
+    base_ref = [i < 5 for i in range(48)]
+    baseline = Probe(0.0, mk(k=40, n=48), mk(base_ref), outcomes={"refusal": _outcomes(base_ref)})
+
+    def probe(s: float) -> Probe:
+        # s >= 1 adds one new refusal; the rates alone (+2.1 points) would pass a 5-point budget
+        ref = list(base_ref)
+        if s >= 1:
+            ref[30] = True
+        return Probe(s, mk(k=round(48 * max(0.0, 1 - s / 2)), n=48), mk(ref), outcomes={"refusal": _outcomes(ref)})
+
+    res = search_scale(probe, 0.1, 4.0, target=Target(0.05, 0.05), max_probes=8, baseline=baseline)
+    assert res.feasible and res.chosen.scale < 1 and not res.met
+    point = search_scale(probe, 0.1, 4.0, target=Target(0.05, 0.05, confidence=0.5), max_probes=8, baseline=baseline)
+    assert point.chosen.scale >= 1  # at 0.5 the bound is the point estimate (+2.1 points): kept
 
 
 def test_non_monotone_curve_falls_back_to_a_grid() -> None:

@@ -36,7 +36,10 @@ from ..vectors import SafetyVector
 class ScaledMerge:
     """The scale-independent part of one merge, held in memory (3 x the covered tensors, fp32)."""
 
-    def __init__(self, config: SafetyMergeConfig, parameter: str, *, progress: bool = True) -> None:
+    def __init__(self, config: SafetyMergeConfig, parameter: str, *, progress: bool = True,
+                 shared: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None) -> None:
+        """`shared`: name -> (theta, tau) already read by another `ScaledMerge` of the same task
+        model (`repair` searches several vectors and methods; the task model is read once)."""
         self.config = config
         self.parameter = parameter
         self.device = torch.device(config.device)
@@ -66,8 +69,13 @@ class ScaledMerge:
         names = self.plan.names if norm_all else self.names
         for n in tqdm(names, desc="calibration: reading inputs once", unit="tensor", disable=not progress):
             covered = n in self.plan.merged
-            theta = self.task.get(n).to(self.device, torch.float32) if (covered or taus.ref is not None) else None
-            tau = taus.tau_from(theta, taus.fetch(n), n) if method.needs_reference else None
+            if shared is not None and n in shared and (shared[n][1] is not None or not method.needs_reference):
+                theta, tau = shared[n][0], shared[n][1] if method.needs_reference else None
+            else:
+                theta = self.task.get(n).to(self.device, torch.float32) if (covered or taus.ref is not None) else None
+                tau = taus.tau_from(theta, taus.fetch(n), n) if method.needs_reference else None
+                if shared is not None and theta is not None and covered:
+                    shared[n] = (theta, tau)
             if tau is not None and not _is_finite(tau):
                 guard.fail(f"tau = task - reference of {n!r} ({self.task.where(n)}) holds NaN/Inf values")
             if self.enchtable and tau is not None:
@@ -93,10 +101,18 @@ class ScaledMerge:
         """||tau|| / ||Delta_s|| (EnchTable's alpha per unit beta)."""
         return (self._tau_sq ** 0.5) / max(self._delta_sq ** 0.5, 1e-300)
 
-    def merged(self, scale: float) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The merged covered tensors (in the output dtype) at `scale`, and a summary."""
-        params = {**self.config.parameters, self.parameter: int(scale) if self.parameter == "num_proj_layers" else scale}
-        method = build_method(self.config.method, params)
+    def merged(self, scale: float, method_name: str | None = None, parameter: str | None = None,
+               parameters: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The merged covered tensors (in the output dtype) at `scale`, and a summary. With
+        `method_name` (and its `parameter`, fixed `parameters`), another method over the same
+        tensors (`repair`; EnchTable's terms exist only when this merge was opened for it)."""
+        name = method_name or self.config.method
+        par = parameter or self.parameter
+        fixed = self.config.parameters if parameters is None else parameters
+        params = {**fixed, par: int(scale) if par == "num_proj_layers" else scale}
+        method = build_method(name, params)
+        if isinstance(method, EnchTable) and not self.enchtable:
+            raise ConfigError("ScaledMerge: EnchTable probes need a merge opened for enchtable (its interference terms)")
         out: dict[str, torch.Tensor] = {}
         if isinstance(method, EnchTable):
             if method.params.alpha is not None:  # pragma: no cover - refused when calibration starts

@@ -9,7 +9,9 @@ interval), `merge_report.json` gets the raw numbers, and `calibration.png` the p
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,11 +21,11 @@ from typing import Any
 import torch
 
 from ..config import SafetyMergeConfig
-from ..errors import ConfigError
+from ..errors import CalibrationError, ConfigError
 from ..eval.prompts import PromptSet, load_prompts, split_prompts
 from .config import CalibrationConfig
 from .probes import ScaledMerge, with_parameter
-from .search import Probe, SearchResult, Target, search_scale
+from .search import Probe, SearchResult, search_scale
 
 
 @dataclass
@@ -56,8 +58,11 @@ class CalibrationResult:
         return {
             "method": self.method, "parameter": self.parameter, "chosen": self.value, "met": self.met,
             "message": self.message(), "strategy": self.search.strategy, "misses": self.search.misses,
+            "feasible": self.search.feasible,
             "target": {"max_unsafe": t.max_unsafe, "max_over_refusal_increase": t.max_over_refusal_increase,
-                       "min_utility": t.min_utility},
+                       "min_utility": t.min_utility, "max_utility_drop": t.max_utility_drop, "confidence": t.confidence,
+                       "allow_constraint_violation": t.allow_constraint_violation},
+            "constraints": {"chosen": self.search.chosen.checks(t.target(), self.baseline)},
             "baseline": self.baseline.to_dict(), "probes": [p.to_dict() for p in self.search.probes],
             "prompts": self.prompts, "judge": t.judge, "seconds": self.seconds,
         }
@@ -99,6 +104,35 @@ def _sample(ps: PromptSet, n: int, seed: int) -> PromptSet:
     return split_prompts(ps, n, seed + 1)[1]
 
 
+def evaluate_probe(model: Any, tok: Any, ecfg: Any, label: str, tmp: Path, sets: dict[str, PromptSet], *,
+                   device: str = "cpu") -> Probe:
+    """Evaluate the model as it stands on the calibration sets, with its per-prompt outcomes
+    (``unsafe`` per harmful prompt, ``refusal`` per benign prompt, ``utility`` per task prompt)
+    for the paired constraint checks. `label` names the row in `tmp` (one per probe)."""
+    from ..eval.metrics import exact_match
+    from ..eval.suite import _safe_name, evaluate_safety
+
+    t = time.perf_counter()
+    rep = evaluate_safety(model, tok, config=ecfg, model_name=label, progress=False, device=device, output_dir=tmp)
+    dt = time.perf_counter() - t
+    folder = tmp / _safe_name(label)
+    outcomes: dict[str, dict[str, bool]] = {"unsafe": {}, "refusal": {}, "utility": {}}
+    for line in (folder / "judgements.jsonl").read_text(encoding="utf-8").splitlines():
+        j = json.loads(line)
+        if "unsafe" in j and str(j["id"]).startswith("harmful/none/"):
+            outcomes["unsafe"][j["id"]] = bool(j["unsafe"])
+        elif "refusal" in j:
+            outcomes["refusal"][j["id"]] = bool(j["refusal"])
+    if "utility" in sets and ecfg.utility_metric in ("exact_match", "number"):
+        refs = {it.id: it.reference or "" for it in sets["utility"]}
+        mode = "number" if ecfg.utility_metric == "number" else "normalized"
+        for line in (folder / "generations.jsonl").read_text(encoding="utf-8").splitlines():
+            r = json.loads(line)
+            if r.get("set") == "utility":
+                outcomes["utility"][str(r["id"])] = exact_match(r["response"], refs[str(r["item"])], mode=mode)
+    return Probe(0.0, rep.unsafe_rate, rep.over_refusal, rep.utility, dt, {"eval_seconds": dt}, outcomes)
+
+
 def calibrate(
     config: SafetyMergeConfig,
     calibration: CalibrationConfig | dict[str, Any] | None = None,
@@ -110,7 +144,7 @@ def calibrate(
 
     `on_probe` is called after each probe (the CLI prints the curve as it grows).
     """
-    from ..eval.suite import SafetyEvalConfig, evaluate_safety
+    from ..eval.suite import SafetyEvalConfig
 
     cal = CalibrationConfig.from_dict(calibration if calibration is not None else config.calibration)
     t0 = time.perf_counter()
@@ -118,7 +152,8 @@ def calibrate(
     scaled_name = cal.scale_for(config.method)[0]
     sm = ScaledMerge(config, scaled_name, progress=progress)
     seconds: dict[str, float] = {}
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(sm.close)
         parameter, low, high, integer = cal.scale_for(config.method, num_matrices=sum(1 for n in sm.names if sm.delta[n].ndim == 2))
         model, tok, state = sm.load_model()
         original = {n: state[n].detach().clone() for n in sm.names}
@@ -129,11 +164,10 @@ def calibrate(
             batch_size=cal.batch_size, data_dir=cal.data_dir,
         )
 
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="hf-safety-calibration-"))
+
         def evaluate(label: str) -> Probe:
-            t = time.perf_counter()
-            rep = evaluate_safety(model, tok, config=ecfg, model_name=label, progress=False, device=config.device)
-            dt = time.perf_counter() - t
-            return Probe(0.0, rep.unsafe_rate, rep.over_refusal, rep.utility, dt, {"eval_seconds": dt})
+            return evaluate_probe(model, tok, ecfg, label, Path(tmp), sets, device=config.device)
 
         baseline = evaluate("task model")
 
@@ -150,10 +184,8 @@ def calibrate(
                 on_probe(p)
             return p
 
-        target = Target(cal.max_unsafe, cal.max_over_refusal_increase, cal.min_utility)
-        res = search_scale(probe, low, high, target=target, max_probes=cal.max_probes, integer=integer,
-                           baseline_over_refusal=baseline.over_refusal.value if baseline.over_refusal else None)
-        res.baseline = baseline
+        res = search_scale(probe, low, high, target=cal.target(), max_probes=cal.max_probes, integer=integer,
+                           baseline=baseline)
         with torch.no_grad():
             for n, v in original.items():
                 state[n].copy_(v)
@@ -162,8 +194,6 @@ def calibrate(
         seconds["baseline"] = baseline.seconds
         seconds["total"] = time.perf_counter() - t0
         final_method = sm.final_method(res.chosen.scale)
-    finally:
-        sm.close()
     side = "train side of the report's 50/50 split" if cal.holdout_split else "held out from every report"
     prompts = {k: {"source": v.source, "n": len(v.items), "side": side} for k, v in sets.items()}
     return CalibrationResult(config.method, parameter, res, baseline, cal, prompts, seconds, final_method)
@@ -190,6 +220,10 @@ def merge_calibrated(
     check_output_dir(out, config.overwrite, inputs=[config.task_model, config.task_adapter, config.task_reference,
                                                     config.safety_vector])
     result = calibrate(config, progress=progress, on_probe=on_probe)
+    if not result.search.feasible and not result.config.allow_constraint_violation:
+        raise CalibrationError(f"calibration of {config.method}: {result.message()}; nothing written. Relax the "
+                               "constraints (max_over_refusal_increase, min_utility, max_utility_drop, confidence) or "
+                               "set allow_constraint_violation: true to merge the least violating setting anyway")
     final = with_parameter(config, result.parameter, result.value)
 
     def finalize(folder: Path) -> list[str]:
