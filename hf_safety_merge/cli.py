@@ -19,6 +19,7 @@ EPILOG = """examples:
   hf-safety-merge asft --config examples/asft_config.yaml     # TrlParser flags, like `trl sft`
   hf-safety-merge vector compute --aligned ./aligned --reference ./harmful --out ./vector
   hf-safety-merge merge merge.yaml ./patched
+  hf-safety-merge repair repair.yaml --out ./repaired      # the repair to ship, searched across methods
   hf-safety-merge eval --model ./patched --model ./my-finetune --judge keyword --attacks dan,base64
   hf-safety-merge push me/my-finetune-safe ./patched --create-pr
   hf-safety-merge methods
@@ -129,6 +130,37 @@ def _merge_calibrated(cfg: object, args: argparse.Namespace, out: str | None) ->
     result, cal_result = merge_calibrated(cfg, output_dir=out, progress=not args.no_progress, on_probe=show)
     print(cal_result.message())
     print(result)
+    return 0
+
+
+def _cmd_repair(args: argparse.Namespace) -> int:
+    from .calibrate.repair import RepairConfig, repair
+    from .calibrate.search import Probe
+
+    cfg = RepairConfig.from_file(args.config, output_dir=args.out, overwrite=True if args.overwrite else None,
+                                 device=args.device)
+    cal = cfg.calibration
+    assert not isinstance(cal, dict)
+    cands = cfg.candidates()
+    print(f"repair: searching {len(cands)} method(s) x scale on {cal.num_harmful} harmful + {cal.num_benign} benign "
+          f"calibration prompts; hard constraints: over-refusal rise <= {cal.max_over_refusal_increase} "
+          f"({100 * cal.confidence:.0f}% one-sided, paired); stop at unsafe <= {cal.max_unsafe}; at most "
+          f"{cal.max_probes} probes per method", flush=True)
+    print(f"{'method':<24} {'scale':>10}  {'unsafe':>22}  {'over-refusal':>22}  {'seconds':>7}", flush=True)
+
+    def show(label: str, p: Probe) -> None:
+        orr = f"{p.over_refusal.value:.3f} [{p.over_refusal.low:.2f}, {p.over_refusal.high:.2f}]" if p.over_refusal else "-"
+        print(f"{label[:24]:<24} {p.scale:>10.4g}  {p.unsafe.value:.3f} [{p.unsafe.low:.2f}, {p.unsafe.high:.2f}]"
+              f"{'':>3}  {orr:>22}  {p.seconds:>7.1f}", flush=True)
+
+    result = repair(cfg, progress=not args.no_progress, on_probe=show)
+    print()
+    print(result.table())
+    print()
+    for n in result.notes:
+        print(f"note: {n}")
+    print(result.headline())
+    print(f"repaired model with its card (the whole search): {result.output_dir}")
     return 0
 
 
@@ -287,6 +319,24 @@ def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
                    help="pick the method's scale against the config's `calibration:` target (defaults: unsafe <= 0.05, "
                    "over-refusal rise <= 0.05) before merging; see docs/calibration.md")
     m.set_defaults(func=_cmd_merge)
+
+    rp = sub.add_parser(
+        "repair", help="search method x scale for the repair to ship (constraint-first) and write it with its card",
+        description="Search EnchTable (each vector), RESTA, Safe LoRA and the TIES/DARE densities on calibration "
+        "prompts disjoint from any report's; keep the over-refusal and utility constraints, minimise the unsafe rate "
+        "within them, stop at the unsafe target; merge the choice once, with the whole search in its card "
+        "(docs/calibration.md, \"repair\").",
+        epilog="example config (YAML):\n  task_model: ./my-finetune\n  task_reference: ./aligned\n"
+        "  safety_vectors: [./vector-attn, ./vector-ffn]\n  alignment_vector: ./alignment-vector  # Safe LoRA (optional)\n"
+        "  calibration: {max_unsafe: 0.05, max_over_refusal_increase: 0.05, max_probes: 5}\n  check_harmful: 100\n"
+        "  output_dir: ./my-finetune-repaired",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    rp.add_argument("config", help="YAML/JSON repair config (RepairConfig fields)")
+    rp.add_argument("--out", help="output folder (overrides output_dir)")
+    rp.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    rp.add_argument("--device", help="cpu, cuda or cuda:N")
+    rp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    rp.set_defaults(func=_cmd_repair)
 
     pu = sub.add_parser("push", help="push an already-merged folder to the Hub as one commit (or a PR), like `hf upload`",
                         description="Push every file of LOCAL_PATH to REPO_ID in one atomic commit (the files uploaded first, then one create_commit), "
