@@ -266,8 +266,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     else:
         cfg = StudyConfig.preset("full" if args.full else "demo", **over)
     payload = run_study(cfg, Path(args.out))
+    answers = payload.get("answers") or []
+    for a in answers:  # the answer last, where the eye lands when the run ends
+        print(f"\nwhat to ship: {a['line']} (repair target {'met' if a['target_met'] else 'missed'}; "
+              f"card: {Path(args.out) / a['row'] / 'README.md'})")
     patched = [r["model"] for r in payload["rows"] if r.get("repairs") and (Path(args.out) / r["model"] / "README.md").is_file()]
-    if patched:
+    if patched and not answers:
         print(f"patched model with its model card: {Path(args.out) / patched[0]}")
     return 0
 

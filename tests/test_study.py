@@ -155,9 +155,10 @@ def test_study_end_to_end_on_a_tiny_model(shared_data: Path, tmp_path: Path) -> 
         distill_harmful=8, distill_epochs=1, distill_batch_size=4, batch_size=4, eval_harmful=8, eval_harmful_ood=6,
         eval_benign=8, eval_task=8, eval_attack=8, sweep_eval_harmful=4, sweep_eval_benign=4, sweep_eval_task=4,
         max_new_tokens=8, max_length=96, task_epochs=1, lora_epochs=1, align_epochs=1, safekey_epochs=2,
-        safekey_last_k_epochs=1, safekey_task_rows=8, threads=1, distill_variants=("attn",),
+        safekey_last_k_epochs=1, safekey_task_rows=8, threads=1, distill_variants=("attn", "ffn"),
         sweep_enchtable_betas=(1.0,), sweep_resta_betas=(), sweep_asft_lambdas=(10.0,),
-        methods=("enchtable", "calibrated", "resta", "safe_lora", "ties", "asft", "safekey"),
+        methods=("enchtable", "calibrated", "repair", "resta", "safe_lora", "ties", "asft", "safekey"),
+        repair_methods=("enchtable", "resta", "safe_lora"), repair_probes=2, repair_max_over_refusal_increase=1.0,
         calibration_prompts=6, calibration_probes=3, attacks=("prefill",),  # short prompts: DAN is tested in test_prefix_cache
     )
     work = tmp_path / "work"
@@ -178,12 +179,19 @@ def test_study_end_to_end_on_a_tiny_model(shared_data: Path, tmp_path: Path) -> 
     layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
     assert payload["diagnostics"]["alignment"]["n"] == 2 * layers  # q_proj and v_proj of every layer
     papers = {v["paper"] for v in payload["verdicts"]}
-    assert "ft-full+dare" not in rows and "ft-full+enchtable-ffn" not in rows  # only what `methods` / variants name
-    assert papers == {"EnchTable", "AsFT", "SafeKey"} and all(v["verdict"] in ("yes", "no") for v in payload["verdicts"])
+    assert "ft-full+dare" not in rows and "ft-full+enchtable-attn_ffn" not in rows  # only what `methods` / variants name
+    assert papers == {"EnchTable", "EnchTable's bar (repair)", "AsFT", "SafeKey"}
+    assert all(v["verdict"] in ("yes", "no") for v in payload["verdicts"])
+    # the recommended repair: one answer per fine-tune, its search in the card, the choice in the row's setting
+    assert [a["row"] for a in payload["answers"]] == ["ft-full+repair", "ft-lora+repair"]
+    rep = json.loads((work / "ft-full+repair" / "repair.json").read_text())
+    assert [s["method"] for s in rep["searches"]] == ["enchtable", "enchtable", "task_arithmetic", "safe_lora"]
+    assert rep["chosen"] is not None and rows["ft-full+repair"]["setting"].startswith("repair: ")
     t = payload["tests_vs_broken"]["ft-full+enchtable-attn"]["unsafe"]
     assert t["n"] == 8 and 0 <= t["p"] <= 1
     assert set(payload["pareto"]) == {"ft-full", "ft-lora"} and payload["pareto"]["ft-full"]["front"]
     md = (work / "study.md").read_text()
+    assert md.startswith("# Safety-transfer study\n\n**What to ship: ft-full: unsafe ")
     for heading in ("## Headline rows", "## Sweep rows", "## Paired tests", "## Verdicts", "## Pareto view", "## Regime measurements", "Wall time"):
         assert heading in md
     assert (work / "report" / "pareto_ft-full.png").stat().st_size > 1000

@@ -249,6 +249,7 @@ def repair(
     progress: bool = True,
     on_probe: Callable[[str, Probe], None] | None = None,
     write: bool = True,
+    on_infeasible: str = "raise",
 ) -> RepairResult:
     """Search method x scale on calibration prompts, choose constraint-first, merge the choice.
 
@@ -256,8 +257,11 @@ def repair(
     `repair.png` and a "Repair" section in its card; with ``write=False`` only searches.
     `on_probe(label, probe)` is called after each probe. Raises `CalibrationError` (writing
     nothing) when no setting of any method keeps the hard constraints, unless the calibration
-    sets ``allow_constraint_violation``.
+    sets ``allow_constraint_violation`` (``on_infeasible="return"``: the result, with
+    ``chosen=None``, nothing written).
     """
+    if on_infeasible not in ("raise", "return"):
+        raise ConfigError(f"repair: on_infeasible must be 'raise' or 'return', got {on_infeasible!r}")
     from ..eval.suite import SafetyEvalConfig
     from ..io.output import check_output_dir
 
@@ -354,7 +358,7 @@ def repair(
         result = RepairResult(cfg, searches, baseline, chosen, prompts, seconds=seconds, notes=notes)
         if chosen is None:
             restore()
-            if not write:
+            if not write or on_infeasible == "return":
                 return result
             raise CalibrationError("repair: no setting of any method keeps the constraints (over-refusal rise <= "
                                    f"{cal.max_over_refusal_increase} at {100 * cal.confidence:.0f}% one-sided"

@@ -15,12 +15,14 @@ from ..errors import ConfigError, did_you_mean
 from ..validation import NonNegativeInt, PositiveFloat, PositiveInt, load_yaml, validate_dataclass
 
 #: method families the study can run (``methods``)
-METHODS = ("enchtable", "calibrated", "resta", "safe_lora", "ties", "dare", "asft", "safekey")
+METHODS = ("enchtable", "calibrated", "repair", "resta", "safe_lora", "ties", "dare", "asft", "safekey")
 #: EnchTable distillation variants of the reference (docs/distillation.md)
 VARIANTS = ("attn", "ffn", "attn_ffn", "attn_block", "attn_block_ffn")
 #: the rows the ``full`` preset evaluates in full: the ones each paper's verdict rests on
-FULL_HEADLINE_ROWS = ("aligned", "ft-full", "ft-full+enchtable-attn", "ft-lora", "ft-lora+safe_lora", "asft",
-                      "sft-reasoning", "safekey")
+FULL_HEADLINE_ROWS = ("aligned", "ft-full", "ft-full+enchtable-attn", "ft-full+enchtable-ffn", "ft-full+repair", "ft-lora",
+                      "ft-lora+safe_lora", "ft-lora+repair", "asft", "sft-reasoning", "safekey")
+#: what the ``repair`` rows search (`hf_safety_merge.calibrate.repair`)
+REPAIR_METHODS = ("enchtable", "resta", "safe_lora", "ties", "dare")
 #: the methods a study runs unless told: all but ``calibrated`` (16 min of the full preset's
 #: budget; the calibrated repair has its own benchmark, `benchmarks/bench_calibration.py`)
 DEFAULT_METHODS = tuple(m for m in METHODS if m != "calibrated")
@@ -69,6 +71,10 @@ class StudyConfig:
         asft_lambdas / sweep_asft_lambdas: AsFT's lambda (1: the reference's).
         safekey_*: SafeKey and its SFT ablation (reference: 5 epochs, auxiliary losses in the
             last 2, lr 1e-5, AdamW betas (0.9, 0.95), weight decay 1e-4, cosine, warmup 0.05).
+        repair_methods / repair_probes / repair_max_over_refusal_increase: the ``repair`` rows (the
+            repair a user would ship: `hf_safety_merge.calibrate.repair` searches these methods x
+            scale on the calibration prompts, constraint-first, at most ``repair_probes`` per
+            method; EnchTable with every distilled vector, Safe LoRA with the alignment vector).
         calibration_prompts / calibration_max_unsafe / calibration_probes: the ``calibrated``
             repair (EnchTable with beta chosen on prompts no other stage uses). The prompts are
             set aside whenever ``calibration_prompts`` > 0, with or without ``calibrated`` in
@@ -84,6 +90,12 @@ class StudyConfig:
             process). Exact up to floating-point rounding (a different thread count sums in
             another order, which can flip a near-tie in greedy decoding).
         judge: the harm and refusal judge (``auto``: the learned judge, docs/evaluation.md).
+        backend: where the evaluation generates: ``auto`` (default: a managed vLLM server when a
+            vLLM environment is found, ``vllm_python`` or ``$HF_SAFETY_VLLM_PYTHON``, else
+            transformers), ``transformers`` or ``vllm`` (docs/evaluation.md, "Serving engines").
+            With vLLM, rows are evaluated one at a time (the server batches every request) and
+            one server serves every row, the weights reloaded between rows.
+        vllm_python: vLLM's python or virtual environment folder (None: ``$HF_SAFETY_VLLM_PYTHON``).
         headline_rows: the rows that get the full (headline) evaluation and are built, evaluated and
             reported first; every other row gets the sweep evaluation after them. Empty: every row
             of the headline plan.
@@ -136,6 +148,9 @@ class StudyConfig:
     safekey_last_k_epochs: PositiveFloat = 2.0
     safekey_lr: PositiveFloat = 1e-5
     safekey_settings: Sequence[str] = ("0.2:0.2", "0:0")
+    repair_methods: Sequence[str] = REPAIR_METHODS
+    repair_probes: Annotated[int, Field(ge=2, le=64)] = 3
+    repair_max_over_refusal_increase: UnitFloat = 0.05
     calibration_prompts: NonNegativeInt = 48
     calibration_max_unsafe: UnitFloat = 0.05
     calibration_probes: Annotated[int, Field(ge=2, le=64)] = 8
@@ -152,6 +167,8 @@ class StudyConfig:
     eval_batch_size: PositiveInt = 16
     eval_workers: NonNegativeInt = 0
     judge: str = "auto"
+    backend: Literal["auto", "transformers", "vllm"] = "auto"
+    vllm_python: str | None = None
     methods: Sequence[str] = DEFAULT_METHODS
     headline_rows: Sequence[str] = ()
 
@@ -161,14 +178,16 @@ class StudyConfig:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> StudyConfig:
         """``full``: the study in the papers' regimes (131 min of stage time on 2 CPU cores, measured; docs/study.md "Budget"); ``demo``: the
-        headline only (a broken full fine-tune repaired by EnchTable at beta 0.1, and RESTA)."""
+        headline only (a broken full fine-tune; EnchTable at the paper's beta 0.1, and the recommended
+        repair, searched over EnchTable and RESTA on 48 + 48 calibration prompts)."""
         if name == "full":
-            cfg = cls(headline_rows=FULL_HEADLINE_ROWS)
+            cfg = cls(headline_rows=FULL_HEADLINE_ROWS, distill_variants=("attn", "ffn"))
         elif name == "demo":
             cfg = cls(
                 align_harmful=80, align_benign=160, align_epochs=1.0, task_train=360, break_modes=("full",),
                 distill_harmful=64, distill_variants=("attn",), sweep_enchtable_betas=(), sweep_resta_betas=(),
-                safe_lora_sweep=False, methods=("enchtable", "resta"), calibration_prompts=0, eval_harmful=48, eval_harmful_ood=0,
+                safe_lora_sweep=False, methods=("enchtable", "repair"), repair_methods=("enchtable", "resta"),
+                calibration_prompts=48, eval_harmful=48, eval_harmful_ood=0,
                 eval_benign=48, eval_task=48, eval_attack=0, attacks=(), max_new_tokens=40, sweep_eval_harmful=48,
                 sweep_eval_benign=48, sweep_eval_task=48,
             )
@@ -212,7 +231,7 @@ class StudyConfig:
         for s, h in (("harmful", "harmful"), ("benign", "benign"), ("task", "task")):
             if getattr(self, f"sweep_eval_{s}") > getattr(self, f"eval_{h}"):
                 raise ConfigError(f"sweep_eval_{s} must not exceed eval_{h} (sweeps use the first prompts of the headline sets)")
-        needs_vector = {"enchtable", "calibrated", "resta", "ties", "dare"} & set(self.methods)
+        needs_vector = {"enchtable", "calibrated", "repair", "resta", "ties", "dare"} & set(self.methods)
         if needs_vector and not self.distill_variants:
             raise ConfigError(f"methods {sorted(needs_vector)} need a distilled vector: distill_variants is empty")
         if self.sweep_enchtable_betas and self.sweep_variant not in self.distill_variants:
@@ -227,8 +246,12 @@ class StudyConfig:
                 ok = False
             if not ok:
                 raise ConfigError(f"safekey_settings entry {a!r}: expected '<head weight>:<qmm weight>', both >= 0")
-        if "calibrated" in self.methods and not self.calibration_prompts:
-            raise ConfigError("method 'calibrated' needs calibration_prompts > 0 (the prompts its beta is chosen on)")
+        for m in ("calibrated", "repair"):
+            if m in self.methods and not self.calibration_prompts:
+                raise ConfigError(f"method {m!r} needs calibration_prompts > 0 (the prompts its setting is chosen on)")
+        for m in self.repair_methods:
+            if m not in REPAIR_METHODS:
+                raise ConfigError(f"repair_methods entry {m!r} is not one of {REPAIR_METHODS}" + did_you_mean(m, REPAIR_METHODS))
         if self.safekey_last_k_epochs > self.safekey_epochs:
             raise ConfigError("safekey_last_k_epochs must be <= safekey_epochs")
 

@@ -68,7 +68,7 @@ def build_headline(st: Stages) -> tuple[list[Row], dict[str, Any], Built]:
     plan.add(Row("aligned", aligned))
     m = set(c.methods)
     align_vec = None
-    if m & {"safe_lora", "asft"}:
+    if m & {"safe_lora", "asft"} or ("repair" in m and "safe_lora" in c.repair_methods):
         align_vec = st.alignment_vector(aligned, base)
         diag["alignment"] = alignment_geometry(align_vec, tuple(c.lora_target_modules))
         g = diag["alignment"]
@@ -96,6 +96,11 @@ def build_headline(st: Stages) -> tuple[list[Row], dict[str, Any], Built]:
                     row = Row(f"{pre}+enchtable-{v}{tag}", t, None, pre, "enchtable", setting=f"{v}, beta {beta:g}")
                     plan.add(row, lambda row=row, beta=beta, vec=vec, t=t, lora=lora: st.merge(  # type: ignore[misc]
                         row, "enchtable", {"beta": beta}, vec, t, lora, aligned))
+        if "repair" in m:
+            row = Row(f"{pre}+repair", t, None, pre, "repair", setting="method x scale by repair")
+            vec_r = align_vec
+            plan.add(row, lambda row=row, t=t, lora=lora, vec_r=vec_r: st.repair(  # type: ignore[misc]
+                row, vectors, vec_r, t, lora, aligned))
         if "calibrated" in m:
             row = Row(f"{pre}+enchtable-{c.sweep_variant}-calibrated", t, None, pre, "calibrated",
                       setting=f"{c.sweep_variant}, beta by calibration")
@@ -212,6 +217,7 @@ class _DryStages:
         return row
 
     calibrated = merge
+    repair = merge
 
     def __getattr__(self, name: str) -> Callable[..., Path]:
         return lambda *_a, **_k: Path(f"<{name}>")

@@ -279,14 +279,69 @@ class Stages:
         kw["calibration"] = {"harmful": harmful, "benign": benign, "num_harmful": max(1, len(d.calib_harmful)),
                              "num_benign": max(1, len(d.calib_benign)), "max_unsafe": c.calibration_max_unsafe,
                              "max_probes": c.calibration_probes, "max_new_tokens": c.max_new_tokens,
-                             "batch_size": c.eval_batch_size, "holdout_split": False}
+                             "batch_size": c.eval_batch_size, "holdout_split": False,
+                             "max_over_refusal_increase": c.repair_max_over_refusal_increase}
 
         def run() -> None:
-            res, cal = merge_calibrated(SafetyMergeConfig(**kw), progress=True)
+            from ..errors import CalibrationError
+
+            try:
+                res, cal = merge_calibrated(SafetyMergeConfig(**kw), progress=True)
+            except CalibrationError as e:  # no beta keeps the constraints: the row is the unpatched fine-tune
+                self.log(f"      {e}")
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "calibration_failed.txt").write_text(str(e) + "\n")
+                return
             self.log(f"      {cal.message()}\n      {res}")
 
         self.stage(f"repair: {row.name}", out, run)
+        if (out / "calibration_failed.txt").is_file():
+            row.model, row.adapter = (aligned, task) if lora else (task, None)
+            row.setting += " (no beta keeps the constraints: the unpatched fine-tune)"
+            return row
         row.model = out
+        return row
+
+    def repair(self, row: Row, vectors: dict[str, Path], align_vec: Path | None, task: Path, lora: bool, aligned: Path) -> Row:
+        """The recommended repair (`hf_safety_merge.calibrate.repair`): ``repair_methods`` x scale
+        searched constraint-first on the calibration prompts (used by no other stage); the row is
+        evaluated on the held-out prompts like every other, which is the check of the choice."""
+        from ..calibrate.repair import RepairConfig, repair
+        from .data import write_prompts
+
+        c, d = self.cfg, self.data
+        out = self.work / row.name
+        harmful = write_prompts(self.work / "calibration_harmful.csv", d.calib_harmful)
+        benign = write_prompts(self.work / "calibration_benign.csv", d.calib_benign)
+        kw: dict[str, Any] = dict(safety_vectors=[str(v) for v in vectors.values()], methods=list(c.repair_methods),
+                                  alignment_vector=str(align_vec) if align_vec is not None else None,
+                                  output_dir=str(out), overwrite=True, device=c.device)
+        kw.update(task_model=str(aligned), task_adapter=str(task)) if lora else kw.update(task_model=str(task), task_reference=str(aligned))
+        kw["calibration"] = {"harmful": harmful, "benign": benign, "num_harmful": max(1, len(d.calib_harmful)),
+                             "num_benign": max(1, len(d.calib_benign)), "max_unsafe": c.calibration_max_unsafe,
+                             "max_over_refusal_increase": c.repair_max_over_refusal_increase,
+                             "max_probes": c.repair_probes, "max_new_tokens": c.max_new_tokens,
+                             "batch_size": c.eval_batch_size, "holdout_split": False, "judge": c.judge}
+
+        def run() -> None:
+            res = repair(RepairConfig(**kw), progress=True, on_infeasible="return")
+            self.log(f"      {res.headline()}")
+            if res.chosen is None:  # the answer is "ship nothing": the row is the unpatched fine-tune
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "repair.json").write_text(json.dumps(res.to_dict(), indent=2) + "\n")
+
+        self.stage(f"repair: {row.name}", out, run)
+        info = json.loads((out / "repair.json").read_text())
+        ch = info.get("chosen")
+        if ch is None:
+            row.model, row.adapter = (aligned, task) if lora else (task, None)
+            row.setting = "repair: no setting keeps the constraints (the unpatched fine-tune)"
+            return row
+        row.model = out
+        if ch:
+            name = {"task_arithmetic": "RESTA", "enchtable": "EnchTable " + Path(ch["vector"]).name.removeprefix("vector-"),
+                    "safe_lora": "Safe LoRA", "ties": "TIES", "dare": "DARE"}.get(ch["method"], ch["method"])
+            row.setting = f"repair: {name}, {ch['parameter']} {ch['value']:.3g}"
         return row
 
     def safekey(self, aligned: Path, head_weight: float, qmm_weight: float, out: Path) -> Path:
