@@ -106,18 +106,18 @@ def test_repair_writes_nothing_when_no_setting_keeps_the_constraints(toy: dict[s
     cfg = RepairConfig(task_model=toy["task"], task_reference=toy["aligned"], safety_vectors=[toy["vector"]],
                        methods=["resta"], calibration=_cal(toy, max_over_refusal_increase=0.0, confidence=0.999,
                                                            max_probes=2), output_dir=str(out))
-    with pytest.raises(CalibrationError, match="no setting of any method keeps the constraints.*nothing written"):
+    with pytest.raises(CalibrationError, match=r"no setting of any method keeps the constraints.*nothing written"):
         repair(cfg, progress=False)
     assert not out.exists()
 
 
 def test_repair_config_errors_are_one_line() -> None:
-    with pytest.raises(ConfigError, match="repair method 'enchtabel'.*did you mean 'enchtable'"):
+    with pytest.raises(ConfigError, match=r"repair method 'enchtabel'.*did you mean 'enchtable'"):
         RepairConfig(task_model="x", task_reference="y", safety_vectors=["v"], methods=["enchtabel"])
     with pytest.raises(ConfigError, match="need `safety_vectors`"):
         RepairConfig(task_model="x", task_reference="y", methods=["resta"])
     with pytest.raises(ConfigError, match="give `task_reference`"):
         RepairConfig(task_model="x", safety_vectors=["v"])
-    with pytest.raises(ConfigError, match="held-out check.*holdout_split"):
+    with pytest.raises(ConfigError, match=r"held-out check.*holdout_split"):
         RepairConfig(task_model="x", task_reference="y", safety_vectors=["v"], check_harmful=10,
                      calibration={"holdout_split": False})

@@ -5,8 +5,8 @@ Layer 6 (docs/architecture.md): may import the merge engine, `vectors`, `config`
 """
 
 from .config import SCALES, CalibrationConfig
-from .run import CalibrationResult, calibrate, calibration_prompts, merge_calibrated
 from .repair import REPAIR_METHODS, MethodSearch, RepairConfig, RepairResult, repair
+from .run import CalibrationResult, calibrate, calibration_prompts, merge_calibrated
 from .search import Probe, SearchResult, Target, search_scale
 
 __all__ = [

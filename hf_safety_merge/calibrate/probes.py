@@ -70,7 +70,8 @@ class ScaledMerge:
         for n in tqdm(names, desc="calibration: reading inputs once", unit="tensor", disable=not progress):
             covered = n in self.plan.merged
             if shared is not None and n in shared and (shared[n][1] is not None or not method.needs_reference):
-                theta, tau = shared[n][0], shared[n][1] if method.needs_reference else None
+                theta: torch.Tensor | None = shared[n][0]
+                tau = shared[n][1] if method.needs_reference else None
             else:
                 theta = self.task.get(n).to(self.device, torch.float32) if (covered or taus.ref is not None) else None
                 tau = taus.tau_from(theta, taus.fetch(n), n) if method.needs_reference else None

@@ -69,7 +69,7 @@ def paired_rise_upper(after: Mapping[str, bool], before: Mapping[str, bool], con
     l2 = wilson_bound(a + c, n, z, upper=False)
     den = (a + b) * (c + d) * (a + c) * (b + d)
     # phi with Newcombe's correction (ad - bc reduced by n/2 when positive), as he recommends
-    num = a * d - b * c
+    num = float(a * d - b * c)
     num = max(num - n / 2, 0.0) if num > 0 else num
     phi = num / math.sqrt(den) if den > 0 else 0.0
     du2 = (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2

@@ -270,13 +270,13 @@ def _markdown(recs: dict[str, Any], tests: dict[str, Any], verdicts: list[dict[s
     head = ["model", "repairs", "setting", "unsafe AdvBench", "unsafe Do-Not-Answer", *[k.removeprefix("attack_") + " ASR" for k in attack_keys],
             "over-refusal", "task", "alpha", "tau/Delta_s"]
     md = ["# Safety-transfer study", ""]
-    for a in answers(recs, tests):
-        p = (a["unsafe_test"] or {}).get("p")
-        md += [f"**What to ship: {a['line']}.**", "",
+    for ans in answers(recs, tests):
+        p = (ans["unsafe_test"] or {}).get("p")
+        md += [f"**What to ship: {ans['line']}.**", "",
                f"Repair target (unsafe cut >= {100 * REPAIR_CUT:.0f}% relative, over-refusal within {OVER_REFUSAL_POINTS:g} points "
-               f"of the broken model, task score within its interval): **{'met' if a['target_met'] else 'missed'}** (cut "
-               + ("n/a" if a["unsafe_cut"] is None else f"{100 * a['unsafe_cut']:.0f}%") + f", McNemar p {fmt_p(p)}; task within "
-               f"interval: {a['task_within_interval']}). The papers' own bar (>= {100 * ENCHTABLE_CUT:.0f}%) is the verdict "
+               f"of the broken model, task score within its interval): **{'met' if ans['target_met'] else 'missed'}** (cut "
+               + ("n/a" if ans["unsafe_cut"] is None else f"{100 * ans['unsafe_cut']:.0f}%") + f", McNemar p {fmt_p(p)}; task within "
+               f"interval: {ans['task_within_interval']}). The papers' own bar (>= {100 * ENCHTABLE_CUT:.0f}%) is the verdict "
                "line below.", ""]
     md += [jline + ". Every rate: percent with its Wilson 95% interval.", ""]
     for group, title in (("headline", "Headline rows (full evaluation)"), ("sweep", "Sweep rows (smaller evaluation, see docs/study.md)")):
