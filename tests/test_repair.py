@@ -118,6 +118,8 @@ def test_repair_config_errors_are_one_line() -> None:
         RepairConfig(task_model="x", task_reference="y", methods=["resta"])
     with pytest.raises(ConfigError, match="give `task_reference`"):
         RepairConfig(task_model="x", safety_vectors=["v"])
+    with pytest.raises(ConfigError, match=r"ranges\['resta'\] = \[3, 0.5\]: expected \[low, high\]"):
+        RepairConfig(task_model="x", task_reference="y", safety_vectors=["v"], ranges={"resta": [3, 0.5]})
     with pytest.raises(ConfigError, match=r"held-out check.*holdout_split"):
         RepairConfig(task_model="x", task_reference="y", safety_vectors=["v"], check_harmful=10,
                      calibration={"holdout_split": False})

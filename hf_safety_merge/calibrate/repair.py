@@ -54,6 +54,8 @@ class RepairConfig:
             skipped with a note).
         methods: the methods to search (default all of ``REPAIR_METHODS``; ``resta`` is an alias).
         parameters: fixed parameters per method (e.g. ``{enchtable: {lam: 5}}``), besides its scale.
+        ranges: the search range per method (e.g. ``{enchtable: [0.05, 2]}``; default: the method's
+            in ``hf_safety_merge.calibrate.SCALES``).
         calibration: the target, constraints, calibration prompts and probe budget per method
             (:class:`~hf_safety_merge.calibrate.CalibrationConfig`).
         check_harmful / check_benign: prompts of the held-out check of the chosen repair (0: no
@@ -69,6 +71,7 @@ class RepairConfig:
     alignment_vector: str | None = None
     methods: Sequence[str] = REPAIR_METHODS
     parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ranges: dict[str, Sequence[float]] = field(default_factory=dict)
     calibration: dict[str, Any] | CalibrationConfig = field(default_factory=dict)
     check_harmful: NonNegativeInt = 0
     check_benign: NonNegativeInt = 0
@@ -91,6 +94,12 @@ class RepairConfig:
             if ALIASES.get(m, m) not in REPAIR_METHODS:
                 raise ConfigError(f"repair parameters for unknown method {m!r}" + did_you_mean(m, REPAIR_METHODS))
         self.parameters = {ALIASES.get(k, k): dict(v) for k, v in self.parameters.items()}
+        for m, r in self.ranges.items():
+            if ALIASES.get(m, m) not in REPAIR_METHODS:
+                raise ConfigError(f"repair ranges for unknown method {m!r}" + did_you_mean(m, REPAIR_METHODS))
+            if len(r) != 2 or not float(r[0]) < float(r[1]):
+                raise ConfigError(f"repair ranges[{m!r}] = {list(r)}: expected [low, high] with low < high")
+        self.ranges = {ALIASES.get(k, k): (float(v[0]), float(v[1])) for k, v in self.ranges.items()}
         if not self.methods:
             raise ConfigError("repair: `methods` is empty")
         if not self.safety_vectors and set(self.methods) - {"safe_lora"}:
@@ -331,6 +340,8 @@ def repair(
             sm = open_vector(method, vector)
             parameter, low, high, integer = cal.scale_for(
                 method, num_matrices=sum(1 for n in sm.names if sm.delta[n].ndim == 2))
+            if method in cfg.ranges:
+                low, high = cfg.ranges[method]
             fixed = cfg.parameters.get(method, {})
             label = LABELS.get(method, method) + (f" ({Path(vector).name})" if method == "enchtable" else "")
 

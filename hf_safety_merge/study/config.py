@@ -75,6 +75,7 @@ class StudyConfig:
             repair a user would ship: `hf_safety_merge.calibrate.repair` searches these methods x
             scale on the calibration prompts, constraint-first, at most ``repair_probes`` per
             method; EnchTable with every distilled vector, Safe LoRA with the alignment vector).
+            ``repair_ranges``: the search range per method (default: `calibrate.SCALES`).
         calibration_prompts / calibration_max_unsafe / calibration_probes: the ``calibrated``
             repair (EnchTable with beta chosen on prompts no other stage uses). The prompts are
             set aside whenever ``calibration_prompts`` > 0, with or without ``calibrated`` in
@@ -151,6 +152,7 @@ class StudyConfig:
     repair_methods: Sequence[str] = REPAIR_METHODS
     repair_probes: Annotated[int, Field(ge=2, le=64)] = 3
     repair_max_over_refusal_increase: UnitFloat = 0.05
+    repair_ranges: dict[str, Sequence[float]] = dataclasses.field(default_factory=dict)
     calibration_prompts: NonNegativeInt = 48
     calibration_max_unsafe: UnitFloat = 0.05
     calibration_probes: Annotated[int, Field(ge=2, le=64)] = 8
@@ -187,6 +189,7 @@ class StudyConfig:
                 align_harmful=80, align_benign=160, align_epochs=1.0, task_train=360, break_modes=("full",),
                 distill_harmful=64, distill_variants=("attn",), sweep_enchtable_betas=(), sweep_resta_betas=(),
                 safe_lora_sweep=False, methods=("enchtable", "repair"), repair_methods=("enchtable", "resta"),
+                repair_ranges={"enchtable": [0.1, 3.0], "resta": [0.5, 3.0]},
                 calibration_prompts=48, eval_harmful=48, eval_harmful_ood=0,
                 eval_benign=48, eval_task=48, eval_attack=0, attacks=(), max_new_tokens=40, sweep_eval_harmful=48,
                 sweep_eval_benign=48, sweep_eval_task=48,

@@ -315,7 +315,8 @@ class Stages:
         benign = write_prompts(self.work / "calibration_benign.csv", d.calib_benign)
         kw: dict[str, Any] = dict(safety_vectors=[str(v) for v in vectors.values()], methods=list(c.repair_methods),
                                   alignment_vector=str(align_vec) if align_vec is not None else None,
-                                  output_dir=str(out), overwrite=True, device=c.device)
+                                  output_dir=str(out), overwrite=True, device=c.device,
+                                  ranges={k: list(v) for k, v in c.repair_ranges.items()})
         kw.update(task_model=str(aligned), task_adapter=str(task)) if lora else kw.update(task_model=str(task), task_reference=str(aligned))
         kw["calibration"] = {"harmful": harmful, "benign": benign, "num_harmful": max(1, len(d.calib_harmful)),
                              "num_benign": max(1, len(d.calib_benign)), "max_unsafe": c.calibration_max_unsafe,
