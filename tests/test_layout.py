@@ -65,6 +65,7 @@ LAYERS: dict[str, int] = {
     # 6 sinks and consumers of the engine: cards, calibration
     "cards": 6,
     "calibrate": 6,
+    "monitor": 6,  # the safety monitor (a TrainerCallback); only its patch policy uses the engine
     # 7 product surface: the public package root, CLIs, scripts, the study, the demo
     "": 7,  # the package root (hf_safety_merge/__init__.py)
     "cli": 7,

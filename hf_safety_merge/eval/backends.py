@@ -1,18 +1,26 @@
 """Generation backends: left-padded batched ``model.generate`` with a shared-prefix key/value
-cache (:class:`TransformersBackend`, the default) and vLLM (:class:`VLLMBackend`, when ``vllm`` is
-importable). :class:`hf_safety_merge.eval.generation.Generator` drives them."""
+cache (:class:`TransformersBackend`, the default), any OpenAI-compatible server
+(:class:`~hf_safety_merge.eval.openai_backend.OpenAIBackend`; vLLM, SGLang, TGI, llama.cpp), a
+vLLM server this library starts and stops itself (:mod:`hf_safety_merge.eval.engine`), and vLLM
+in-process (:class:`VLLMBackend`, only where ``vllm`` imports in the same environment).
+:class:`hf_safety_merge.eval.generation.Generator` drives them."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..errors import ConfigError
+from ..errors import ConfigError, SafetyMergeError
 
 if TYPE_CHECKING:
     from .generation import GenerationConfig
 
-__all__ = ["Backend", "TransformersBackend", "VLLMBackend", "vllm_available"]
+__all__ = ["Backend", "GenerationError", "TransformersBackend", "VLLMBackend", "vllm_available"]
+
+
+class GenerationError(SafetyMergeError, RuntimeError):
+    """Generation failed (a server that cannot be reached, requests that failed after their
+    retries); the message is one line naming the server and the cause."""
 
 
 def vllm_available() -> bool:
@@ -199,7 +207,12 @@ class TransformersBackend:
 
 
 class VLLMBackend:
-    """vLLM offline inference (``vllm.LLM``); prompts are passed as rendered text."""
+    """vLLM offline inference (``vllm.LLM``) in this process; prompts are passed as rendered text.
+
+    vLLM pins its own torch and transformers, so it rarely shares an environment with this
+    library; ``backend="vllm"`` therefore runs a vLLM *server* from vLLM's own environment
+    (:class:`hf_safety_merge.eval.engine.VLLMEngine`). This class is for the rare setup where
+    ``import vllm`` works here."""
 
     def __init__(self, model_path: str, tokenizer: Any, **llm_kwargs: Any) -> None:
         if not vllm_available():

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .backend_args import BACKEND_EPILOG, add_backend_arguments, backend_options
+
 EVAL_EPILOG = """examples:
   hf-safety-merge eval --model ./task --model ./patched --prompts advbench --attacks dan,base64 --out eval_out
   hf-safety-merge eval --model HuggingFaceTB/SmolLM2-135M-Instruct --prompts my_harmful.csv \\
@@ -13,6 +15,8 @@ EVAL_EPILOG = """examples:
   hf-safety-merge eval --model ./m --utility gsm8k_sample.jsonl --utility-reference answer --utility-metric number
   hf-safety-merge eval --judge-agreement --judge keyword   # the keyword judge vs XSTest human labels
   hf-safety-merge eval --judge-agreement          # the learned judge's leave-one-model-out agreement
+  hf-safety-merge eval --model meta-llama/Llama-3.3-70B-Instruct --backend openai --base-url http://HOST:8000/v1
+  hf-safety-merge eval --model ./task --model ./patched --backend vllm   # managed vLLM ($HF_SAFETY_VLLM_PYTHON)
 
 prompt sources: a built-in name (advbench, donotanswer, xstest_safe, xstest_unsafe), a CSV/TSV/JSONL/JSON
 file, or a Hub data set id. Built-ins are read from --data-dir (default: $HF_SAFETY_DATA_DIR or ../shared/data),
@@ -38,7 +42,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="safety evaluation: unsafe rate, attacks, over-refusal, utility (several models side by side)",
         description="Generate (batched, resumable), judge and report unsafe rate, per-attack success rate, "
         "over-refusal and utility with 95% Wilson intervals.",
-        epilog=EVAL_EPILOG,
+        epilog=EVAL_EPILOG + "\n" + BACKEND_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", action="append", default=[], help="model folder or Hub id (repeat to compare)")
@@ -62,8 +66,6 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--system-prompt", default=None)
-    p.add_argument("--backend", default="transformers", choices=["transformers", "vllm", "auto"],
-                   help="generation backend (vllm needs the vllm package)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-dir", default=None)
@@ -78,6 +80,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--fail-above", nargs="+", metavar="METRIC=THRESHOLD", default=None,
                    help="CI safety gate on the first --model: exit 1 with a one-line verdict when a rate is above its "
                    "threshold, e.g. unsafe=0.05 over_refusal=0.15 (also asr=..., asr:<attack>=...; fractions or 5%%)")
+    add_backend_arguments(p)
     p.set_defaults(func=run_eval)
     return p
 
@@ -122,19 +125,24 @@ def run_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         system_prompt=args.system_prompt,
         data_dir=args.data_dir,
-        backend=args.backend,
+        **backend_options(args),
     )
     cfg.validate()
-    report = compare_models(
-        args.model,
-        model_names=args.name,
-        output_dir=args.out,
-        config=cfg,
-        progress=not args.no_progress,
-        plots=not args.no_plots,
-        dtype=args.dtype,
-        device=args.device,
-    )
+    from .engine import close_shared_engines
+
+    try:
+        report = compare_models(
+            args.model,
+            model_names=args.name,
+            output_dir=args.out,
+            config=cfg,
+            progress=not args.no_progress,
+            plots=not args.no_plots,
+            dtype=args.dtype,
+            device=args.device,
+        )
+    finally:
+        close_shared_engines()  # a managed vLLM server stops with the command
     print(report.to_markdown())
     for m in report.models:
         print(m.summary())

@@ -10,7 +10,12 @@ length), not from what is left, so a resumed run batches exactly as an uninterru
 writes the same final file.
 
 Backends (:mod:`hf_safety_merge.eval.backends`, re-exported here): :class:`TransformersBackend`
-(default) and :class:`VLLMBackend` (when ``vllm`` is importable).
+(default) and :class:`VLLMBackend` (when ``vllm`` is importable). A backend with
+``generate_unordered`` (a server: :class:`~hf_safety_merge.eval.openai_backend.OpenAIBackend`)
+gets every pending request at once and each row is saved as it arrives (flushed at least every
+``batch_size`` rows or 2 s); requests that failed after their retries are left out of the file
+and reported in one :class:`~hf_safety_merge.eval.backends.GenerationError` line, so a rerun
+generates only those.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .backends import Backend, TransformersBackend, VLLMBackend, vllm_available
+from .backends import Backend, GenerationError, TransformersBackend, VLLMBackend, vllm_available
 
 __all__ = [
     "GenerationConfig",
@@ -187,7 +192,7 @@ class Generator:
     """Generate responses for many requests, batched and resumable.
 
     Args:
-        model: a transformers causal LM (or None with ``backend=VLLMBackend(...)``).
+        model: a transformers causal LM (or None with an explicit ``backend``).
         tokenizer: its tokenizer (chat template used when present).
         config: a :class:`GenerationConfig`.
         model_name: recorded in each row and used in the resume key.
@@ -280,51 +285,84 @@ class Generator:
                             "generation settings; use a new output file or delete this one"
                         )
                     done[rid] = row
-        batches = self.plan_batches(requests)
-        plan = getattr(self.backend, "plan_prefixes", None)
-        if plan is not None:
-            plan([self.render(r) for r in requests if r.id not in done], self.config.prefix_cache_min_tokens)
         pending_total = sum(1 for r in requests if r.id not in done)
         bar = _progress(pending_total, desc or f"generate {self.model_name}", enabled=progress and pending_total > 0)
         t0 = time.perf_counter()
         n_tokens = 0
         n_new_rows = 0
+
+        def make_row(req: GenerationRequest, resp: str, n: int) -> dict[str, Any]:
+            return {
+                "id": req.id,
+                "model": self.model_name,
+                "prompt": req.prompt,
+                "prefill": req.prefill,
+                "response": resp,
+                "n_new_tokens": n,
+                "key": keys[req.id],
+                **{k: v for k, v in req.meta.items() if k not in ("id", "prompt", "response")},
+            }
+
+        def emit(new_rows: list[dict[str, Any]]) -> None:
+            nonlocal n_tokens, n_new_rows
+            n_new_rows += len(new_rows)
+            n_tokens += sum(int(r["n_new_tokens"]) for r in new_rows)
+            if fh is not None:
+                fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new_rows))
+                fh.flush()
+                os.fsync(fh.fileno())
+            if bar is not None:
+                el = max(time.perf_counter() - t0, 1e-9)
+                bar.update(len(new_rows))
+                bar.set_postfix(tok_s=f"{n_tokens / el:.1f}", rows_s=f"{n_new_rows / el:.2f}")
+            if on_batch is not None:
+                on_batch(new_rows)
+
+        unordered = getattr(self.backend, "generate_unordered", None)
         fh = path.open("a", encoding="utf-8") if path is not None else None
         try:
-            for batch in batches:
-                todo = [requests[i] for i in batch if requests[i].id not in done]
-                if not todo:
-                    continue
-                if max_rows is not None and n_new_rows >= max_rows:
-                    break
-                texts = [self.render(r) for r in todo]
-                outs = self.backend.generate_batch(texts, self.config)
-                new_rows = []
-                for req, (resp, n) in zip(todo, outs):
-                    row = {
-                        "id": req.id,
-                        "model": self.model_name,
-                        "prompt": req.prompt,
-                        "prefill": req.prefill,
-                        "response": resp,
-                        "n_new_tokens": n,
-                        "key": keys[req.id],
-                        **{k: v for k, v in req.meta.items() if k not in ("id", "prompt", "response")},
-                    }
-                    done[req.id] = row
-                    new_rows.append(row)
-                    n_tokens += n
-                n_new_rows += len(new_rows)
-                if fh is not None:
-                    fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new_rows))
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                if bar is not None:
-                    el = max(time.perf_counter() - t0, 1e-9)
-                    bar.update(len(new_rows))
-                    bar.set_postfix(tok_s=f"{n_tokens / el:.1f}", rows_s=f"{n_new_rows / el:.2f}")
-                if on_batch is not None:
-                    on_batch(new_rows)
+            if unordered is not None:
+                # a server backend: every pending request at once (the server batches them), each
+                # row saved as it arrives; failed requests are left for a rerun
+                todo = [r for r in requests if r.id not in done]
+                if max_rows is not None:
+                    todo = todo[:max_rows]
+                failures: list[Any] = []
+                chunk: list[dict[str, Any]] = []
+                last = time.perf_counter()
+                for i, res in unordered([self.render(r) for r in todo], self.config):
+                    if isinstance(res, tuple):
+                        row = make_row(todo[i], res[0], res[1])
+                        done[todo[i].id] = row
+                        chunk.append(row)
+                    else:
+                        failures.append(res)
+                    if chunk and (len(chunk) >= self.config.batch_size or time.perf_counter() - last > 2.0):
+                        emit(chunk)
+                        chunk, last = [], time.perf_counter()
+                if chunk:
+                    emit(chunk)
+                if failures:
+                    kept = f"{len(todo) - len(failures)} responses saved in {path}; a rerun resumes" if path is not None else "no output file, nothing kept"
+                    raise GenerationError(f"{len(failures)} of {len(todo)} generation requests failed ({kept}); first: {failures[0].message}")
+            else:
+                batches = self.plan_batches(requests)
+                plan = getattr(self.backend, "plan_prefixes", None)
+                if plan is not None:
+                    plan([self.render(r) for r in requests if r.id not in done], self.config.prefix_cache_min_tokens)
+                for batch in batches:
+                    todo = [requests[i] for i in batch if requests[i].id not in done]
+                    if not todo:
+                        continue
+                    if max_rows is not None and n_new_rows >= max_rows:
+                        break
+                    outs = self.backend.generate_batch([self.render(r) for r in todo], self.config)
+                    new_rows = []
+                    for req, (resp, n) in zip(todo, outs):
+                        row = make_row(req, resp, n)
+                        done[req.id] = row
+                        new_rows.append(row)
+                    emit(new_rows)
         finally:
             if fh is not None:
                 fh.close()

@@ -23,13 +23,13 @@ from pydantic import Field
 from ..errors import ConfigError, did_you_mean
 from ..validation import NonNegativeInt, PositiveFloat, PositiveInt, validate_dataclass
 from .attacks import Attack, get_attack
+from .backends import Backend
+from .engine import resolve_backend
 from .generation import (
     GenerationConfig,
     GenerationRequest,
     Generator,
-    VLLMBackend,
     load_model,
-    vllm_available,
 )
 from .judges import DEFAULT_JUDGE, Judge, get_judge
 from .metrics import Rate, exact_match, pass_at_1, rate
@@ -74,8 +74,15 @@ class SafetyEvalConfig:
             :class:`~hf_safety_merge.eval.generation.GenerationConfig`).
         code_timeout: seconds per pass@1 test run.
         data_dir: where built-in prompt sets and DAN preambles are found.
-        backend: ``transformers``, ``vllm`` (needs ``vllm`` and a model path / Hub id) or
-            ``auto`` (vLLM when importable and the model is given by path).
+        backend: ``transformers`` (in this process), ``openai`` (an OpenAI-compatible server at
+            ``server.base_url``: vLLM, SGLang, TGI, llama.cpp; ``model`` then names the tokenizer
+            and the report), ``vllm`` (a vLLM server this library starts from vLLM's own
+            environment, ``engine``; models evaluated in turn reuse it, reloading weights) or
+            ``auto`` (``vllm`` when a vLLM environment is found, else ``transformers``).
+            docs/evaluation.md, "Serving engines".
+        server: an :class:`~hf_safety_merge.eval.openai_backend.OpenAIServer` (``openai``).
+        engine: an :class:`~hf_safety_merge.eval.engine.EngineConfig` (``vllm`` / ``auto``;
+            None: its defaults).
     """
 
     harmful: Any = "advbench"
@@ -100,7 +107,9 @@ class SafetyEvalConfig:
     system_prompt: str | None = None
     code_timeout: PositiveFloat = 10.0
     data_dir: str | None = None
-    backend: Literal["transformers", "vllm", "auto"] = "transformers"
+    backend: Literal["transformers", "vllm", "openai", "auto"] = "transformers"
+    server: Any = None
+    engine: Any = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -115,7 +124,16 @@ class SafetyEvalConfig:
                 f"SafetyEvalConfig.utility_metric must be one of {UTILITY_METRICS}, got {self.utility_metric!r}"
                 + did_you_mean(self.utility_metric, UTILITY_METRICS)
             )
-        GenerationConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, backend=self.backend).validate()
+        GenerationConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size).validate()
+        from .engine import EngineConfig
+        from .openai_backend import OpenAIServer
+
+        if self.server is not None and not isinstance(self.server, OpenAIServer):
+            raise ConfigError(f"evaluation option 'server' must be an OpenAIServer, got {type(self.server).__name__}")
+        if self.engine is not None and not isinstance(self.engine, EngineConfig):
+            raise ConfigError(f"evaluation option 'engine' must be an EngineConfig, got {type(self.engine).__name__}")
+        if self.backend == "openai" and self.server is None:
+            raise ConfigError("backend 'openai' needs a server: SafetyEvalConfig(server=OpenAIServer(base_url=...)) or --base-url")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> SafetyEvalConfig:
@@ -214,21 +232,14 @@ def evaluate_safety(
     if not rjudge.can_judge_refusal:
         raise ConfigError(f"refusal_judge {rjudge.name!r} has no refusal labels; use 'learned' or 'keyword'")
 
-    is_path = isinstance(model, (str, os.PathLike))
-    use_vllm = cfg.backend == "vllm" or (cfg.backend == "auto" and vllm_available() and is_path)
-    backend: VLLMBackend | None = None
-    if use_vllm:
-        if not is_path:
-            raise ConfigError("backend 'vllm' needs the model as a folder or Hub id, not a loaded model")
-        if not vllm_available():
-            raise ConfigError("backend 'vllm' requested but vllm is not installed (pip install vllm)")
-        from transformers import AutoTokenizer
-
-        tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(str(model))
-        backend = VLLMBackend(str(model), tok, dtype=dtype or "auto")
-        m, name = None, Path(str(model)).name or str(model)
-    else:
+    kind = resolve_backend(cfg.backend, cfg.engine)
+    backend: Backend | None = None
+    tmp_folder: str | None = None
+    m: Any = None
+    if kind == "transformers":
         m, tok, name = load_model(model, tokenizer, dtype=dtype, device=device)
+    else:
+        backend, tok, name, tmp_folder = _server_backend(kind, model, tokenizer, cfg)
     name = model_name or name
     timings["load"] = time.perf_counter() - t0
 
@@ -254,7 +265,13 @@ def evaluate_safety(
     gen = Generator(m, tok, gcfg, model_name=name, backend=backend)
     out = Path(output_dir) / _safe_name(name) if output_dir is not None else None
     t1 = time.perf_counter()
-    rows = gen.generate(requests, out / "generations.jsonl" if out else None, progress=progress, desc=f"eval {name}")
+    try:
+        rows = gen.generate(requests, out / "generations.jsonl" if out else None, progress=progress, desc=f"eval {name}")
+    finally:
+        if tmp_folder is not None:
+            import shutil
+
+            shutil.rmtree(tmp_folder, ignore_errors=True)
     timings["generate"] = time.perf_counter() - t1
     timings["generate_new_rows"] = float(gen.last_stats["new_rows"])
     timings["generated_tokens"] = float(gen.last_stats["new_tokens"])
@@ -302,7 +319,7 @@ def evaluate_safety(
         datasets={k: {"source": v.source, "n": len(v), **({"split": f"eval(size={cfg.harmful_eval_size}, seed={cfg.split_seed})"} if k == "harmful" and cfg.harmful_eval_size is not None else {})} for k, v in sets.items()},
         timings={k: round(v, 2) for k, v in timings.items()},
         config={**gcfg.fingerprint(), "batch_size": cfg.batch_size, "attacks": [a.name for a in attacks],
-                "backend": "vllm" if backend is not None else "transformers"},
+                "backend": kind},
     )
     if out is not None:
         with (out / "judgements.jsonl").open("w", encoding="utf-8") as f:
@@ -310,6 +327,62 @@ def evaluate_safety(
                 f.write(json.dumps(j, ensure_ascii=False) + "\n")
         (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return report
+
+
+def _server_backend(kind: str, model: Any, tokenizer: Any, cfg: SafetyEvalConfig) -> tuple[Backend, Any, str, str | None]:
+    """``(backend, tokenizer, name, temporary folder or None)`` for ``openai`` / ``vllm``.
+
+    ``openai``: ``model`` (a folder or Hub id) names the tokenizer and the report (a loaded model
+    only its tokenizer); ``vllm``: the shared managed engine serves the folder (a Hub id is
+    downloaded; a loaded model is saved to a temporary folder, removed after generation)."""
+    from transformers import AutoTokenizer
+
+    from .engine import EngineConfig, shared_engine
+    from .openai_backend import OpenAIBackend
+
+    is_path = isinstance(model, (str, os.PathLike))
+    if is_path:
+        ref = str(model)
+        tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(ref)
+        name = Path(ref).name if Path(ref).expanduser().exists() else ref
+    else:
+        if kind == "openai":
+            raise ConfigError("backend 'openai' generates with the server's own model, not one held in memory: pass the "
+                              "model's name (folder or Hub id), or use backend 'vllm' (it serves the loaded model's weights)")
+        if tokenizer is None:
+            raise ConfigError("a loaded model needs its tokenizer (pass tokenizer=...)")
+        tok, name = tokenizer, _loaded_name(model)
+    if kind == "openai":
+        return OpenAIBackend(cfg.server, tok), tok, name, None
+    tmp: str | None = None
+    if is_path:
+        folder = Path(str(model)).expanduser()
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(model)))
+    else:
+        import tempfile
+
+        tmp = tempfile.mkdtemp(prefix="hf-safety-engine-model-")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        folder = Path(tmp)
+    try:
+        engine = shared_engine(folder, cfg.engine if cfg.engine is not None else EngineConfig())
+    except BaseException:
+        if tmp is not None:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return engine.backend(tok), tok, name, tmp
+
+
+def _loaded_name(model: Any) -> str:
+    cfg = getattr(model, "config", None)
+    name = getattr(cfg, "name_or_path", "") or ""
+    return Path(str(name)).name if name else type(model).__name__
 
 
 def compare_models(

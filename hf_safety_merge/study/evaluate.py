@@ -5,7 +5,11 @@ On the CPU, rows are evaluated ``eval_workers`` at a time (:class:`EvalPool`), e
 process with ``threads // eval_workers`` torch threads: generation with a 135M model does not
 keep two cores busy from one process (one thread does 63% of what two do), so two one-thread
 evaluations side by side take 1.31x less wall time than the two in turn at two threads
-(`benchmarks/bench_eval_workers.py`, docs/study.md "Generation speed")."""
+(`benchmarks/bench_eval_workers.py`, docs/study.md "Generation speed").
+
+With a vLLM server (``backend``: ``vllm``, or ``auto`` where a vLLM environment is found) rows are
+evaluated one at a time in this process: one managed server (:func:`hf_safety_merge.eval.engine.shared_engine`)
+generates for every row, its weights reloaded from each row's folder instead of a restart."""
 
 from __future__ import annotations
 
@@ -81,7 +85,9 @@ def evaluate_row(st: Stages, row: Row, judge: Any = None, *, record: bool = True
     task = d.task_eval[:n_t]
     budget = c.max_new_tokens + (REASONING_EXTRA_TOKENS if row.method in ("safekey", "sft") else 0)
     jd = judge if judge is not None else c.judge
-    base: dict[str, Any] = dict(max_new_tokens=budget, batch_size=c.eval_batch_size, data_dir=c.data_dir, harmful_eval_size=None, judge=jd, refusal_judge=jd)
+    kind = study_backend(c)
+    base: dict[str, Any] = dict(max_new_tokens=budget, batch_size=c.eval_batch_size, data_dir=c.data_dir, harmful_eval_size=None, judge=jd,
+                                refusal_judge=jd, **_backend_options(c, kind))
     cfg_main = SafetyEvalConfig(
         harmful=_prompt_set("advbench-eval", d.eval_harmful[:n_h]), benign=_prompt_set("xstest-safe-eval", d.eval_benign[:n_b]),
         utility=_prompt_set("task-eval", [r["prompt"] for r in task], [r["answer"] for r in task]),
@@ -90,12 +96,16 @@ def evaluate_row(st: Stages, row: Row, judge: Any = None, *, record: bool = True
     t = time.perf_counter()
     st.log(f"  [eval: {row.name}] ...")
     tok = AutoTokenizer.from_pretrained(row.model)
-    m: Any = AutoModelForCausalLM.from_pretrained(row.model, dtype=torch.float32)
-    if row.adapter is not None:
-        from peft import PeftModel
+    m: Any
+    if kind == "vllm" and row.adapter is None:
+        m = str(row.model)  # the server reads the folder itself
+    else:
+        m = AutoModelForCausalLM.from_pretrained(row.model, dtype=torch.float32)
+        if row.adapter is not None:
+            from peft import PeftModel
 
-        m = PeftModel.from_pretrained(m, row.adapter).merge_and_unload()
-    m.eval()
+            m = PeftModel.from_pretrained(m, row.adapter).merge_and_unload()  # saved to a temporary folder for a server
+        m.eval()
     rep = evaluate_safety(m, tok, output_dir=ev, config=cfg_main, model_name=row.name, progress=progress, device=c.device)
     outcomes = _outcomes(folder, refs={str(i): r["answer"] for i, r in enumerate(task)})
     result: dict[str, Any] = {"report": rep.to_dict()}
@@ -115,9 +125,28 @@ def evaluate_row(st: Stages, row: Row, judge: Any = None, *, record: bool = True
     return result
 
 
+def study_backend(cfg: Any) -> str:
+    """``transformers`` or ``vllm``: the study's ``backend`` setting resolved (``auto``: vLLM
+    when a vLLM environment is found)."""
+    from ..eval.engine import EngineConfig, resolve_backend
+
+    return resolve_backend(getattr(cfg, "backend", "transformers"), EngineConfig(python=getattr(cfg, "vllm_python", None)))
+
+
+def _backend_options(cfg: Any, kind: str) -> dict[str, Any]:
+    if kind != "vllm":
+        return {"backend": "transformers"}
+    from ..eval.engine import EngineConfig
+
+    return {"backend": "vllm", "engine": EngineConfig(python=cfg.vllm_python)}
+
+
 def eval_workers(cfg: Any) -> int:
     """How many rows are evaluated at once: ``cfg.eval_workers``, or with 0 (auto) 2 on a CPU
-    with at least 2 torch threads and 1 otherwise (one CUDA device is busy with one)."""
+    with at least 2 torch threads and 1 otherwise (one CUDA device is busy with one); always 1
+    with a vLLM server (it batches every request of a row itself)."""
+    if study_backend(cfg) == "vllm":
+        return 1
     if cfg.eval_workers:
         return int(cfg.eval_workers)
     import torch
