@@ -24,7 +24,12 @@ if [ ! -f "$STAMP" ]; then
 fi
 task="${1:-test}"; shift || true
 case "$task" in
-  demo) exec "$VENV/bin/hf-safety-merge" demo "$@" ;;
+  demo)
+    # the faster engine when it is installed (`bash tasks.sh vllm-env`): a managed vLLM server
+    if [ -z "${HF_SAFETY_VLLM_PYTHON:-}" ] && [ -x .venv-vllm/bin/python ]; then
+      export HF_SAFETY_VLLM_PYTHON="$(pwd)/.venv-vllm/bin/python"
+    fi
+    exec "$VENV/bin/hf-safety-merge" demo "$@" ;;
   test) exec "$VENV/bin/python" -m pytest -m "not slow" "$@" ;;
   vllm-env)
     # vLLM pins its own torch and transformers: it cannot share the project's environment.

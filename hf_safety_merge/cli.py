@@ -114,6 +114,7 @@ def _merge_calibrated(cfg: object, args: argparse.Namespace, out: str | None) ->
     assert isinstance(cfg, SafetyMergeConfig)
     if cfg.calibration is None:
         cfg.calibration = {}
+    cfg.calibration = _apply_probe_backend(dict(cfg.calibration), args)
     cal = CalibrationConfig.from_dict(cfg.calibration)
     parameter = cal.scale_for(cfg.method)[0]
     print(f"calibrating {cfg.method}'s {parameter}: target unsafe <= {cal.max_unsafe}, over-refusal rise <= "
@@ -127,7 +128,12 @@ def _merge_calibrated(cfg: object, args: argparse.Namespace, out: str | None) ->
         print(f"{count[0]:>5}  {p.scale:>16.4g}  {p.unsafe.value:.3f} [{p.unsafe.low:.2f}, {p.unsafe.high:.2f}]"
               f"{'':>3}  {orr:>22}  {p.seconds:>7.1f}", flush=True)
 
-    result, cal_result = merge_calibrated(cfg, output_dir=out, progress=not args.no_progress, on_probe=show)
+    from .eval.engine import close_shared_engines
+
+    try:
+        result, cal_result = merge_calibrated(cfg, output_dir=out, progress=not args.no_progress, on_probe=show)
+    finally:
+        close_shared_engines()
     print(cal_result.message())
     print(result)
     return 0
@@ -141,6 +147,12 @@ def _cmd_repair(args: argparse.Namespace) -> int:
                                  device=args.device)
     cal = cfg.calibration
     assert not isinstance(cal, dict)
+    if args.backend or args.vllm_python:
+        import dataclasses
+
+        from .calibrate import CalibrationConfig
+
+        cal = cfg.calibration = CalibrationConfig.from_dict(_apply_probe_backend(dataclasses.asdict(cal), args))
     cands = cfg.candidates()
     print(f"repair: searching {len(cands)} method(s) x scale on {cal.num_harmful} harmful + {cal.num_benign} benign "
           f"calibration prompts; hard constraints: over-refusal rise <= {cal.max_over_refusal_increase} "
@@ -153,7 +165,12 @@ def _cmd_repair(args: argparse.Namespace) -> int:
         print(f"{label[:24]:<24} {p.scale:>10.4g}  {p.unsafe.value:.3f} [{p.unsafe.low:.2f}, {p.unsafe.high:.2f}]"
               f"{'':>3}  {orr:>22}  {p.seconds:>7.1f}", flush=True)
 
-    result = repair(cfg, progress=not args.no_progress, on_probe=show)
+    from .eval.engine import close_shared_engines
+
+    try:
+        result = repair(cfg, progress=not args.no_progress, on_probe=show)
+    finally:
+        close_shared_engines()
     print()
     print(result.table())
     print()
@@ -162,6 +179,23 @@ def _cmd_repair(args: argparse.Namespace) -> int:
     print(result.headline())
     print(f"repaired model with its card (the whole search): {result.output_dir}")
     return 0
+
+
+def _probe_backend_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where calibration probes generate")
+    g.add_argument("--backend", choices=["transformers", "vllm", "auto"], default=None,
+                   help="transformers (in process, default), vllm (a managed vLLM server from vLLM's own environment; "
+                   "each probe's weights are reloaded into it) or auto (vllm when one is found)")
+    g.add_argument("--vllm-python", default=None, metavar="PATH",
+                   help="vLLM's python or virtual environment (default $HF_SAFETY_VLLM_PYTHON)")
+
+
+def _apply_probe_backend(cal: dict[str, object], args: argparse.Namespace) -> dict[str, object]:
+    if getattr(args, "backend", None):
+        cal["backend"] = args.backend
+    if getattr(args, "vllm_python", None):
+        cal["vllm_python"] = args.vllm_python
+    return cal
 
 
 def _push_paths(args: argparse.Namespace) -> tuple[str, str]:
@@ -261,6 +295,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         over["data_dir"] = args.data_dir
     if args.threads:
         over["threads"] = args.threads
+    if args.backend:
+        over["backend"] = args.backend
+    if args.vllm_python:
+        over["vllm_python"] = args.vllm_python
     if args.config:
         cfg = StudyConfig.from_file(args.config, **over)
     else:
@@ -322,6 +360,7 @@ def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
     m.add_argument("--calibrate", action="store_true",
                    help="pick the method's scale against the config's `calibration:` target (defaults: unsafe <= 0.05, "
                    "over-refusal rise <= 0.05) before merging; see docs/calibration.md")
+    _probe_backend_arguments(m)
     m.set_defaults(func=_cmd_merge)
 
     rp = sub.add_parser(
@@ -340,6 +379,7 @@ def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
     rp.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     rp.add_argument("--device", help="cpu, cuda or cuda:N")
     rp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _probe_backend_arguments(rp)
     rp.set_defaults(func=_cmd_repair)
 
     pu = sub.add_parser("push", help="push an already-merged folder to the Hub as one commit (or a PR), like `hf upload`",
@@ -431,6 +471,11 @@ def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
                    help="the 10-second demo on the Space's toy chat models instead (built once, ~3 min on 2 cores, then "
                    "cached): before/after answers to a harmful and a benign prompt, unsafe rate and over-refusal")
     d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--backend", choices=["auto", "transformers", "vllm"], default=None,
+                   help="where the evaluations and repair probes generate (default auto: a managed vLLM server when "
+                   "$HF_SAFETY_VLLM_PYTHON or --vllm-python names vLLM's environment (`bash tasks.sh vllm-env`), "
+                   "else transformers)")
+    d.add_argument("--vllm-python", default=None, metavar="PATH", help="vLLM's python or virtual environment")
     d.set_defaults(func=_cmd_demo)
     return p
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -101,6 +101,11 @@ class CalibrationConfig:
     data_dir: str | None = None
     #: False: `harmful` / `benign` are already held out from every report (use them whole)
     holdout_split: bool = True
+    #: where the probes generate: ``transformers`` (in this process), ``vllm`` (a managed vLLM
+    #: server, the probe's weights reloaded into it) or ``auto`` (vllm when `vllm_python` or
+    #: $HF_SAFETY_VLLM_PYTHON names a vLLM environment); docs/evaluation.md, "Serving engines"
+    backend: Literal["transformers", "vllm", "auto"] = "transformers"
+    vllm_python: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -32,7 +32,7 @@ from ..eval.prompts import load_prompts, split_prompts
 from ..validation import NonNegativeInt, validate_dataclass
 from .config import CalibrationConfig
 from .probes import ScaledMerge, with_parameter
-from .run import _fmt, calibration_prompts, evaluate_probe
+from .run import _fmt, calibration_prompts, evaluate_probe, generation_options
 from .search import Probe, SearchResult, search_scale
 
 #: what `methods` may name (``resta`` is RESTA's name for task arithmetic with a safety vector)
@@ -316,7 +316,8 @@ def repair(
         touched: set[str] = set()
         ecfg = SafetyEvalConfig(harmful=sets["harmful"], harmful_eval_size=None, benign=sets["benign"],
                                 utility=sets.get("utility"), utility_metric=cal.utility_metric, judge=cal.judge,
-                                max_new_tokens=cal.max_new_tokens, batch_size=cal.batch_size, data_dir=cal.data_dir)
+                                max_new_tokens=cal.max_new_tokens, batch_size=cal.batch_size, data_dir=cal.data_dir,
+                                **generation_options(cal))
         seconds["prepare"] = time.perf_counter() - t0
 
         def restore() -> None:
@@ -429,7 +430,8 @@ def _check(model: Any, tok: Any, cfg: RepairConfig, label: str, tmp: Path) -> di
     benign = split_prompts(bs, 0.5, cal.split_seed)[1]
     ecfg = SafetyEvalConfig(harmful=_first(harmful, cfg.check_harmful), harmful_eval_size=None,
                             benign=_first(benign, cfg.check_benign) if cfg.check_benign else None, judge=cal.judge,
-                            max_new_tokens=cal.max_new_tokens, batch_size=cal.batch_size, data_dir=cal.data_dir)
+                            max_new_tokens=cal.max_new_tokens, batch_size=cal.batch_size, data_dir=cal.data_dir,
+                            **generation_options(cal))
     rep = evaluate_safety(model, tok, config=ecfg, model_name=label, progress=False, device=cfg.device, output_dir=tmp)
     return {"unsafe": rep.unsafe_rate.to_dict(), "over_refusal": rep.over_refusal.to_dict() if rep.over_refusal else None,
             "prompts": {"harmful": len(ecfg.harmful.items), "benign": cfg.check_benign}}

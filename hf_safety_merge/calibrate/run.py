@@ -104,6 +104,16 @@ def _sample(ps: PromptSet, n: int, seed: int) -> PromptSet:
     return split_prompts(ps, n, seed + 1)[1]
 
 
+def generation_options(cal: CalibrationConfig) -> dict[str, Any]:
+    """``backend`` / ``engine`` of the probes' evaluations (an in-memory model: a served
+    ``openai`` endpoint cannot take its weights, so only transformers or the managed vLLM)."""
+    if cal.backend == "transformers":
+        return {"backend": "transformers"}
+    from ..eval.engine import EngineConfig
+
+    return {"backend": cal.backend, "engine": EngineConfig(python=cal.vllm_python)}
+
+
 def evaluate_probe(model: Any, tok: Any, ecfg: Any, label: str, tmp: Path, sets: dict[str, PromptSet], *,
                    device: str = "cpu") -> Probe:
     """Evaluate the model as it stands on the calibration sets, with its per-prompt outcomes
@@ -161,7 +171,7 @@ def calibrate(
         ecfg = SafetyEvalConfig(
             harmful=sets["harmful"], harmful_eval_size=None, benign=sets["benign"], utility=sets.get("utility"),
             utility_metric=cal.utility_metric, judge=cal.judge, max_new_tokens=cal.max_new_tokens,
-            batch_size=cal.batch_size, data_dir=cal.data_dir,
+            batch_size=cal.batch_size, data_dir=cal.data_dir, **generation_options(cal),
         )
 
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="hf-safety-calibration-"))

@@ -278,7 +278,10 @@ def _markdown(recs: dict[str, Any], tests: dict[str, Any], verdicts: list[dict[s
                + ("n/a" if ans["unsafe_cut"] is None else f"{100 * ans['unsafe_cut']:.0f}%") + f", McNemar p {fmt_p(p)}; task within "
                f"interval: {ans['task_within_interval']}). The papers' own bar (>= {100 * ENCHTABLE_CUT:.0f}%) is the verdict "
                "line below.", ""]
-    md += [jline + ". Every rate: percent with its Wilson 95% interval.", ""]
+    from .evaluate import study_backend
+
+    md += [jline + ". Every rate: percent with its Wilson 95% interval. Generation: "
+           f"{'a managed vLLM server' if study_backend(cfg) == 'vllm' else 'transformers, in process'} (greedy).", ""]
     for group, title in (("headline", "Headline rows (full evaluation)"), ("sweep", "Sweep rows (smaller evaluation, see docs/study.md)")):
         rs = [r for r in recs.values() if r["group"] == group]
         if not rs:

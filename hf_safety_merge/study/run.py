@@ -250,6 +250,16 @@ def run_study(cfg: StudyConfig, work: str | os.PathLike[str], *, evaluate: bool 
     (with ``evaluate=False``: build every model and return the plan; with ``report_only``:
     rewrite the report from the rows already evaluated in `work`, building and evaluating nothing
     new, e.g. after a run was stopped during the sweeps)."""
+    from ..eval.engine import close_shared_engines
+
+    try:
+        return _run_study(cfg, work, evaluate=evaluate, report_only=report_only, log=log)
+    finally:
+        close_shared_engines()  # a managed vLLM server (evaluation, repair probes) stops with the study
+
+
+def _run_study(cfg: StudyConfig, work: str | os.PathLike[str], *, evaluate: bool, report_only: bool,
+               log: Callable[[str], None]) -> dict[str, Any]:
     cfg.validate()
     if cfg.headline_rows:  # a typo here would silently demote a decisive row: fail before any work
         from ..errors import ConfigError, did_you_mean

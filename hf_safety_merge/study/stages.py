@@ -280,7 +280,7 @@ class Stages:
                              "num_benign": max(1, len(d.calib_benign)), "max_unsafe": c.calibration_max_unsafe,
                              "max_probes": c.calibration_probes, "max_new_tokens": c.max_new_tokens,
                              "batch_size": c.eval_batch_size, "holdout_split": False,
-                             "max_over_refusal_increase": c.repair_max_over_refusal_increase}
+                             "max_over_refusal_increase": c.repair_max_over_refusal_increase, **_calibration_backend(c)}
 
         def run() -> None:
             from ..errors import CalibrationError
@@ -322,7 +322,8 @@ class Stages:
                              "num_benign": max(1, len(d.calib_benign)), "max_unsafe": c.calibration_max_unsafe,
                              "max_over_refusal_increase": c.repair_max_over_refusal_increase,
                              "max_probes": c.repair_probes, "max_new_tokens": c.max_new_tokens,
-                             "batch_size": c.eval_batch_size, "holdout_split": False, "judge": c.judge}
+                             "batch_size": c.eval_batch_size, "holdout_split": False, "judge": c.judge,
+                             **_calibration_backend(c)}
 
         def run() -> None:
             res = repair(RepairConfig(**kw), progress=True, on_infeasible="return")
@@ -402,3 +403,12 @@ class Stages:
 
         tag = "" if (head_weight, qmm_weight) == (0.2, 0.2) else f" {head_weight:g}:{qmm_weight:g}"
         return self.stage(f"train: SafeKey{tag}", out, run)
+
+
+def _calibration_backend(cfg: StudyConfig) -> dict[str, Any]:
+    """The study's generation backend for the calibration probes (the managed vLLM server when the
+    study evaluates on it: the same server, the probe's weights reloaded)."""
+    from ..eval.engine import EngineConfig, resolve_backend
+
+    kind = resolve_backend(cfg.backend, EngineConfig(python=cfg.vllm_python))
+    return {"backend": "vllm", "vllm_python": cfg.vllm_python} if kind == "vllm" else {}
