@@ -33,6 +33,8 @@ from .judges import (
 from .metrics import Rate, exact_match, pass_at_1, rate, run_code_tests, wilson_interval
 from .prompts import PromptItem, PromptSet, load_prompts, split_prompts
 from .report import EvalReport, ModelReport, eval_results
+from .engine import EngineConfig, VLLMEngine
+from .openai_backend import OpenAIBackend, OpenAIServer
 from .suite import SafetyEvalConfig, compare_models, evaluate_safety
 
 
@@ -46,6 +48,7 @@ def metric_path() -> str:
 __all__ = [
     "Attack",
     "AttackedPrompt",
+    "EngineConfig",
     "EvalReport",
     "GenerationConfig",
     "GenerationRequest",
@@ -56,11 +59,14 @@ __all__ = [
     "LlamaGuard3Judge",
     "MDJudge",
     "ModelReport",
+    "OpenAIBackend",
+    "OpenAIServer",
     "PromptItem",
     "PromptSet",
     "Rate",
     "SafetyEvalConfig",
     "TemplateAttack",
+    "VLLMEngine",
     "Verdict",
     "available_attacks",
     "available_judges",
