@@ -43,7 +43,9 @@ finally:
         _gc.enable()
 
 if TYPE_CHECKING:
+    from .calibrate import RepairConfig, repair
     from .eval import evaluate_safety
+    from .monitor import SafetyMonitorCallback, SafetyMonitorConfig
     from .training import SafetyPeftMixin, add_safety_mixin
     from .training.asft import AsFTConfig, AsFTTrainer
     from .training.safekey import SafeKeyConfig, SafeKeyTrainer
@@ -56,6 +58,10 @@ _LAZY = {
     "SafeKeyConfig": "hf_safety_merge.training.safekey",
     "SafeKeyTrainer": "hf_safety_merge.training.safekey",
     "SafetyPeftMixin": "hf_safety_merge.training",
+    "SafetyMonitorCallback": "hf_safety_merge.monitor",
+    "SafetyMonitorConfig": "hf_safety_merge.monitor",
+    "RepairConfig": "hf_safety_merge.calibrate",
+    "repair": "hf_safety_merge.calibrate",
     "add_safety_mixin": "hf_safety_merge.training",
     "evaluate_safety": "hf_safety_merge.eval",
     "prepare_safekey_dataset": "hf_safety_merge.training.safekey.data",
@@ -90,11 +96,14 @@ __all__ = [
     "MergeResult",
     "NonFiniteError",
     "PlanError",
+    "RepairConfig",
     "SafeKeyConfig",
     "SafeKeyTrainer",
     "SafetensorsCheckpoint",
     "SafetyMergeConfig",
     "SafetyMergeError",
+    "SafetyMonitorCallback",
+    "SafetyMonitorConfig",
     "SafetyPeftMixin",
     "SafetyVector",
     "SafetyVectorConfig",
@@ -112,4 +121,5 @@ __all__ = [
     "open_checkpoint",
     "prepare_safekey_dataset",
     "push_folder",
+    "repair",
 ]

@@ -39,6 +39,7 @@ import gradio as gr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import monitor_tab
 import toy_models
 
 from hf_safety_merge import SafetyMergeConfig, SafetyMergeError, available_methods, merge
@@ -598,11 +599,16 @@ def run_eval(
     out = Path(tempfile.mkdtemp(prefix="eval-", dir=Path(st["patched"]).parent))
     reports = []
     models = [("fine-tuned (unpatched)", st["task"]), (f"patched ({st['method']})", st["patched"])]
+    # generation backend: $HF_SAFETY_SPACE_BACKEND (transformers by default; vllm / auto run a managed
+    # vLLM server from $HF_SAFETY_VLLM_PYTHON that reads the model folders itself)
+    from hf_safety_merge.eval.engine import resolve_backend
+
+    backend = resolve_backend(os.environ.get("HF_SAFETY_SPACE_BACKEND", "transformers"))
     for i, (name, ref) in enumerate(models):
         progress(i / len(models), desc=f"evaluating {name}")
         model, tok = MODELS.get(ref)
         reports.append(evaluate_safety(
-            model, tok, output_dir=out, model_name=name, progress=True,
+            model if backend == "transformers" else str(ref), tok, output_dir=out, model_name=name, progress=True, backend=backend,
             harmful=harmful_prompts, harmful_eval_size=None, benign=benign_prompts, utility=utility,
             utility_metric="exact_match", judge=_judge(), refusal_judge=_judge(), max_new_tokens=int(max_new_tokens), batch_size=8,
         ))
@@ -850,6 +856,9 @@ def build_app(toy_dir: str | os.PathLike[str] | None = None) -> gr.Blocks:
                             add_eval_in = gr.Checkbox(label="Add the quick-evaluation results to the card", value=True)
                         push_btn = gr.Button("Push to the Hub", variant="primary")
                     push_out = gr.Markdown()
+
+            # ---------------------------------------------------------------- 5 · Training monitor
+            monitor_tab.build_monitor_tab()
 
         knob_list = [knobs[n] for n in KNOB_NAMES]
         toy_task = str(toy["task"])

@@ -192,3 +192,47 @@ def test_browser_clicks_through_merge_and_chat(space: dict[str, Any], tmp_path: 
             browser.close()
     std, colours = _not_blank(shot)
     assert std > 10 and colours > 100, f"screenshot looks blank: std={std:.1f}, {colours} colours"
+
+
+def test_monitor_tab_plots_a_runs_curve(space: dict[str, Any], tmp_path: Path) -> None:
+    """The Training monitor tab (space/monitor_tab.py): a monitor's safety_monitor.json and a
+    trainer_state.json with the monitor's `safety/*` log entries, uploaded together."""
+    import json
+
+    def rate(k: int, n: int) -> dict[str, Any]:
+        from hf_safety_merge.eval.metrics import rate as make
+
+        return make(k=k, n=n).to_dict()
+
+    points = [{"step": 0, "label": "start", "unsafe": rate(3, 32), "over_refusal": rate(2, 16), "task": None, "seconds": 9.0},
+              {"step": 50, "label": "step", "unsafe": rate(15, 32), "over_refusal": rate(1, 16), "task": None, "seconds": 9.5,
+               "delta_points": 37.5, "p_value": 0.0001, "eroded": True},
+              {"step": 113, "label": "end", "unsafe": rate(27, 32), "over_refusal": rate(0, 16), "task": None, "seconds": 9.1,
+               "delta_points": 75.0, "p_value": 1e-7, "eroded": True}]
+    mon = tmp_path / "safety_monitor.json"
+    mon.write_text(json.dumps({"meta": {}, "points": points}))
+    history = [{"loss": 2.0, "step": 5}]
+    for p in points:
+        u = p["unsafe"]
+        history.append({"safety/unsafe_rate": u["value"], "safety/unsafe_rate_low": u["low"], "safety/unsafe_rate_high": u["high"],
+                        "safety/unsafe_rate_n": 32.0, "step": p["step"]})
+    state = tmp_path / "trainer_state.json"
+    state.write_text(json.dumps({"log_history": history, "global_step": 113}))
+    c = _client(space)
+    png, table, summary = c.predict([gradio_client.handle_file(str(mon)), gradio_client.handle_file(str(state))], "",
+                                    api_name="/monitor_curve")
+    assert Path(png).is_file() and Path(png).stat().st_size > 1000
+    std, colours = _not_blank(Path(png))
+    assert std > 5 and colours > 10
+    rows = table["data"]
+    assert [r[0] for r in rows] == ["safety_monitor.json"] * 3 + ["trainer_state.json"] * 3
+    assert rows[0][1] == "0 (start)" and rows[2][1] == "113 (end)" and rows[1][2].startswith("46.9 [")
+    assert "9.4% at step 0 -> 84.4% at step 113" in summary and "significant erosion from step 50" in summary
+    with pytest.raises(gradio_client.exceptions.AppError) as e:
+        c.predict(None, "", api_name="/monitor_curve")
+    assert "Upload a safety_monitor.json" in str(e.value)
+    bad = tmp_path / "other.json"
+    bad.write_text(json.dumps({"log_history": [{"loss": 1.0, "step": 1}]}))
+    with pytest.raises(gradio_client.exceptions.AppError) as e:
+        c.predict([gradio_client.handle_file(str(bad))], "", api_name="/monitor_curve")
+    assert "no safety-monitor points" in str(e.value) and "Traceback" not in str(e.value)

@@ -37,13 +37,21 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import load_script_data, publish_summary, run_trl_script
+from . import (
+    SafetyMonitorArguments,
+    attach_monitor,
+    load_script_data,
+    monitor_config,
+    monitor_summary,
+    publish_summary,
+    run_trl_script,
+)
 
 logger = logging.getLogger("train_asft")
 
 
 @dataclass
-class AsFTScriptArguments:
+class AsFTScriptArguments(SafetyMonitorArguments):
     """Data arguments (the fields of `trl.ScriptArguments`, plus a local-file shortcut)."""
 
     dataset_name: str | None = field(
@@ -69,6 +77,7 @@ def main(script_args: AsFTScriptArguments, training_args: Any, model_args: Any) 
     if not model_args.use_peft:
         logger.info("AsFT trains LoRA adapters: --use_peft is implied")
         model_args.use_peft = True
+    monitor_config(script_args)  # bad --safety_monitor_* flags fail here, before any model is loaded
     model_init_kwargs = dict(
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
@@ -90,6 +99,7 @@ def main(script_args: AsFTScriptArguments, training_args: Any, model_args: Any) 
         eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
         peft_config=get_peft_config(model_args),
     )
+    monitor = attach_monitor(trainer, script_args)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
 
@@ -105,6 +115,7 @@ def main(script_args: AsFTScriptArguments, training_args: Any, model_args: Any) 
         # what the first training step saw: DTensor placements, global and local shapes, anchor rows and bytes
         "sharding": trainer.asft_sharding,
         "anchor_bytes": trainer.asft_anchor_memory(),
+        "safety_monitor": monitor_summary(monitor),
     }
     publish_summary(trainer, script_args, training_args, summary)
     return summary

@@ -18,18 +18,21 @@ replace them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..validation import load_yaml
+from . import SafetyMonitorArguments
 
 
 @dataclass
-class DistillScriptArguments:
+class DistillScriptArguments(SafetyMonitorArguments):
     """Model, data and output of the distillation (the training itself: `DistillConfig`)."""
 
     aligned_model: str | None = field(default=None, metadata={"help": "Aligned model: local folder or Hub repo id."})
@@ -124,7 +127,48 @@ def main(script_args: DistillScriptArguments, training_args: Any, given: set[str
     fields = {f.name for f in dataclasses.fields(training_args)}
     extra = {k: getattr(training_args, k) for k in sorted(given & fields) if k not in _MAPPED and k not in _DERIVED}
     progress = not bool(getattr(training_args, "disable_tqdm", False))
-    result = distill_safety_vector(
+    with _monitored(script_args) as monitors:
+        result = _distill(distill_safety_vector, script_args, progress, extra, kwargs)
+    if monitors:
+        from . import monitor_summary
+
+        result.summary["safety_monitor"] = monitor_summary(monitors[0])
+    if script_args.summary_json:
+        print(json.dumps({"output_dir": str(result.output_dir), **result.summary}, indent=2, default=str))
+    else:
+        print(result)
+    return result
+
+
+@contextlib.contextmanager
+def _monitored(script_args: Any) -> Iterator[list[Any]]:
+    """With `--safety_monitor_steps`: attach a `SafetyMonitorCallback` to the `DistillTrainer` that
+    `distill_safety_vector` builds (it takes no callbacks; the hook is undone on exit). The
+    distillation fine-tunes the aligned model on harmful data, so its curve is expected to rise:
+    `warn` is the useful policy here."""
+    from . import attach_monitor, monitor_config
+
+    monitors: list[Any] = []
+    if monitor_config(script_args) is None:
+        yield monitors
+        return
+    from ..distill.trainer import DistillTrainer
+
+    orig = DistillTrainer.__init__
+
+    def init(self: Any, *a: Any, **k: Any) -> None:
+        orig(self, *a, **k)
+        monitors.append(attach_monitor(self, script_args))
+
+    DistillTrainer.__init__ = init  # type: ignore[method-assign]
+    try:
+        yield monitors
+    finally:
+        DistillTrainer.__init__ = orig  # type: ignore[method-assign]
+
+
+def _distill(distill_safety_vector: Any, script_args: Any, progress: bool, extra: dict[str, Any], kwargs: dict[str, Any]) -> Any:
+    return distill_safety_vector(
         script_args.aligned_model, script_args.data, script_args.vector_dir,
         prompt_column=script_args.prompt_column, response_column=script_args.response_column,
         split=script_args.data_split, subset=script_args.data_subset, data_revision=script_args.data_revision,
@@ -134,11 +178,6 @@ def main(script_args: DistillScriptArguments, training_args: Any, given: set[str
         push_to_hub=script_args.push_vector_to_hub, private=script_args.private, overwrite=script_args.overwrite,
         progress=progress, training_args=extra or None, **kwargs,
     )
-    if script_args.summary_json:
-        print(json.dumps({"output_dir": str(result.output_dir), **result.summary}, indent=2, default=str))
-    else:
-        print(result)
-    return result
 
 
 def run(argv: list[str] | None = None, prog: str | None = None) -> int:

@@ -35,13 +35,21 @@ from typing import Any
 
 from trl import ScriptArguments
 
-from . import load_script_data, publish_summary, run_trl_script
+from . import (
+    SafetyMonitorArguments,
+    attach_monitor,
+    load_script_data,
+    monitor_config,
+    monitor_summary,
+    publish_summary,
+    run_trl_script,
+)
 
 logger = logging.getLogger("train_safekey")
 
 
 @dataclass
-class SafeKeyScriptArguments(ScriptArguments):
+class SafeKeyScriptArguments(SafetyMonitorArguments, ScriptArguments):
     """`trl.ScriptArguments` (`dataset_name` may also be a local .jsonl/.json/.csv/.parquet file)."""
 
     summary_file: str | None = field(default=None, metadata={"help": "Also write the JSON summary to this file."})
@@ -57,6 +65,7 @@ def main(script_args: SafeKeyScriptArguments, training_args: Any, model_args: An
 
     from hf_safety_merge.training import SafeKeyTrainer
 
+    monitor_config(script_args)  # bad --safety_monitor_* flags fail here, before any model is loaded
     model_init_kwargs = dict(
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
@@ -77,6 +86,7 @@ def main(script_args: SafeKeyScriptArguments, training_args: Any, model_args: An
         eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
         peft_config=get_peft_config(model_args),
     )
+    monitor = attach_monitor(trainer, script_args)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)  # heads beside it with --safekey_save_heads
 
@@ -98,6 +108,7 @@ def main(script_args: SafeKeyScriptArguments, training_args: Any, model_args: An
         "heads_saved": bool(training_args.safekey_save_heads),
         # a fingerprint of the trained heads (identical on every process)
         "heads_sq_norm": float(sum(p.detach().double().pow(2).sum() for p in trainer.safekey_heads.parameters())),
+        "safety_monitor": monitor_summary(monitor),
     }
     publish_summary(trainer, script_args, training_args, summary)
     return summary
