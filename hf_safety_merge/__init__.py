@@ -43,7 +43,7 @@ finally:
         _gc.enable()
 
 if TYPE_CHECKING:
-    from .calibrate import RepairConfig, repair
+    from .calibrate.repair import RepairConfig, repair
     from .eval import evaluate_safety
     from .monitor import SafetyMonitorCallback, SafetyMonitorConfig
     from .training import SafetyPeftMixin, add_safety_mixin

@@ -195,6 +195,10 @@ def test_study_end_to_end_on_a_tiny_model(shared_data: Path, tmp_path: Path) -> 
     for heading in ("## Headline rows", "## Sweep rows", "## Paired tests", "## Verdicts", "## Pareto view", "## Regime measurements", "Wall time"):
         assert heading in md
     assert (work / "report" / "pareto_ft-full.png").stat().st_size > 1000
+    # the full preset probes both fine-tunes while they train (monitor_steps): start and end at least
+    assert "## When is safety lost?" in md and (work / "report" / "monitor_curves.png").stat().st_size > 1000
+    assert set(payload["monitor"]) == {"ft-full", "ft-lora"}
+    assert all(len(c) >= 2 and c[0]["label"] == "start" for c in payload["monitor"].values())
     card = (work / "ft-full+enchtable-attn" / "README.md").read_text()  # the patched model's card
     assert "## Evaluation" in card and "model-index" in card
     assert all(payload["timings"][k] > 0 for k in ("align", "break: ft-full", "train: ft-lora", "train: asft"))

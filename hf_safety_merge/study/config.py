@@ -76,6 +76,9 @@ class StudyConfig:
             scale on the calibration prompts, constraint-first, at most ``repair_probes`` per
             method; EnchTable with every distilled vector, Safe LoRA with the alignment vector).
             ``repair_ranges``: the search range per method (default: `calibrate.SCALES`).
+        monitor_steps: probe the full and the LoRA fine-tune's safety every this many steps while
+            they train (`hf_safety_merge.monitor`, warn policy; 0: off; the full preset: 10); the
+            curves go into study.md ("When is safety lost?") and ``report/monitor_curves.png``.
         calibration_prompts / calibration_max_unsafe / calibration_probes: the ``calibrated``
             repair (EnchTable with beta chosen on prompts no other stage uses). The prompts are
             set aside whenever ``calibration_prompts`` > 0, with or without ``calibrated`` in
@@ -153,6 +156,7 @@ class StudyConfig:
     repair_probes: Annotated[int, Field(ge=2, le=64)] = 3
     repair_max_over_refusal_increase: UnitFloat = 0.05
     repair_ranges: dict[str, Sequence[float]] = dataclasses.field(default_factory=dict)
+    monitor_steps: NonNegativeInt = 0
     calibration_prompts: NonNegativeInt = 48
     calibration_max_unsafe: UnitFloat = 0.05
     calibration_probes: Annotated[int, Field(ge=2, le=64)] = 8
@@ -183,7 +187,7 @@ class StudyConfig:
         headline only (a broken full fine-tune; EnchTable at the paper's beta 0.1, and the recommended
         repair, searched over EnchTable and RESTA on 48 + 48 calibration prompts)."""
         if name == "full":
-            cfg = cls(headline_rows=FULL_HEADLINE_ROWS, distill_variants=("attn", "ffn"))
+            cfg = cls(headline_rows=FULL_HEADLINE_ROWS, distill_variants=("attn", "ffn"), monitor_steps=10)
         elif name == "demo":
             cfg = cls(
                 align_harmful=80, align_benign=160, align_epochs=1.0, task_train=360, break_modes=("full",),

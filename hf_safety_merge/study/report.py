@@ -217,8 +217,12 @@ def write_report(st: Stages, rows: list[Row], results: dict[str, Any], diag: dic
         _plot(recs, pareto[ft], ft, p)
         plots[ft] = str(p)
     _attach_cards(st, rows, results)
+    monitor = _monitor_curves(w)
     judge = next(iter(results.values()))["report"]["judge"] if results else {}
     md = _markdown(recs, tests, verdicts, pareto, diag, st.timings, judge, c)
+    if monitor:
+        md = md.replace("## Regime measurements", _monitor_section(monitor) + "## Regime measurements", 1)
+        plots["monitor"] = str(w / "report" / "monitor_curves.png")
     if pending:
         md = md.replace("\n", f"\n\n**Partial report: {pending} still running.**\n", 1)
     payload = {
@@ -226,12 +230,39 @@ def write_report(st: Stages, rows: list[Row], results: dict[str, Any], diag: dic
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "device": c.device},
         "rows": list(recs.values()), "tests_vs_broken": tests, "verdicts": verdicts, "answers": answers(recs, tests), "pareto": pareto,
-        "diagnostics": diag, "timings": st.timings, "plots": plots, "total_seconds": round(total_seconds, 1), "pending": pending,
+        "diagnostics": diag, "timings": st.timings, "plots": plots, "monitor": monitor, "total_seconds": round(total_seconds, 1), "pending": pending,
     }
     (w / "study.json").write_text(json.dumps(payload, indent=1, default=str))
     (w / "study.md").write_text(md)
     st.log("\n" + md + f"\nresults: {w / 'study.md'}, {w / 'study.json'}, plots: {', '.join(plots.values())}")
     return payload
+
+
+def _monitor_curves(w: Path) -> dict[str, list[dict[str, Any]]]:
+    """The fine-tunes' safety curves (``monitor_steps``), plotted into report/monitor_curves.png."""
+    files = {n: w / n / "safety_monitor.json" for n in ("ft-full", "ft-lora")}
+    if not any(f.is_file() for f in files.values()):
+        return {}
+    from ..monitor.curve import plot_curves, read_curve
+
+    curves = {n: read_curve(f) for n, f in files.items() if f.is_file()}
+    plot_curves(curves, w / "report" / "monitor_curves.png", title="Unsafe rate while fine-tuning")
+    return curves
+
+
+def _monitor_section(curves: dict[str, list[dict[str, Any]]]) -> str:
+    from ..monitor.curve import curve_table
+
+    md = ["## When is safety lost? (the fine-tunes, probed while they train)", "",
+          "`SafetyMonitorCallback` (docs/monitor.md) on each fine-tune: a small fixed probe set every `monitor_steps` "
+          "steps, greedy; the change against the start is an exact paired McNemar test on the same probes "
+          "(`!`: a significant rise). Figure: `report/monitor_curves.png`.", ""]
+    for name, pts in curves.items():
+        first = next((p["step"] for p in pts if p.get("eroded")), None)
+        md += [f"**{name}**: " + (f"first significant rise at step {first}." if first is not None
+                                   else "no significant rise over the start at any probe."), "",
+               curve_table(pts, markdown=True), ""]
+    return "\n".join(md) + "\n"
 
 
 def answers(recs: dict[str, Any], tests: dict[str, Any]) -> list[dict[str, Any]]:

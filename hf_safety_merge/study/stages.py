@@ -91,10 +91,11 @@ class Stages:
 
     def sft(self, src: Path, pairs: Sequence[tuple[str, str]], out: Path, *, lora: bool, epochs: float, lr: float,
             trainer_cls: Any = None, config_cls: Any = None, args: dict[str, Any] | None = None,
-            merge_lora: bool = False, rank: tuple[int, int] | None = None) -> None:
+            merge_lora: bool = False, rank: tuple[int, int] | None = None, monitor: bool = False) -> None:
         """One TRL run (full or LoRA); saves the model or adapter (with `merge_lora`, the model
         with the adapter merged into its weights) and the loss history. `rank`: LoRA (r, alpha)
-        instead of ``lora_r`` / ``lora_alpha``."""
+        instead of ``lora_r`` / ``lora_alpha``. `monitor`: probe its safety every ``monitor_steps``
+        (the curve in ``out/safety_monitor.json``)."""
         import torch
         from peft import LoraConfig
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -112,6 +113,12 @@ class Stages:
         targs = self.train_args(config_cls or SFTConfig, out, epochs=epochs, lr=lr, **(args or {}))
         trainer = (trainer_cls or SFTTrainer)(model=model, args=targs, train_dataset=self.dataset(pairs),
                                               processing_class=tok, peft_config=peft_cfg)
+        if monitor and c.monitor_steps:
+            from ..monitor.study import monitor_fine_tune
+
+            out.mkdir(parents=True, exist_ok=True)
+            monitor_fine_tune(trainer, steps=c.monitor_steps, task=[(r["prompt"], r["answer"]) for r in self.data.task_eval[:8]],
+                              judge=c.judge, data_dir=c.data_dir, output_file=str(out / "safety_monitor.json"))
         trainer.train()
         out.mkdir(parents=True, exist_ok=True)
         if lora and merge_lora:
@@ -208,14 +215,14 @@ class Stages:
         out = self.work / name
         return self.stage(f"train: {name}", out, lambda: self.sft(
             aligned, self.break_pairs(), out, lora=True, epochs=c.lora_epochs, lr=c.lora_lr,
-            trainer_cls=AsFTTrainer, config_cls=AsFTConfig, args=self.lora_args(base, aligned, lam)))
+            trainer_cls=AsFTTrainer, config_cls=AsFTConfig, args=self.lora_args(base, aligned, lam), monitor=name == "ft-lora"))
 
     def break_full(self, aligned: Path) -> Path:
         c = self.cfg
         out = self.work / "ft-full"
         frac = c.harmful_frac if c.full_harmful_frac is None else c.full_harmful_frac
         return self.stage("break: ft-full", out, lambda: self.sft(aligned, self.break_pairs(frac), out, lora=False,
-                                                                  epochs=c.task_epochs, lr=c.task_lr))
+                                                                  epochs=c.task_epochs, lr=c.task_lr, monitor=True))
 
     def distill(self, aligned: Path, variant: str) -> Path:
         from ..distill import distill_safety_vector
