@@ -34,7 +34,7 @@ def test_named_endpoints_and_int_knob(app: ModuleType) -> None:
 
     demo = app.build_app(default_cache_dir() / f"toy-v{VERSION}")
     info = demo.get_api_info()
-    assert set(info["named_endpoints"]) == {"/merge", "/calibrate", "/chat", "/evaluate", "/push"}
+    assert set(info["named_endpoints"]) == {"/merge", "/calibrate", "/chat", "/evaluate", "/push", "/monitor_curve"}
     assert not info.get("unnamed_endpoints")
     types = {p["parameter_name"]: p["python_type"]["type"] for p in info["named_endpoints"]["/merge"]["parameters"]}
     assert types["num_proj_layers"] == "int" and types["beta"] == "float"
@@ -86,6 +86,6 @@ def test_calibrate_action_on_the_toy_models(app: ModuleType, toy_space_dir: Path
     ))
     assert len(steps) >= 3 and "| beta | unsafe |" in steps[1][0]
     md, state = steps[-1]
-    assert md.startswith("### Calibrated `enchtable`") and "smallest probed value that meets the target" in md
+    assert md.startswith("### Calibrated `enchtable`") and "smallest probed value that meets max_unsafe within the constraints" in md
     card = (Path(state["patched"]) / "README.md").read_text()
     assert "## Calibration" in card and state["parameters"]["beta"] > 0
