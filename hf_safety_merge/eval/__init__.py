@@ -19,6 +19,7 @@ from .attacks import (
     get_attack,
     load_dan_preambles,
 )
+from .engine import EngineConfig, VLLMEngine
 from .generation import GenerationConfig, GenerationRequest, Generator, load_model, render_prompt
 from .judges import (
     HarmBenchJudge,
@@ -31,10 +32,9 @@ from .judges import (
     get_judge,
 )
 from .metrics import Rate, exact_match, pass_at_1, rate, run_code_tests, wilson_interval
+from .openai_backend import OpenAIBackend, OpenAIServer
 from .prompts import PromptItem, PromptSet, load_prompts, split_prompts
 from .report import EvalReport, ModelReport, eval_results
-from .engine import EngineConfig, VLLMEngine
-from .openai_backend import OpenAIBackend, OpenAIServer
 from .suite import SafetyEvalConfig, compare_models, evaluate_safety
 
 
