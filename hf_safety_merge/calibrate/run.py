@@ -291,6 +291,25 @@ def calibration_section(result: CalibrationResult, plot: bool = False) -> str:
     return "\n".join(lines)
 
 
+def plot_curve(ax: Any, probes: list[Probe], parameter: str, max_unsafe: float, chosen: float, **style: Any) -> None:
+    """Unsafe rate, over-refusal and utility (with 95% intervals) against the scale on `ax`, the
+    unsafe target and the chosen scale marked (the calibration and repair figures)."""
+    ps = sorted(probes, key=lambda p: p.scale)
+    xs = [p.scale for p in ps]
+    for key, label in (("unsafe", "unsafe rate"), ("over_refusal", "over-refusal"), ("utility", "utility")):
+        rs = [getattr(p, key) for p in ps]
+        if not rs or any(r is None for r in rs):
+            continue
+        ax.errorbar(xs, [r.value for r in rs], yerr=[[r.value - r.low for r in rs], [r.high - r.value for r in rs]],
+                    marker="o", capsize=style.get("capsize", 3), ms=style.get("ms", 6), label=label)
+    ax.axhline(max_unsafe, ls="--", lw=0.8, color="grey")
+    ax.axvline(chosen, ls=":", lw=1, color="black")
+    if parameter != "num_proj_layers" and xs and min(xs) > 0:
+        ax.set_xscale("log")
+    ax.set_xlabel(parameter)
+    ax.set_ylim(-0.02, 1.02)
+
+
 def _plot(result: CalibrationResult, path: Path) -> Path | None:
     try:
         import matplotlib
@@ -299,21 +318,8 @@ def _plot(result: CalibrationResult, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    ps = sorted(result.search.probes, key=lambda p: p.scale)
-    xs = [p.scale for p in ps]
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for key, label in (("unsafe", "unsafe rate"), ("over_refusal", "over-refusal"), ("utility", "utility")):
-        rs = [getattr(p, key) for p in ps]
-        if any(r is None for r in rs):
-            continue
-        ax.errorbar(xs, [r.value for r in rs], yerr=[[r.value - r.low for r in rs], [r.high - r.value for r in rs]],
-                    marker="o", capsize=3, label=label)
-    ax.axhline(result.config.max_unsafe, ls="--", lw=0.8, color="grey")
-    ax.axvline(result.value, ls=":", lw=1, color="black")
-    if result.parameter != "num_proj_layers" and min(xs) > 0:
-        ax.set_xscale("log")
-    ax.set_xlabel(result.parameter)
-    ax.set_ylim(-0.02, 1.02)
+    plot_curve(ax, result.search.probes, result.parameter, result.config.max_unsafe, result.value)
     ax.legend(fontsize=8)
     ax.set_title(f"calibration of {result.method} ({'target met' if result.met else 'target missed'})", fontsize=9)
     fig.tight_layout()

@@ -142,13 +142,21 @@ class TransformersBackend:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
 
-    def generate_batch(self, texts: Sequence[str], config: GenerationConfig) -> list[tuple[str, int]]:
+    def _grad_mode(self) -> Any:
+        """The autograd mode generation runs under (subclasses on a training model: ``no_grad``)."""
         import torch
 
+        return torch.inference_mode()
+
+    def _prefix_cache_allowed(self) -> bool:
+        """Whether batches may start from shared-prefix caches (not when ranks must stay in step)."""
+        return True
+
+    def generate_batch(self, texts: Sequence[str], config: GenerationConfig) -> list[tuple[str, int]]:
         kwargs = self._generate_kwargs(config)
         plens = [self._prefix_len.get(t, 0) for t in texts]
-        with torch.inference_mode():
-            if config.prefix_cache_min_tokens and any(plens):
+        with self._grad_mode():
+            if config.prefix_cache_min_tokens and any(plens) and self._prefix_cache_allowed():
                 out, start = self._generate_with_prefixes(texts, plens, kwargs, config.prefix_cache_min_tokens)
             else:
                 enc = self._encode(texts).to(self.model.device)

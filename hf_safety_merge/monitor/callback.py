@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,22 +68,13 @@ class _ProbeBackend(TransformersBackend):
             kw["synced_gpus"] = True
         return kw
 
-    def generate_batch(self, texts: Sequence[str], config: GenerationConfig) -> list[tuple[str, int]]:
-        kwargs = self._generate_kwargs(config)
-        plens = [self._prefix_len.get(t, 0) for t in texts]
-        with torch.no_grad():
-            if config.prefix_cache_min_tokens and any(plens) and not self.synced:
-                # the shared opening (e.g. the chat template's system prompt) computed once per probe
-                out, start = self._generate_with_prefixes(texts, plens, kwargs, config.prefix_cache_min_tokens)
-            else:
-                enc = self._encode(texts).to(self.model.device)
-                out = self.model.generate(**enc, **kwargs)
-                start = enc["input_ids"].shape[1]
-        results: list[tuple[str, int]] = []
-        for seq in out[:, start:].tolist():
-            n = next((i for i, t in enumerate(seq) if t in self.eos_ids), len(seq))
-            results.append((self.tokenizer.decode(seq[:n], skip_special_tokens=True), n))
-        return results
+    def _grad_mode(self) -> Any:
+        return torch.no_grad()
+
+    def _prefix_cache_allowed(self) -> bool:
+        # the shared opening (e.g. the chat template's system prompt) computed once per probe,
+        # except when sharded: its extra forwards would differ between ranks
+        return not self.synced
 
 
 def _dist() -> tuple[int, int]:
