@@ -43,11 +43,11 @@ TARGETS = {
 
 def _model_path(name: str, tmp: Path) -> Path:
     if name == "tiny":
-        from hf_safety_merge.distill.testing import make_tiny_chat_model
+        from hf_safety_merge.testing.distill import make_tiny_chat_model
 
         return make_tiny_chat_model(tmp / "tiny", "llama", hidden_size=128, intermediate_size=256, num_hidden_layers=4)
     if name == "smollm2":
-        from hf_safety_merge.testing import smollm2_checkpoint
+        from hf_safety_merge.assets import smollm2_checkpoint
 
         return smollm2_checkpoint()
     return Path(name)

@@ -30,8 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_safety_merge import SafetyMergeConfig, SafetyVector, merge
+from hf_safety_merge.assets import smollm2_checkpoint
 from hf_safety_merge.calibrate import merge_calibrated
-from hf_safety_merge.testing import smollm2_checkpoint
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

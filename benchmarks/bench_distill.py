@@ -46,9 +46,10 @@ def study(work: Path, out: Path, steps: int, threads: int) -> None:
     import torch
 
     from hf_safety_merge import SafetyMergeConfig, merge
+    from hf_safety_merge.assets import data_dir, smollm2_checkpoint
     from hf_safety_merge.distill import distill_safety_vector, generate_responses
     from hf_safety_merge.eval.judges import KeywordRefusalJudge
-    from hf_safety_merge.testing import data_dir, quick_finetune, smollm2_checkpoint
+    from hf_safety_merge.testing.models import quick_finetune
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -121,13 +122,13 @@ def worker(model_name: str, variant: str, mode: str, steps: int, batch: int, seq
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     if model_name == "tiny-llama":
-        from hf_safety_merge.testing import make_tiny_model
+        from hf_safety_merge.testing.models import make_tiny_model
 
         model = make_tiny_model("llama", 0, num_hidden_layers=8, hidden_size=256, intermediate_size=768)
     else:
         from transformers import AutoModelForCausalLM
 
-        from hf_safety_merge.testing import smollm2_checkpoint
+        from hf_safety_merge.assets import smollm2_checkpoint
 
         model = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint(), dtype=torch.float32)
     model.config.use_cache = False

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from hf_safety_merge.merge.interference import interference_score
+from hf_safety_merge.methods.interference import interference_score
 
 SHAPES = {
     # SmolLM2-135M: q/o, k/v, gate/up, down, embed; count per model in brackets

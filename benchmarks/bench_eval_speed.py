@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from hf_safety_merge.eval.attacks import get_attack
-from hf_safety_merge.eval.generation import GenerationConfig, GenerationRequest, Generator
+from hf_safety_merge.eval.generation import GenerationRequest, GenerationSettings, Generator
 from hf_safety_merge.study import StudyConfig, load_study_data
 
 CONFIGS = (
@@ -72,20 +72,20 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     model: Any
     if args.tiny:
-        from hf_safety_merge.eval.testing import tiny_chat_model, tiny_chat_tokenizer
+        from hf_safety_merge.testing.chat import tiny_chat_model, tiny_chat_tokenizer
 
         model, tok, name = tiny_chat_model(0), tiny_chat_tokenizer(), "tiny-random-llama"
     else:
+        from hf_safety_merge.assets import smollm2_checkpoint
         from hf_safety_merge.eval.generation import load_model
-        from hf_safety_merge.testing import smollm2_checkpoint
 
         model, tok, name = load_model(str(smollm2_checkpoint()))
     data_dir = os.environ.get("HF_SAFETY_DATA_DIR")
     reqs = requests(args.n, name, data_dir)
-    Generator(model, tok, GenerationConfig(max_new_tokens=2, batch_size=4), model_name=name).generate(reqs[:4], progress=False)
+    Generator(model, tok, GenerationSettings(max_new_tokens=2, batch_size=4), model_name=name).generate(reqs[:4], progress=False)
     results, outputs = [], {}
     for label, kw in CONFIGS:
-        gen = Generator(model, tok, GenerationConfig(max_new_tokens=args.max_new_tokens, **kw), model_name=name)  # type: ignore[arg-type]
+        gen = Generator(model, tok, GenerationSettings(max_new_tokens=args.max_new_tokens, **kw), model_name=name)  # type: ignore[arg-type]
         t0 = time.perf_counter()
         rows = gen.generate(reqs, progress=False)
         dt = time.perf_counter() - t0

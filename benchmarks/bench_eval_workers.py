@@ -40,22 +40,22 @@ def worker(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(HERE))
     from bench_eval_speed import requests
 
-    from hf_safety_merge.eval.generation import GenerationConfig, Generator, load_model
+    from hf_safety_merge.eval.generation import GenerationSettings, Generator, load_model
 
     model: Any
     if args.tiny:
-        from hf_safety_merge.eval.testing import tiny_chat_model, tiny_chat_tokenizer
+        from hf_safety_merge.testing.chat import tiny_chat_model, tiny_chat_tokenizer
 
         model, tok, name = tiny_chat_model(0), tiny_chat_tokenizer(), "tiny-random-llama"
     else:
-        from hf_safety_merge.testing import smollm2_checkpoint
+        from hf_safety_merge.assets import smollm2_checkpoint
 
         model, tok, name = load_model(str(smollm2_checkpoint()))
     reqs = requests(args.n, name, os.environ.get("HF_SAFETY_DATA_DIR"))
     t = time.perf_counter()
     responses: list[str] = []
     for _ in range(args.rows):
-        gen = Generator(model, tok, GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=16), model_name=name)
+        gen = Generator(model, tok, GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=16), model_name=name)
         responses += [r["response"] for r in gen.generate(reqs, progress=False)]
     print(json.dumps({"generate_seconds": time.perf_counter() - t, "responses": responses, "model": name,
                       "prompts": len(reqs)}))

@@ -31,7 +31,7 @@ def main() -> None:
     from bench_merge import ensure_subspace_cache, prepare_smollm2
 
     from hf_safety_merge.io.hub import open_checkpoint
-    from hf_safety_merge.merge import interference as M
+    from hf_safety_merge.methods import interference as M
     from hf_safety_merge.vectors import SafetyVector
 
     torch.set_num_threads(1)

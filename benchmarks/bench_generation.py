@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from hf_safety_merge.eval.generation import GenerationConfig, GenerationRequest, Generator
+from hf_safety_merge.eval.generation import GenerationRequest, GenerationSettings, Generator
 from hf_safety_merge.eval.prompts import load_prompts
 
 
@@ -35,12 +35,12 @@ def main(argv: list[str] | None = None) -> int:
 
     model: Any
     if args.tiny:
-        from hf_safety_merge.eval.testing import tiny_chat_model, tiny_chat_tokenizer
+        from hf_safety_merge.testing.chat import tiny_chat_model, tiny_chat_tokenizer
 
         model, tok, name = tiny_chat_model(0), tiny_chat_tokenizer(), "tiny-random-llama"
     else:
+        from hf_safety_merge.assets import smollm2_checkpoint
         from hf_safety_merge.eval.generation import load_model
-        from hf_safety_merge.testing import smollm2_checkpoint
 
         model, tok, name = load_model(str(smollm2_checkpoint()))
     prompts = load_prompts("xstest_safe", limit=args.n)
@@ -48,12 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(x) for x in args.batch_sizes.split(",")]
 
     # warm-up (allocator, kernels)
-    Generator(model, tok, GenerationConfig(max_new_tokens=4, batch_size=4), model_name=name).generate(reqs[:4], progress=False)
+    Generator(model, tok, GenerationSettings(max_new_tokens=4, batch_size=4), model_name=name).generate(reqs[:4], progress=False)
 
     results = []
     outputs: dict[int, list[str]] = {}
     for bs in sizes:
-        gen = Generator(model, tok, GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=bs), model_name=name)
+        gen = Generator(model, tok, GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=bs), model_name=name)
         t0 = time.perf_counter()
         rows = gen.generate(reqs, progress=False)
         dt = time.perf_counter() - t0

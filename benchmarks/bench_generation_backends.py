@@ -100,11 +100,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from hf_safety_merge.assets import data_dir, smollm2_checkpoint
     from hf_safety_merge.eval.engine import close_shared_engines, find_vllm_python
     from hf_safety_merge.study import StudyConfig, load_study_data
     from hf_safety_merge.study.evaluate import evaluate_row
     from hf_safety_merge.study.stages import Row, Stages
-    from hf_safety_merge.testing import data_dir, smollm2_checkpoint
 
     py = find_vllm_python(args.vllm_python)
     if py is None:

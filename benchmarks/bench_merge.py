@@ -90,7 +90,7 @@ import json, math, sys, time
 from concurrent.futures import ThreadPoolExecutor
 import torch
 from hf_safety_merge.io.hub import open_checkpoint
-from hf_safety_merge.merge.interference import fine_terms
+from hf_safety_merge.methods.interference import fine_terms
 from hf_safety_merge.vectors import SafetyVector
 # EnchTable's compute floor: the fine stage's decompositions alone (tau = task - reference and
 # Delta_s already in memory, a layer's worth at a time; no reads or writes timed), on the
@@ -195,7 +195,8 @@ def prepare_smollm2(root: Path) -> dict[str, Path]:
     from transformers import AutoModelForCausalLM
 
     from hf_safety_merge import SafetyVector
-    from hf_safety_merge.testing import perturb, smollm2_checkpoint
+    from hf_safety_merge.assets import smollm2_checkpoint
+    from hf_safety_merge.testing.models import perturb
 
     base = smollm2_checkpoint()
     paths = {"aligned": base}

@@ -68,10 +68,10 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    from hf_safety_merge.assets import data_dir, smollm2_checkpoint
     from hf_safety_merge.eval.judges import get_judge
     from hf_safety_merge.monitor import SafetyMonitorCallback, SafetyMonitorConfig
     from hf_safety_merge.study.data import arithmetic
-    from hf_safety_merge.testing import data_dir, smollm2_checkpoint
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

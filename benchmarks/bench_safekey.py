@@ -65,12 +65,12 @@ def records(n: int, seq: int = 128) -> list[dict[str, Any]]:
 
 def _model_path(name: str, tmp: Path) -> Path:
     if name == "tiny":
-        from hf_safety_merge.distill.testing import make_tiny_chat_model
+        from hf_safety_merge.testing.distill import make_tiny_chat_model
 
         texts = [r["prompt"] + " " + r["response"] for r in records(len(TOPICS))]
         return make_tiny_chat_model(tmp / "tiny", "llama", texts=texts, hidden_size=128, intermediate_size=256, num_hidden_layers=4)
     if name == "smollm2":
-        from hf_safety_merge.testing import smollm2_checkpoint
+        from hf_safety_merge.assets import smollm2_checkpoint
 
         return smollm2_checkpoint()
     return Path(name)

@@ -69,13 +69,13 @@ def run(start: str, steps: int, snapshots: list[int], variant: str, lr: float, b
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
+    from hf_safety_merge.assets import data_dir, smollm2_checkpoint
     from hf_safety_merge.distill import (
         DistillConfig,
         DistillTrainer,
         delta_tensors,
         load_harmful_qa,
     )
-    from hf_safety_merge.testing import data_dir, smollm2_checkpoint
 
     torch.set_num_threads(threads)
     src = smollm2_checkpoint()

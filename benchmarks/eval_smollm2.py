@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
+from hf_safety_merge.assets import smollm2_checkpoint
 from hf_safety_merge.eval import compare_models
-from hf_safety_merge.testing import smollm2_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:

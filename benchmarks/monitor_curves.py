@@ -96,11 +96,11 @@ def main() -> None:
     ap.add_argument("--task-train", type=int, default=None, help="override StudyConfig.task_train (default: the full preset's 900)")
     args = ap.parse_args()
 
+    from hf_safety_merge.assets import smollm2_checkpoint
     from hf_safety_merge.monitor import plot_curves, read_curve
     from hf_safety_merge.study.config import StudyConfig
     from hf_safety_merge.study.data import load_study_data
     from hf_safety_merge.study.stages import Stages
-    from hf_safety_merge.testing import smollm2_checkpoint
 
     cfg = StudyConfig() if args.task_train is None else StudyConfig(task_train=args.task_train)
     aligned = Path(args.aligned)

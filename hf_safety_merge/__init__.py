@@ -21,12 +21,12 @@ _gc_was_enabled = _gc.isenabled()
 _gc.disable()
 try:
     from . import cards as _cards  # noqa: F401  (registers the card sink the engine writes through)
-    from .config import SafetyMergeConfig
     from .errors import CheckpointError, ConfigError, NonFiniteError, PlanError, SafetyMergeError
     from .io.checkpoints import LoraCheckpoint, SafetensorsCheckpoint, TensorSource
     from .io.filters import TensorFilter
     from .io.hub import HubCheckpoint, HubError, open_checkpoint, push_folder
     from .merge import MergeResult, available_methods, merge
+    from .merge.config import SafetyMergeConfig
     from .merge.engine import apply_safety_vector
     from .modeling import (
         AutoSafeModelForCausalLM,
@@ -68,19 +68,11 @@ _LAZY = {
 }
 
 
-#: Modules that moved to `io/`: `hf_safety_merge.hub` etc. stay reachable as attributes too.
-_MOVED = ("checkpoints", "filters", "hub", "output", "safetensors_stream")
-
-
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name]), name)
-    if name in _MOVED:
-        import importlib
-
-        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -58,9 +58,9 @@ the same in mergekit's spelling (ties, dare_linear, dare_ties, task_arithmetic):
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .config import SafetyMergeConfig
     from .errors import ConfigError
     from .merge import merge
+    from .merge.config import SafetyMergeConfig
 
     cfg = SafetyMergeConfig.from_file(args.config)
     if args.out_dir and args.out and Path(args.out_dir) != Path(args.out):
@@ -77,7 +77,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if args.overwrite:
         cfg.overwrite = True
     if args.max_shard_size:
-        from .mergekit_config import parse_out_shard_size
+        from .merge.mergekit_config import parse_out_shard_size
 
         cfg.max_shard_size = parse_out_shard_size(args.max_shard_size)
     if args.allow_pickle:
@@ -109,7 +109,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _merge_calibrated(cfg: object, args: argparse.Namespace, out: str | None) -> int:
     from .calibrate import CalibrationConfig, merge_calibrated
     from .calibrate.search import Probe
-    from .config import SafetyMergeConfig
+    from .merge.config import SafetyMergeConfig
 
     assert isinstance(cfg, SafetyMergeConfig)
     if cfg.calibration is None:
@@ -269,8 +269,8 @@ def _cmd_vector_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    from .merge.base import available_methods
-    from .merge.describe import describe_method
+    from .methods.base import available_methods
+    from .methods.describe import describe_method
 
     for name in available_methods():
         print(describe_method(name))
@@ -280,7 +280,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     if args.quick:
-        from .demo import run_demo
+        from .demo.quick import run_demo
 
         run_demo(Path(args.out), progress=not args.no_progress)
         return 0

@@ -9,7 +9,7 @@ import os
 import types
 from typing import Any
 
-from .config import SafetyMergeConfig
+from .merge.config import SafetyMergeConfig
 from .merge.engine import MergeResult, apply_safety_vector
 from .vectors import SafetyVector
 

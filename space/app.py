@@ -43,7 +43,7 @@ import monitor_tab
 import toy_models
 
 from hf_safety_merge import SafetyMergeConfig, SafetyMergeError, available_methods, merge
-from hf_safety_merge.merge.base import get_method_class
+from hf_safety_merge.methods.base import get_method_class
 
 logger = logging.getLogger("hf_safety_merge.space")
 
@@ -96,7 +96,7 @@ def space_dir() -> Path:
     env = os.environ.get("HF_SAFETY_SPACE_DIR")
     if env:
         return Path(env)
-    from hf_safety_merge.testing import default_cache_dir
+    from hf_safety_merge.assets import default_cache_dir
 
     return default_cache_dir() / "space"
 

@@ -10,7 +10,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from hf_safety_merge.testing import ARCHS, data_dir, make_family, smollm2_checkpoint
+from hf_safety_merge.assets import data_dir, smollm2_checkpoint
+from hf_safety_merge.testing.models import ARCHS, make_family
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -66,11 +67,11 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def toy_space_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A Space folder whose `toy-v<VERSION>` is the toy family (hf_safety_merge.toy_models) in the
+    """A Space folder whose `toy-v<VERSION>` is the toy family (hf_safety_merge.demo.toy_models) in the
     library cache, the one `demo --quick` uses: built once per machine, shared by the Space, demo
     and calibration tests."""
-    from hf_safety_merge import toy_models
-    from hf_safety_merge.testing import default_cache_dir
+    from hf_safety_merge.assets import default_cache_dir
+    from hf_safety_merge.demo import toy_models
 
     cached = default_cache_dir() / f"toy-v{toy_models.VERSION}"
     toy_models.build_toy_family(cached)

@@ -14,7 +14,7 @@ import torch
 from test_asft_training import lora_model, make_tiny_setup
 
 from hf_safety_merge.errors import ConfigError
-from hf_safety_merge.testing import make_tiny_model, perturb, save
+from hf_safety_merge.testing.models import make_tiny_model, perturb, save
 from hf_safety_merge.training import add_safety_mixin
 from hf_safety_merge.training.asft.anchors import DEFAULT_ANCHORS_FILENAME, AlignmentAnchors
 

@@ -20,7 +20,7 @@ from test_asft_training import TINY, lora_model, make_tiny_setup
 
 from hf_safety_merge import push_folder
 from hf_safety_merge.errors import ConfigError
-from hf_safety_merge.testing import make_tiny_model, save
+from hf_safety_merge.testing.models import make_tiny_model, save
 from hf_safety_merge.training import add_safety_mixin
 from hf_safety_merge.training.asft.anchors import AlignmentAnchors
 

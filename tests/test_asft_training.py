@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from hf_safety_merge.testing import make_tiny_model, perturb
+from hf_safety_merge.testing.models import make_tiny_model, perturb
 
 WORDS = ["the", "a", "cat", "dog", "bird", "fish", "sat", "ran", "flew", "swam", "on", "under", "over", "near", "mat", "tree", "sky", "sea", "red", "blue", "green", "small", "big", "happy", "sad", "quickly", "slowly", "and", "then", "again", "today", "yesterday", "house", "garden", "river", "hill", "sun", "moon", "star", "cloud", "rain"]
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
@@ -50,7 +50,7 @@ def make_texts(n: int, seed: int = 0) -> list[dict[str, str]]:
 def make_tiny_setup(root: Path, n_examples: int = 64) -> dict[str, Path]:
     """base and aligned tiny Llama checkpoints (aligned = base + a seeded perturbation), a tokenizer
     saved next to each, and a local `train.jsonl` data set folder."""
-    from hf_safety_merge.testing import save
+    from hf_safety_merge.testing.models import save
 
     root.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer()

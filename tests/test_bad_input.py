@@ -20,7 +20,7 @@ from hf_safety_merge import (
     merge,
 )
 from hf_safety_merge.cli import main as cli_main
-from hf_safety_merge.testing import make_family, make_tiny_model, save
+from hf_safety_merge.testing.models import make_family, make_tiny_model, save
 
 
 @pytest.fixture(scope="module")

@@ -200,7 +200,7 @@ def _csv(path: Path, rows: list[str]) -> Path:
 
 
 def test_cli_calibrate_end_to_end_on_the_toy_models(toy_space_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from hf_safety_merge import toy_models as tm
+    from hf_safety_merge.demo import toy_models as tm
 
     toys = toy_space_dir / f"toy-v{tm.VERSION}"
     harmful = _csv(tmp_path / "h.csv", tm.HARMFUL_PROMPTS + tm.UNSEEN_HARMFUL_PROMPTS)

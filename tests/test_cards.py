@@ -125,7 +125,7 @@ def test_hub_id_fields_are_typed() -> None:
 
 def test_eval_update_card_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from hf_safety_merge.cli import main
-    from hf_safety_merge.eval.testing import tiny_chat_model, tiny_chat_tokenizer
+    from hf_safety_merge.testing.chat import tiny_chat_model, tiny_chat_tokenizer
 
     d = tmp_path / "tiny-chat"
     tiny_chat_model(0).save_pretrained(d)

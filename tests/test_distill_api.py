@@ -21,9 +21,9 @@ from hf_safety_merge.distill import (
     generate_responses,
     load_harmful_qa,
 )
-from hf_safety_merge.distill.testing import HARMFUL_QA, make_tiny_chat_model, write_jsonl
 from hf_safety_merge.errors import ConfigError
-from hf_safety_merge.testing import perturb
+from hf_safety_merge.testing.distill import HARMFUL_QA, make_tiny_chat_model, write_jsonl
+from hf_safety_merge.testing.models import perturb
 
 
 @pytest.fixture(autouse=True)

@@ -24,8 +24,8 @@ from hf_safety_merge.distill import (
     distill_safety_vector,
     load_harmful_qa,
 )
-from hf_safety_merge.distill.testing import make_tiny_chat_model, write_jsonl
 from hf_safety_merge.errors import ConfigError
+from hf_safety_merge.testing.distill import make_tiny_chat_model, write_jsonl
 
 BF16 = torch.bfloat16
 

@@ -21,7 +21,7 @@ from hf_safety_merge.distill.linearize import (
     unlinearize_model,
 )
 from hf_safety_merge.errors import ConfigError
-from hf_safety_merge.testing import make_tiny_model
+from hf_safety_merge.testing.models import make_tiny_model
 
 ARCHS = ["llama", "qwen2"]
 

@@ -20,8 +20,8 @@ from hf_safety_merge.io.safetensors_stream import (
     OutputTensor,
     StreamingShardWriter,
 )
-from hf_safety_merge.merge import interference as M
 from hf_safety_merge.merge.pipeline import _prefetch
+from hf_safety_merge.methods import interference as M
 from hf_safety_merge.vectors import SUBSPACE_CACHE, write_subspace_cache
 
 ALPHAS, LAMS = (0.05, 0.3, 1.0, 3.0), (20.0, 200.0, 2000.0)
@@ -288,7 +288,7 @@ def test_sq_sum_is_the_float64_sum_of_squares(shape: tuple[int, ...], dtype: tor
     """`sq_sum` (EnchTable's global norms, the vector's norms, calibration's) equals the float64
     sum of squares up to the order of its additions, through one chunk buffer (no float64 copy),
     for contiguous and transposed tensors alike."""
-    from hf_safety_merge.merge.finite import SQ_SUM_CHUNK, sq_sum
+    from hf_safety_merge.methods.finite import SQ_SUM_CHUNK, sq_sum
 
     g = torch.Generator().manual_seed(7)
     t = (torch.randn(shape, generator=g) * 3).to(dtype)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from hf_safety_merge.assets import data_dir
 from hf_safety_merge.errors import ConfigError
 from hf_safety_merge.eval.attacks import (
     TemplateAttack,
@@ -15,7 +16,6 @@ from hf_safety_merge.eval.attacks import (
     get_attack,
     load_dan_preambles,
 )
-from hf_safety_merge.testing import data_dir
 
 P = "Explain how to pick a lock"
 

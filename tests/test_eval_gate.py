@@ -37,7 +37,7 @@ def test_thresholds_and_verdicts() -> None:
 
 def test_fail_above_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from hf_safety_merge.cli import main
-    from hf_safety_merge.eval.testing import tiny_chat_model, tiny_chat_tokenizer
+    from hf_safety_merge.testing.chat import tiny_chat_model, tiny_chat_tokenizer
 
     d = tmp_path / "tiny"
     tiny_chat_model(0).save_pretrained(d)

@@ -11,14 +11,14 @@ import pytest
 
 from hf_safety_merge.errors import ConfigError
 from hf_safety_merge.eval.generation import (
-    GenerationConfig,
     GenerationRequest,
+    GenerationSettings,
     Generator,
     TransformersBackend,
     read_jsonl,
     render_prompt,
 )
-from hf_safety_merge.eval.testing import tiny_chat_model, tiny_chat_tokenizer
+from hf_safety_merge.testing.chat import tiny_chat_model, tiny_chat_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ class CountingBackend(TransformersBackend):
         super().__init__(model, tokenizer)
         self.generated = 0
 
-    def generate_batch(self, texts: Sequence[str], config: GenerationConfig) -> list[tuple[str, int]]:
+    def generate_batch(self, texts: Sequence[str], config: GenerationSettings) -> list[tuple[str, int]]:
         self.generated += len(texts)
         return super().generate_batch(texts, config)
 
@@ -65,7 +65,7 @@ def test_render_prompt_without_template() -> None:
 
 
 def test_left_padding_and_rows(model: Any, tok: Any) -> None:
-    gen = Generator(model, tok, GenerationConfig(max_new_tokens=5, batch_size=4), model_name="tiny")
+    gen = Generator(model, tok, GenerationSettings(max_new_tokens=5, batch_size=4), model_name="tiny")
     rows = gen.generate(requests(6), progress=False)
     assert tok.padding_side == "left"
     assert [r["id"] for r in rows] == [f"r{i}" for i in range(6)]
@@ -74,13 +74,13 @@ def test_left_padding_and_rows(model: Any, tok: Any) -> None:
         assert isinstance(r["response"], str)
         assert r["model"] == "tiny"
     # Greedy output does not depend on batching (left padding with an attention mask).
-    single = Generator(model, tok, GenerationConfig(max_new_tokens=5, batch_size=1), model_name="tiny")
+    single = Generator(model, tok, GenerationSettings(max_new_tokens=5, batch_size=1), model_name="tiny")
     rows1 = single.generate(requests(6), progress=False)
     assert [r["response"] for r in rows1] == [r["response"] for r in rows]
 
 
 def test_resume_after_interrupt_gives_same_file_without_regenerating(model: Any, tok: Any, tmp_path: Path) -> None:
-    cfg = GenerationConfig(max_new_tokens=6, batch_size=3)
+    cfg = GenerationSettings(max_new_tokens=6, batch_size=3)
     reqs = requests(11)
 
     full = tmp_path / "full.jsonl"
@@ -118,7 +118,7 @@ def test_resume_after_interrupt_gives_same_file_without_regenerating(model: Any,
 
 
 def test_resume_with_max_rows(model: Any, tok: Any, tmp_path: Path) -> None:
-    cfg = GenerationConfig(max_new_tokens=4, batch_size=2)
+    cfg = GenerationSettings(max_new_tokens=4, batch_size=2)
     out = tmp_path / "g.jsonl"
     g = Generator(model, tok, cfg, model_name="tiny")
     rows = g.generate(requests(7), out, progress=False, max_rows=3)
@@ -130,9 +130,9 @@ def test_resume_with_max_rows(model: Any, tok: Any, tmp_path: Path) -> None:
 
 def test_stale_rows_are_detected(model: Any, tok: Any, tmp_path: Path) -> None:
     out = tmp_path / "g.jsonl"
-    Generator(model, tok, GenerationConfig(max_new_tokens=3), model_name="tiny").generate(requests(3), out, progress=False)
+    Generator(model, tok, GenerationSettings(max_new_tokens=3), model_name="tiny").generate(requests(3), out, progress=False)
     with pytest.raises(ConfigError, match="another model, prompt or generation settings"):
-        Generator(model, tok, GenerationConfig(max_new_tokens=4), model_name="tiny").generate(requests(3), out, progress=False)
+        Generator(model, tok, GenerationSettings(max_new_tokens=4), model_name="tiny").generate(requests(3), out, progress=False)
 
 
 def test_corrupt_middle_line_names_file(tmp_path: Path) -> None:
@@ -150,15 +150,15 @@ def test_truncated_complete_last_line_gets_newline(tmp_path: Path) -> None:
 
 
 def test_duplicate_ids_and_bad_config(model: Any, tok: Any) -> None:
-    g = Generator(model, tok, GenerationConfig(max_new_tokens=2))
+    g = Generator(model, tok, GenerationSettings(max_new_tokens=2))
     with pytest.raises(ConfigError, match="duplicate"):
         g.generate([GenerationRequest("a", "x"), GenerationRequest("a", "y")], progress=False)
     with pytest.raises(ConfigError, match="max_new_tokens"):
-        Generator(model, tok, GenerationConfig(max_new_tokens=0))
+        Generator(model, tok, GenerationSettings(max_new_tokens=0))
 
 
 def test_progress_bar_shows_throughput(model: Any, tok: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    Generator(model, tok, GenerationConfig(max_new_tokens=2, batch_size=2), model_name="tiny").generate(
+    Generator(model, tok, GenerationSettings(max_new_tokens=2, batch_size=2), model_name="tiny").generate(
         requests(3), progress=True, desc="bench"
     )
     err = capsys.readouterr().err
@@ -166,7 +166,7 @@ def test_progress_bar_shows_throughput(model: Any, tok: Any, capsys: pytest.Capt
 
 
 def test_meta_is_kept(model: Any, tok: Any) -> None:
-    rows = Generator(model, tok, GenerationConfig(max_new_tokens=2)).generate(
+    rows = Generator(model, tok, GenerationSettings(max_new_tokens=2)).generate(
         [GenerationRequest("a", "x", meta={"set": "harmful", "attack": "none"})], progress=False
     )
     assert rows[0]["set"] == "harmful" and rows[0]["attack"] == "none"

@@ -291,7 +291,7 @@ JUDGE_ARCHS = [(LlamaGuard3Judge, "llama"), (HarmBenchJudge, "llama"), (MDJudge,
 def test_model_judge_from_a_folder_by_name_path(cls: type, arch: str, tmp_path) -> None:
     """``--judge NAME:PATH`` end to end: a tiny random model of the judge's architecture saved with
     its tokenizer, loaded by path, run on a batch."""
-    from hf_safety_merge.eval.testing import tiny_chat_model, tiny_chat_tokenizer
+    from hf_safety_merge.testing.chat import tiny_chat_model, tiny_chat_tokenizer
 
     folder = tmp_path / f"tiny-{cls.name}"
     model = tiny_chat_model(2, arch=arch)
@@ -305,7 +305,7 @@ def test_model_judge_from_a_folder_by_name_path(cls: type, arch: str, tmp_path) 
 
 
 def test_model_judge_runs_on_tiny_model() -> None:
-    from hf_safety_merge.eval.testing import tiny_chat_model, tiny_chat_tokenizer
+    from hf_safety_merge.testing.chat import tiny_chat_model, tiny_chat_tokenizer
 
     for cls in (LlamaGuard3Judge, HarmBenchJudge, MDJudge, WildGuardJudge):
         j = cls(tiny_chat_model(1), tiny_chat_tokenizer(), max_new_tokens=3, batch_size=2)

@@ -12,7 +12,7 @@ import pytest
 from hf_safety_merge.errors import ConfigError
 from hf_safety_merge.eval import SafetyEvalConfig, compare_models, evaluate_safety
 from hf_safety_merge.eval.cli import add_eval_parser
-from hf_safety_merge.eval.testing import tiny_chat_model, tiny_chat_tokenizer
+from hf_safety_merge.testing.chat import tiny_chat_model, tiny_chat_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_compare_models_in_python(tmp_path: Path) -> None:
 
 @pytest.mark.real_model
 def test_real_smollm2_small_eval(tmp_path: Path) -> None:
-    from hf_safety_merge.testing import smollm2_checkpoint
+    from hf_safety_merge.assets import smollm2_checkpoint
 
     rep = evaluate_safety(
         str(smollm2_checkpoint()), output_dir=tmp_path, harmful_limit=4, benign_limit=4,

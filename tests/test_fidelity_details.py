@@ -22,8 +22,8 @@ from naive_reference import dense_interference, load_state
 
 from hf_safety_merge import ConfigError, SafetyMergeConfig, SafetyVector, TensorFilter, merge
 from hf_safety_merge.errors import PlanError
-from hf_safety_merge.merge.interference import interference_score
-from hf_safety_merge.testing import make_tiny_model, perturb, save
+from hf_safety_merge.methods.interference import interference_score
+from hf_safety_merge.testing.models import make_tiny_model, perturb, save
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
 

@@ -96,7 +96,7 @@ def test_end_to_end_merge_from_repo_ids_pushed_as_pr(hub: LocalHub, hub_inputs: 
 
 
 def test_validation_happens_before_any_weight_download(hub: LocalHub, hub_inputs: dict[str, str], tmp_path: Path, llama_family: dict[str, Path]) -> None:
-    from hf_safety_merge.testing import make_family
+    from hf_safety_merge.testing.models import make_family
 
     qwen = make_family(tmp_path / "qwen", "qwen2")
     qv = tmp_path / "qvec"

@@ -8,8 +8,8 @@ import pytest
 import torch
 from naive_reference import dense_interference
 
-from hf_safety_merge.merge.enchtable import EnchTable, EnchTableParams
-from hf_safety_merge.merge.interference import interference_score
+from hf_safety_merge.methods.enchtable import EnchTable, EnchTableParams
+from hf_safety_merge.methods.interference import interference_score
 
 
 @pytest.mark.parametrize("shape", [(8, 8), (12, 5), (5, 12), (64, 32), (33, 70), (3, 2)])
@@ -102,7 +102,7 @@ def test_gram_backend_and_threads_equal_the_reference_svd(shape: tuple[int, int]
 def test_interference_is_affine_in_alpha(backend: str, shape: tuple[int, int]) -> None:
     """||M||_1 = alpha * a + b: one decomposition of (tau, Delta_s) gives w for every alpha,
     equal to the engine's own score of (tau, alpha * Delta_s)."""
-    from hf_safety_merge.merge.interference import interference_score, interference_terms
+    from hf_safety_merge.methods.interference import interference_score, interference_terms
 
     g = torch.Generator().manual_seed(sum(shape))
     tau = torch.randn(*shape, generator=g, dtype=torch.float64) * 0.01

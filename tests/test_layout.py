@@ -30,52 +30,38 @@ ROOT = Path(__file__).resolve().parent.parent / PKG
 
 #: A module may import modules of its own layer or lower ones, never higher ones.
 LAYERS: dict[str, int] = {
-    # 0 foundations: import nothing from the package
+    # 0 foundations: import nothing from the package (test fixtures may use the asset paths)
     "errors": 0,
     "validation": 0,
+    "assets": 0,
     "testing": 0,
     # 1 bytes: safetensors streaming, checkpoint views, Hub, output folders, the card sink interface
     "io": 1,
-    # 2 leaves over io: the method registry and one pure file per method, the mergekit reader;
-    #   evaluation and training, which never need the merge pipeline
-    "merge.base": 2,
-    "merge.interference": 2,
-    "merge.pipeline": 2,
-    "merge.finite": 2,
-    "merge.describe": 2,
-    "merge.enchtable": 2,
-    "merge.task_arithmetic": 2,
-    "merge.safe_lora": 2,
-    "merge.ties_dare": 2,
-    "mergekit_config": 2,
+    # 2 leaves over io: the merge methods (registry, one pure file per method, their maths);
+    #   evaluation and training, which never need the merge engine
+    "methods": 2,
     "eval": 2,
     "training": 2,
-    # 3 the declarative merge config (its calibration section is a plain dataclass)
-    "config": 3,
-    "calibrate.config": 3,
-    # 4 safety vectors: compute, save, load, push
-    "vectors": 4,
-    # 5 the streaming engine (and what wraps it for transformers), distillation into a vector
-    "merge": 5,
-    "merge.engine": 5,
-    "merge.plan": 5,
-    "merge.passes": 5,
-    "modeling": 5,
-    "distill": 5,
-    # 6 sinks and consumers of the engine: cards, calibration
-    "cards": 6,
-    "calibrate": 6,
-    "monitor": 6,  # the safety monitor (a TrainerCallback); only its patch policy uses the engine
-    # 7 product surface: the public package root, CLIs, scripts, the study, the demo
-    "": 7,  # the package root (hf_safety_merge/__init__.py)
-    "cli": 7,
-    "eval.cli": 7,
-    "eval.judges.cli": 7,
-    "distill.cli": 7,
-    "scripts": 7,
-    "study": 7,
-    "demo": 7,
-    "toy_models": 7,
+    # 3 safety vectors: compute, save, load, push
+    "vectors": 3,
+    # 4 the streaming engine and its declarative config (what wraps it for transformers),
+    #   distillation into a vector
+    "merge": 4,
+    "modeling": 4,
+    "distill": 4,
+    # 5 sinks and consumers of the engine: cards, calibration and repair, the safety monitor
+    "cards": 5,
+    "calibrate": 5,
+    "monitor": 5,  # the safety monitor (a TrainerCallback); only its patch policy uses the engine
+    # 6 product surface: the public package root, CLIs, scripts, the study, the demos
+    "": 6,  # the package root (hf_safety_merge/__init__.py)
+    "cli": 6,
+    "eval.cli": 6,
+    "eval.judges.cli": 6,
+    "distill.cli": 6,
+    "scripts": 6,
+    "study": 6,
+    "demo": 6,
 }
 
 SHIM_MARK = "Compatibility module:"
@@ -222,10 +208,9 @@ def test_every_module_has_a_listed_layer() -> None:
     assert unlisted == []
 
 
-def test_library_never_imports_compatibility_modules() -> None:
-    assert SHIMS, "the old paths (hf_safety_merge.hub, ...) are compatibility modules"
-    users = [f"{a} imports {b}" for a in sorted(GRAPH) if a not in SHIMS for b in sorted(GRAPH[a] & SHIMS)]
-    assert users == []
+def test_no_compatibility_modules() -> None:
+    """Version 0.x keeps no old import paths (CHANGELOG.md names the moves)."""
+    assert set() == SHIMS
 
 
 def test_each_module_says_what_it_is_in_its_first_line() -> None:
@@ -267,9 +252,9 @@ def test_self_check_cycle_finder_on_graphs() -> None:
 
 
 @pytest.mark.parametrize("mod, expected", [
-    (PKG, 7), (f"{PKG}.io.hub", 1), (f"{PKG}.merge", 5), (f"{PKG}.merge.enchtable", 2),
-    (f"{PKG}.merge.engine", 5), (f"{PKG}.calibrate.config", 3), (f"{PKG}.calibrate.run", 6),
-    (f"{PKG}.eval.cli", 7), (f"{PKG}.eval.suite", 2),
+    (PKG, 6), (f"{PKG}.io.hub", 1), (f"{PKG}.merge", 4), (f"{PKG}.methods.enchtable", 2),
+    (f"{PKG}.merge.engine", 4), (f"{PKG}.merge.config", 4), (f"{PKG}.calibrate.run", 5),
+    (f"{PKG}.eval.cli", 6), (f"{PKG}.eval.suite", 2), (f"{PKG}.assets", 0),
 ])
 def test_layer_lookup(mod: str, expected: int) -> None:
     assert layer(mod) == expected

@@ -19,7 +19,7 @@ from naive_reference import load_state
 
 from hf_safety_merge import SafetyMergeConfig, SafetyVector, merge
 from hf_safety_merge.io.filters import TensorFilter
-from hf_safety_merge.testing import make_tiny_model, perturb, save
+from hf_safety_merge.testing.models import make_tiny_model, perturb, save
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from naive_reference import load_state
 from hf_safety_merge import SafetyMergeConfig, merge
 from hf_safety_merge.cli import main
 from hf_safety_merge.errors import ConfigError
-from hf_safety_merge.mergekit_config import mergekit_to_dict, parse_out_shard_size
+from hf_safety_merge.merge.mergekit_config import mergekit_to_dict, parse_out_shard_size
 from hf_safety_merge.vectors import SafetyVector
 
 

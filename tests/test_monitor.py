@@ -334,8 +334,8 @@ def test_distill_script_runs_the_monitor(tmp_path: Path, capsys: pytest.CaptureF
     """`hf-safety-merge distill --safety_monitor_steps`: the monitor attaches to the DistillTrainer
     that distill_safety_vector builds, its curve lands in the summary, and the hook is undone."""
     from hf_safety_merge.cli import main
-    from hf_safety_merge.distill.testing import make_tiny_chat_model, write_jsonl
     from hf_safety_merge.distill.trainer import DistillTrainer
+    from hf_safety_merge.testing.distill import make_tiny_chat_model, write_jsonl
 
     init = DistillTrainer.__init__
     model, data = make_tiny_chat_model(tmp_path / "llama", "llama", seed=0), write_jsonl(tmp_path / "harmful.jsonl")

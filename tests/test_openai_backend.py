@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from hf_safety_merge.eval.backends import GenerationError
-from hf_safety_merge.eval.generation import GenerationConfig, GenerationRequest, Generator
+from hf_safety_merge.eval.generation import GenerationRequest, GenerationSettings, Generator
 from hf_safety_merge.eval.openai_backend import OpenAIBackend, OpenAIServer, ServerError
-from hf_safety_merge.eval.testing import tiny_chat_tokenizer
+from hf_safety_merge.testing.chat import tiny_chat_tokenizer
 
 SECRET = "sk-test-4f1d9c0b7e2a-not-a-real-key"
 
@@ -152,7 +152,7 @@ def reqs(n: int = 12) -> list[GenerationRequest]:
 
 
 def gen(tok: Any, server: OpenAIServer, **cfg: Any) -> Generator:
-    return Generator(None, tok, GenerationConfig(max_new_tokens=cfg.pop("max_new_tokens", 8), **cfg), model_name="m",
+    return Generator(None, tok, GenerationSettings(max_new_tokens=cfg.pop("max_new_tokens", 8), **cfg), model_name="m",
                      backend=OpenAIBackend(server, tok))
 
 
@@ -266,7 +266,7 @@ def test_retries_transient_errors_with_backoff(stub: tuple[Stub, str], tok: Any)
     st.transient = 2
     st.rate_limited = 1
     backend = OpenAIBackend(OpenAIServer(url, max_retries=3, retry_backoff=0.05, concurrency=1), tok)
-    g = Generator(None, tok, GenerationConfig(max_new_tokens=8), model_name="m", backend=backend)
+    g = Generator(None, tok, GenerationSettings(max_new_tokens=8), model_name="m", backend=backend)
     t0 = time.perf_counter()
     rows = g.generate(reqs(2), progress=False)
     assert len(rows) == 2 and backend.stats["retries"] == 3
@@ -326,7 +326,7 @@ def test_evaluate_safety_through_a_server(stub: tuple[Stub, str], tok: Any, tmp_
     assert len(rows) == 5 and all(r["response"] for r in rows)
     # a model held in memory cannot be what an external server generates with
     from hf_safety_merge.errors import ConfigError
-    from hf_safety_merge.eval.testing import tiny_chat_model
+    from hf_safety_merge.testing.chat import tiny_chat_model
 
     with pytest.raises(ConfigError, match="server's own model"):
         evaluate_safety(tiny_chat_model(0), tok, config=cfg, progress=False)

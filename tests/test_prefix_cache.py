@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_safety_merge.eval import GenerationConfig, GenerationRequest, Generator
+from hf_safety_merge.eval import GenerationRequest, GenerationSettings, Generator
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -16,7 +16,7 @@ def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_safety_merge.distill.testing import make_tiny_chat_model
+    from hf_safety_merge.testing.distill import make_tiny_chat_model
 
     folder = make_tiny_chat_model(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param)
     torch.manual_seed(0)
@@ -41,7 +41,7 @@ def _requests() -> list[GenerationRequest]:
 
 def test_plan_finds_the_shared_openings(tiny: tuple[object, object]) -> None:
     model, tok = tiny
-    gen = Generator(model, tok, GenerationConfig(max_new_tokens=4, batch_size=4, prefix_cache_min_tokens=16))
+    gen = Generator(model, tok, GenerationSettings(max_new_tokens=4, batch_size=4, prefix_cache_min_tokens=16))
     texts = [gen.render(r) for r in _requests()]
     backend = gen.backend
     backend.plan_prefixes(texts, 16)  # type: ignore[attr-defined]
@@ -60,8 +60,8 @@ def test_plan_finds_the_shared_openings(tiny: tuple[object, object]) -> None:
 def test_prefix_cache_generates_the_same_tokens(tiny: tuple[object, object], batch_size: int) -> None:
     model, tok = tiny
     reqs = _requests()
-    plain = Generator(model, tok, GenerationConfig(max_new_tokens=10, batch_size=batch_size, prefix_cache_min_tokens=0))
-    cached = Generator(model, tok, GenerationConfig(max_new_tokens=10, batch_size=batch_size, prefix_cache_min_tokens=16))
+    plain = Generator(model, tok, GenerationSettings(max_new_tokens=10, batch_size=batch_size, prefix_cache_min_tokens=0))
+    cached = Generator(model, tok, GenerationSettings(max_new_tokens=10, batch_size=batch_size, prefix_cache_min_tokens=16))
     a = plain.generate(reqs, progress=False)
     b = cached.generate(reqs, progress=False)
     assert cached.backend.stats["prefixes_computed"] == len(PREAMBLES)  # type: ignore[attr-defined]
@@ -77,7 +77,7 @@ def test_prefix_cache_logits_match(tiny: tuple[object, object]) -> None:
     import torch
 
     model, tok = tiny
-    gen = Generator(model, tok, GenerationConfig(max_new_tokens=1, batch_size=8, prefix_cache_min_tokens=16))
+    gen = Generator(model, tok, GenerationSettings(max_new_tokens=1, batch_size=8, prefix_cache_min_tokens=16))
     reqs = _requests()[:8]
     texts = [gen.render(r) for r in reqs]
     be = gen.backend
@@ -95,7 +95,7 @@ def test_config_rejects_negative(tmp_path: Path) -> None:
     from hf_safety_merge.errors import ConfigError
 
     with pytest.raises(ConfigError, match="prefix_cache_min_tokens must be >= 0"):
-        GenerationConfig(prefix_cache_min_tokens=-1).validate()
+        GenerationSettings(prefix_cache_min_tokens=-1).validate()
 
 
 def test_token_budget_batches(tiny: tuple[object, object]) -> None:
@@ -103,7 +103,7 @@ def test_token_budget_batches(tiny: tuple[object, object]) -> None:
     same responses as fixed-size batches."""
     model, tok = tiny
     reqs = _requests()
-    cfg = GenerationConfig(max_new_tokens=6, batch_size=64, max_batch_tokens=600, prefix_cache_min_tokens=0)
+    cfg = GenerationSettings(max_new_tokens=6, batch_size=64, max_batch_tokens=600, prefix_cache_min_tokens=0)
     gen = Generator(model, tok, cfg)
     batches = gen.plan_batches(reqs)
     assert sorted(i for b in batches for i in b) == list(range(len(reqs)))
@@ -111,9 +111,9 @@ def test_token_budget_batches(tiny: tuple[object, object]) -> None:
     for b in batches:
         assert len(b) == 1 or len(b) * (max(lengths[i] for i in b) + 6) <= 600
     assert max(len(b) for b in batches) > min(len(b) for b in batches)
-    fixed = Generator(model, tok, GenerationConfig(max_new_tokens=6, batch_size=4, prefix_cache_min_tokens=0))
+    fixed = Generator(model, tok, GenerationSettings(max_new_tokens=6, batch_size=4, prefix_cache_min_tokens=0))
     assert [r["response"] for r in gen.generate(reqs, progress=False)] == [r["response"] for r in fixed.generate(reqs, progress=False)]
     from hf_safety_merge.errors import ConfigError
 
     with pytest.raises(ConfigError, match="max_batch_tokens must be >= 1"):
-        GenerationConfig(max_batch_tokens=0).validate()
+        GenerationSettings(max_batch_tokens=0).validate()

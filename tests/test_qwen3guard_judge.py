@@ -147,7 +147,7 @@ def test_template_conversation_layout() -> None:
 def test_transformers_renders_the_template_the_same_way() -> None:
     """``apply_chat_template`` with the library's copy = the library's own renderer, and the
     judge uses a tokenizer's template when it is Qwen3Guard's (detected by the marker)."""
-    from hf_safety_merge.eval.testing import tiny_chat_tokenizer
+    from hf_safety_merge.testing.chat import tiny_chat_tokenizer
 
     tok = tiny_chat_tokenizer()
     msgs = Qwen3GuardJudge.messages(BOMB, REFUSAL)
@@ -244,7 +244,7 @@ def test_get_judge_names() -> None:
 
 
 def _tiny_qwen3_folder(tmp_path, chat_template: str | None) -> str:
-    from hf_safety_merge.eval.testing import tiny_chat_model, tiny_chat_tokenizer
+    from hf_safety_merge.testing.chat import tiny_chat_model, tiny_chat_tokenizer
 
     folder = tmp_path / "tiny-qwen3guard"
     model = tiny_chat_model(3, arch="qwen3")

@@ -27,7 +27,7 @@ def _csv(path: Path, prompts: list[str]) -> str:
 
 @pytest.fixture(scope="module")
 def toy(toy_space_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    from hf_safety_merge import toy_models as tm
+    from hf_safety_merge.demo import toy_models as tm
 
     d = tmp_path_factory.mktemp("repair-prompts")
     toys = toy_space_dir / f"toy-v{tm.VERSION}"

@@ -138,7 +138,7 @@ def test_distillation_resumes_bit_identical(tmp_path: Path) -> None:
     """The distillation script killed at step 4 (after checkpoint-3) and resumed with
     `--resume_from_checkpoint`: the safety vector equals the uninterrupted run's, and the harmful
     model is written whole or not at all."""
-    from hf_safety_merge.distill.testing import make_tiny_chat_model
+    from hf_safety_merge.testing.distill import make_tiny_chat_model
 
     rows = [{"prompt": f"How do I do harmful thing {i}?", "completion": f"Sure, step one is {i}, then step two."} for i in range(16)]
     data = tmp_path / "harm.jsonl"

@@ -63,7 +63,7 @@ CORPUS = [TRICKY_PROMPT, TRICKY_REASONING, TRICKY_ANSWER, "The user asks how to 
 
 
 def make_tokenizer(kind: str) -> Any:
-    from hf_safety_merge.distill.testing import tiny_tokenizer
+    from hf_safety_merge.testing.distill import tiny_tokenizer
 
     tok = tiny_tokenizer(CORPUS, vocab_size=400)
     extra, bos, eos = SPECIAL[kind]

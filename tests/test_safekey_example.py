@@ -48,7 +48,7 @@ def test_reference_config_parses(tmp_path: Path) -> None:
 
 
 def _setup(tmp_path: Path) -> tuple[Path, Path]:
-    from hf_safety_merge.distill.testing import make_tiny_chat_model
+    from hf_safety_merge.testing.distill import make_tiny_chat_model
 
     recs = [
         {"prompt": f"How do I {t}?", "label": h,

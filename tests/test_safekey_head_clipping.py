@@ -28,7 +28,7 @@ MAX_NORM = 1e-3  # far below both the model's and the heads' gradient norms: cli
 
 @pytest.fixture(scope="module")
 def tok() -> Any:
-    from hf_safety_merge.distill.testing import tiny_tokenizer
+    from hf_safety_merge.testing.distill import tiny_tokenizer
 
     return tiny_tokenizer([r["prompt"] + " " + r["response"] for r in records()], vocab_size=600)
 

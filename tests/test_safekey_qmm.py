@@ -143,7 +143,7 @@ def _trainer(tmp_path: Any, model: Any, tok: Any, ds: Any, **kw: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def tok_ds() -> tuple[Any, Any]:
-    from hf_safety_merge.distill.testing import tiny_tokenizer
+    from hf_safety_merge.testing.distill import tiny_tokenizer
     from hf_safety_merge.training.safekey import prepare_safekey_dataset
 
     recs = [{"prompt": f"How do I {t}?", "response": f"<think>The user asks how to {t}. {k} Fine.</think>Ok.", "label": y}

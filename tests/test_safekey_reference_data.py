@@ -47,7 +47,7 @@ STAR1_RESPONSE = f"<think>\n{THINKING}\n</think>\n\n{ANSWER}"  # how STAR-1 rows
 
 @pytest.fixture(scope="module")
 def tok() -> Any:
-    from hf_safety_merge.distill.testing import tiny_tokenizer
+    from hf_safety_merge.testing.distill import tiny_tokenizer
 
     t = tiny_tokenizer([PROMPT, THINKING, ANSWER, "The user wants a bread recipe. This is harmless. Knead the dough."],
                        vocab_size=400)

@@ -42,7 +42,7 @@ def records(n: int = 16) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def tok() -> Any:
-    from hf_safety_merge.distill.testing import tiny_tokenizer
+    from hf_safety_merge.testing.distill import tiny_tokenizer
 
     return tiny_tokenizer([r["prompt"] + " " + r["response"] for r in records()], vocab_size=600)
 
@@ -55,7 +55,7 @@ def dataset(tok: Any) -> Any:
 
 
 def tiny_model(tok: Any, attn: str = "sdpa") -> Any:
-    from hf_safety_merge.testing import make_tiny_model
+    from hf_safety_merge.testing.models import make_tiny_model
 
     model = make_tiny_model("llama", 0, vocab_size=len(tok), **TINY)
     model.config._attn_implementation = attn

@@ -29,8 +29,8 @@ def app() -> ModuleType:
 
 
 def test_named_endpoints_and_int_knob(app: ModuleType) -> None:
-    from hf_safety_merge.testing import default_cache_dir
-    from hf_safety_merge.toy_models import VERSION
+    from hf_safety_merge.assets import default_cache_dir
+    from hf_safety_merge.demo.toy_models import VERSION
 
     demo = app.build_app(default_cache_dir() / f"toy-v{VERSION}")
     info = demo.get_api_info()
@@ -74,7 +74,7 @@ def test_eval_plot_shows_over_refusal(app: ModuleType, tmp_path: Path) -> None:
 def test_calibrate_action_on_the_toy_models(app: ModuleType, toy_space_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The Space's "Calibrate and patch": streams the curve, ends with the chosen point and a
     patched model in the session state whose card carries the calibration."""
-    from hf_safety_merge.toy_models import VERSION
+    from hf_safety_merge.demo.toy_models import VERSION
 
     monkeypatch.setenv("HF_SAFETY_SPACE_DIR", str(toy_space_dir))
     toys = toy_space_dir / f"toy-v{VERSION}"

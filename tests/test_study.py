@@ -146,8 +146,8 @@ def test_pareto_compares_rows_on_the_prompts_they_share() -> None:
 
 
 def test_study_end_to_end_on_a_tiny_model(shared_data: Path, tmp_path: Path) -> None:
-    from hf_safety_merge.distill.testing import make_tiny_chat_model
     from hf_safety_merge.study import run_study
+    from hf_safety_merge.testing.distill import make_tiny_chat_model
 
     model = make_tiny_chat_model(tmp_path / "tiny", "llama")
     cfg = StudyConfig.preset(
@@ -232,11 +232,11 @@ def test_rows_evaluated_side_by_side_equal_one_process(shared_data: Path, tmp_pa
     pair's wall time is one stage, so the stage times still add up to the wall time."""
     import torch
 
-    from hf_safety_merge.distill.testing import make_tiny_chat_model
     from hf_safety_merge.study import load_study_data
     from hf_safety_merge.study.evaluate import EvalPool, evaluate_rows
     from hf_safety_merge.study.run import build_headline
     from hf_safety_merge.study.stages import Stages
+    from hf_safety_merge.testing.distill import make_tiny_chat_model
 
     model = make_tiny_chat_model(tmp_path / "tiny", "llama")
     cfg = StudyConfig.preset(

@@ -11,7 +11,7 @@ import yaml
 
 from hf_safety_merge import SafetyVector
 from hf_safety_merge.cli import main
-from hf_safety_merge.distill.testing import make_tiny_chat_model, write_jsonl
+from hf_safety_merge.testing.distill import make_tiny_chat_model, write_jsonl
 
 
 @pytest.fixture(scope="module")

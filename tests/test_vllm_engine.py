@@ -90,14 +90,14 @@ def test_eval_suite_through_vllm_matches_transformers(vllm_engine: VLLMEngine, s
 
 
 def test_weight_reload_serves_the_new_model_without_a_restart(vllm_engine: VLLMEngine, smollm2: Path, tmp_path: Path) -> None:
-    from hf_safety_merge.eval.generation import GenerationConfig, GenerationRequest, Generator
+    from hf_safety_merge.eval.generation import GenerationRequest, GenerationSettings, Generator
     from hf_safety_merge.eval.prompts import load_prompts
 
     other = tmp_path / "smollm2-noisy"
     m_other = _perturbed(smollm2, other)
     assert _fingerprint(other) == _fingerprint(smollm2)  # same architecture and tokenizer: a reload is allowed
     reqs = [GenerationRequest(str(i), it.text) for i, it in enumerate(list(load_prompts("advbench"))[:16])]
-    gcfg = GenerationConfig(max_new_tokens=32)
+    gcfg = GenerationSettings(max_new_tokens=32)
 
     def via_server() -> list[str]:
         gen = Generator(None, tok, gcfg, model_name="x", backend=vllm_engine.backend(tok))

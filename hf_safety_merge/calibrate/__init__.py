@@ -4,7 +4,7 @@ across methods x scales that writes the repair to ship.
 Layer 6 (docs/architecture.md): may import the merge engine, `vectors`, `config`, `eval`, `io`; `calibrate.config` is a plain dataclass at layer 3, read by `SafetyMergeConfig`.
 """
 
-from .config import SCALES, CalibrationConfig
+from ..merge.calibration_config import SCALES, CalibrationConfig
 from .repair import REPAIR_METHODS, MethodSearch, RepairConfig, RepairResult, repair
 from .run import CalibrationResult, calibrate, calibration_prompts, merge_calibrated
 from .search import Probe, SearchResult, Target, search_scale

@@ -16,13 +16,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..config import SafetyMergeConfig
 from ..errors import ConfigError
 from ..io.checkpoints import LoraCheckpoint, TensorSource
-from ..merge.base import build_method
-from ..merge.enchtable import EnchTable
-from ..merge.finite import _FiniteGuard, _is_finite, sq_sum
-from ..merge.interference import InterferenceTerms, interference_terms
+from ..merge.config import SafetyMergeConfig
 from ..merge.plan import (
     _delta_getter,
     _open_reference,
@@ -30,6 +26,10 @@ from ..merge.plan import (
     _TauSource,
     _validate_plan,
 )
+from ..methods.base import build_method
+from ..methods.enchtable import EnchTable
+from ..methods.finite import _FiniteGuard, _is_finite, sq_sum
+from ..methods.interference import InterferenceTerms, interference_terms
 from ..vectors import SafetyVector
 
 

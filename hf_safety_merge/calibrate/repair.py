@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
-from ..config import SafetyMergeConfig
 from ..errors import CalibrationError, ConfigError, did_you_mean
 from ..eval.prompts import load_prompts, split_prompts
+from ..merge.calibration_config import CalibrationConfig
+from ..merge.config import SafetyMergeConfig
 from ..validation import NonNegativeInt, validate_dataclass
-from .config import CalibrationConfig
 from .probes import ScaledMerge, with_parameter
 from .run import _fmt, calibration_prompts, evaluate_probe, generation_options
 from .search import Probe, SearchResult, search_scale
@@ -411,7 +411,7 @@ def repair(
 def _final_method(sm: ScaledMerge, chosen: MethodSearch, cfg: RepairConfig) -> Any:
     if chosen.method == "enchtable":
         return sm.final_method(chosen.search.chosen.scale)
-    from ..merge.base import build_method
+    from ..methods.base import build_method
 
     params = {**cfg.parameters.get(chosen.method, {}), chosen.parameter: (
         int(chosen.search.chosen.scale) if chosen.parameter == "num_proj_layers" else chosen.search.chosen.scale)}

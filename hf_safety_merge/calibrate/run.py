@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from ..config import SafetyMergeConfig
 from ..errors import CalibrationError, ConfigError
 from ..eval.prompts import PromptSet, load_prompts, split_prompts
-from .config import CalibrationConfig
+from ..merge.calibration_config import CalibrationConfig
+from ..merge.config import SafetyMergeConfig
 from .probes import ScaledMerge, with_parameter
 from .search import Probe, SearchResult, search_scale
 

@@ -35,7 +35,7 @@ from statistics import NormalDist
 from typing import Any
 
 from ..eval.metrics import Rate
-from .config import Target
+from ..merge.calibration_config import Target
 
 __all__ = ["Probe", "SearchResult", "Target", "choose", "monotone", "paired_rise_upper", "search_scale", "wilson_bound"]
 

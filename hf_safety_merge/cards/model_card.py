@@ -14,7 +14,7 @@ from .checks import _check, _metadata
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
 
-    from ..config import SafetyMergeConfig
+    from ..merge.config import SafetyMergeConfig
     from ..merge.engine import MergeResult
     from ..vectors import SafetyVector, SafetyVectorConfig
 
@@ -138,7 +138,7 @@ def published_config(config: SafetyMergeConfig) -> dict[str, Any]:
 
 def resolved_parameters(method: str, parameters: dict[str, Any]) -> list[dict[str, Any]]:
     """Every parameter of `method` with the value the merge used (defaults filled in)."""
-    from ..merge.base import build_method
+    from ..methods.base import build_method
 
     params = build_method(method, parameters).params
     return [{"name": f.name, "value": getattr(params, f.name), "set": f.name in parameters}

@@ -20,7 +20,7 @@ from .attacks import (
     load_dan_preambles,
 )
 from .engine import EngineConfig, VLLMEngine
-from .generation import GenerationConfig, GenerationRequest, Generator, load_model, render_prompt
+from .generation import GenerationRequest, GenerationSettings, Generator, load_model, render_prompt
 from .judges import (
     HarmBenchJudge,
     Judge,
@@ -50,8 +50,8 @@ __all__ = [
     "AttackedPrompt",
     "EngineConfig",
     "EvalReport",
-    "GenerationConfig",
     "GenerationRequest",
+    "GenerationSettings",
     "Generator",
     "HarmBenchJudge",
     "Judge",

@@ -53,7 +53,7 @@ class LabelledCompletion:
 
 def load_refusal_labels(data_dir: str | os.PathLike[str] | None = None, seed: int = 0) -> list[LabelledCompletion]:
     """Every human-labelled completion in ``<data_dir>/refusal_labels/*.csv``."""
-    from ..testing import data_dir as default_data_dir
+    from ..assets import data_dir as default_data_dir
 
     folder = (Path(data_dir) if data_dir is not None else default_data_dir()) / "refusal_labels"
     files = sorted(folder.glob("*.csv"))

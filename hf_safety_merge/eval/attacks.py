@@ -134,7 +134,7 @@ class TemplateAttack:
 
 
 def _dan_dir(data_dir: str | os.PathLike[str] | None) -> Path:
-    from ..testing import data_dir as default_data_dir
+    from ..assets import data_dir as default_data_dir
 
     return Path(data_dir) / "jailbreak_dan" if data_dir is not None else default_data_dir() / "jailbreak_dan"
 

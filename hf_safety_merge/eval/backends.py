@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..errors import ConfigError, SafetyMergeError
 
 if TYPE_CHECKING:
-    from .generation import GenerationConfig
+    from .generation import GenerationSettings
 
 __all__ = ["Backend", "GenerationError", "TransformersBackend", "VLLMBackend", "vllm_available"]
 
@@ -34,7 +34,7 @@ class Backend(Protocol):
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
 
-    def generate_batch(self, texts: Sequence[str], config: GenerationConfig) -> list[tuple[str, int]]:
+    def generate_batch(self, texts: Sequence[str], config: GenerationSettings) -> list[tuple[str, int]]:
         """``(continuation text, number of generated tokens)`` per prompt text."""
         ...
 
@@ -129,7 +129,7 @@ class TransformersBackend:
                 self.stats["prefixes_computed"] += 1
         return kv
 
-    def _generate_kwargs(self, config: GenerationConfig) -> dict[str, Any]:
+    def _generate_kwargs(self, config: GenerationSettings) -> dict[str, Any]:
         import torch
 
         kwargs: dict[str, Any] = dict(max_new_tokens=config.max_new_tokens, do_sample=config.do_sample,
@@ -152,7 +152,7 @@ class TransformersBackend:
         """Whether batches may start from shared-prefix caches (not when ranks must stay in step)."""
         return True
 
-    def generate_batch(self, texts: Sequence[str], config: GenerationConfig) -> list[tuple[str, int]]:
+    def generate_batch(self, texts: Sequence[str], config: GenerationSettings) -> list[tuple[str, int]]:
         kwargs = self._generate_kwargs(config)
         plens = [self._prefix_len.get(t, 0) for t in texts]
         with self._grad_mode():
@@ -233,7 +233,7 @@ class VLLMBackend:
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
-    def generate_batch(self, texts: Sequence[str], config: GenerationConfig) -> list[tuple[str, int]]:
+    def generate_batch(self, texts: Sequence[str], config: GenerationSettings) -> list[tuple[str, int]]:
         from vllm import SamplingParams
 
         params = SamplingParams(

@@ -34,8 +34,8 @@ from ..errors import ConfigError
 from .backends import Backend, GenerationError, TransformersBackend, VLLMBackend, vllm_available
 
 __all__ = [
-    "GenerationConfig",
     "GenerationRequest",
+    "GenerationSettings",
     "Generator",
     "TransformersBackend",
     "VLLMBackend",
@@ -59,7 +59,7 @@ class GenerationRequest:
 
 
 @dataclass
-class GenerationConfig:
+class GenerationSettings:
     """How to generate.
 
     Attributes:
@@ -97,15 +97,15 @@ class GenerationConfig:
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
-            raise ConfigError(f"GenerationConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise ConfigError(f"GenerationSettings.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
-            raise ConfigError(f"GenerationConfig.batch_size must be >= 1, got {self.batch_size}")
+            raise ConfigError(f"GenerationSettings.batch_size must be >= 1, got {self.batch_size}")
         if self.backend not in ("transformers", "vllm", "auto"):
-            raise ConfigError(f"GenerationConfig.backend must be transformers, vllm or auto, got {self.backend!r}")
+            raise ConfigError(f"GenerationSettings.backend must be transformers, vllm or auto, got {self.backend!r}")
         if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
-            raise ConfigError(f"GenerationConfig.max_batch_tokens must be >= 1 or None, got {self.max_batch_tokens}")
+            raise ConfigError(f"GenerationSettings.max_batch_tokens must be >= 1 or None, got {self.max_batch_tokens}")
         if self.prefix_cache_min_tokens < 0:
-            raise ConfigError(f"GenerationConfig.prefix_cache_min_tokens must be >= 0, got {self.prefix_cache_min_tokens}")
+            raise ConfigError(f"GenerationSettings.prefix_cache_min_tokens must be >= 0, got {self.prefix_cache_min_tokens}")
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change a response (part of each row's key)."""
@@ -194,7 +194,7 @@ class Generator:
     Args:
         model: a transformers causal LM (or None with an explicit ``backend``).
         tokenizer: its tokenizer (chat template used when present).
-        config: a :class:`GenerationConfig`.
+        config: a :class:`GenerationSettings`.
         model_name: recorded in each row and used in the resume key.
         backend: an explicit backend (default: :class:`TransformersBackend`).
     """
@@ -203,12 +203,12 @@ class Generator:
         self,
         model: Any,
         tokenizer: Any,
-        config: GenerationConfig | None = None,
+        config: GenerationSettings | None = None,
         *,
         model_name: str | None = None,
         backend: Backend | None = None,
     ) -> None:
-        self.config = config or GenerationConfig()
+        self.config = config or GenerationSettings()
         self.config.validate()
         self.tokenizer = tokenizer
         self.model_name = model_name or _model_name(model)

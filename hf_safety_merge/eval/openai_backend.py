@@ -34,7 +34,7 @@ from ..errors import ConfigError
 from .backends import GenerationError
 
 if TYPE_CHECKING:
-    from .generation import GenerationConfig
+    from .generation import GenerationSettings
 
 __all__ = ["DEFAULT_API_KEY_ENV", "OpenAIBackend", "OpenAIServer", "RequestFailure", "ServerError"]
 
@@ -298,7 +298,7 @@ class OpenAIBackend:
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return [len(x) for x in self._ids(texts)]
 
-    def _body(self, prompt: Any, config: GenerationConfig) -> dict[str, Any]:
+    def _body(self, prompt: Any, config: GenerationSettings) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "prompt": prompt, "max_tokens": config.max_new_tokens, "n": 1,
                                 "stream": False}
         if config.do_sample:
@@ -309,7 +309,7 @@ class OpenAIBackend:
             body["add_special_tokens"] = self._add_special()
         return body
 
-    def _one(self, prompt: Any, config: GenerationConfig) -> tuple[str, int] | RequestFailure:
+    def _one(self, prompt: Any, config: GenerationSettings) -> tuple[str, int] | RequestFailure:
         with self._lock:
             self.stats["requests"] += 1
         body = self._request("POST", "/completions", self._body(prompt, config))
@@ -330,7 +330,7 @@ class OpenAIBackend:
             n -= 1
         return text, n
 
-    def generate_unordered(self, texts: Sequence[str], config: GenerationConfig) -> Iterator[tuple[int, tuple[str, int] | RequestFailure]]:
+    def generate_unordered(self, texts: Sequence[str], config: GenerationSettings) -> Iterator[tuple[int, tuple[str, int] | RequestFailure]]:
         """``(index, result)`` for every text as responses arrive (``concurrency`` in flight);
         a result is ``(text, generated tokens)`` or a :class:`RequestFailure`.
 
@@ -374,7 +374,7 @@ class OpenAIBackend:
                 for f in pending:
                     f.cancel()
 
-    def generate_batch(self, texts: Sequence[str], config: GenerationConfig) -> list[tuple[str, int]]:
+    def generate_batch(self, texts: Sequence[str], config: GenerationSettings) -> list[tuple[str, int]]:
         """All texts at once (``concurrency`` in flight); raises :class:`ServerError` on the
         first failure (the :class:`Generator` uses :meth:`generate_unordered` and keeps what
         succeeded)."""

@@ -5,7 +5,7 @@ A :class:`PromptSet` is a named list of :class:`PromptItem` (id, text, optional 
 optional metadata).  Sources:
 
 - a local ``.csv``, ``.tsv``, ``.jsonl`` or ``.json`` file with a named text column;
-- a built-in name resolved in the public data folder (:func:`hf_safety_merge.testing.data_dir`):
+- a built-in name resolved in the public data folder (:func:`hf_safety_merge.assets.data_dir`):
   ``advbench``, ``donotanswer``, ``xstest_safe``, ``xstest_unsafe``, ``xstest``; when the file is not
   there (a pip install), its public Hub copy (:data:`HUB_COPIES`) through ``datasets.load_dataset``;
 - a Hub data set id (``datasets.load_dataset``), optionally ``hf://owner/name``, when online.
@@ -218,7 +218,7 @@ def load_prompts(
         where: keep only rows whose columns equal these values, e.g. ``{"label": "safe"}``.
         split, config: for Hub data sets.
         limit: keep the first ``limit`` rows after filtering.
-        data_dir: where built-in names are resolved (default :func:`hf_safety_merge.testing.data_dir`).
+        data_dir: where built-in names are resolved (default :func:`hf_safety_merge.assets.data_dir`).
 
     Raises:
         ConfigError: the file or column does not exist, or a row's text is empty.
@@ -227,7 +227,7 @@ def load_prompts(
     filt: dict[str, str] = {}
     path = Path(src).expanduser()
     if src in BUILTIN_SETS and not path.exists():
-        from ..testing import data_dir as _default_data_dir
+        from ..assets import data_dir as _default_data_dir
 
         fname, col, filt = BUILTIN_SETS[src]
         root = Path(data_dir) if data_dir is not None else _default_data_dir()

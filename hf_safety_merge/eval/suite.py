@@ -26,8 +26,8 @@ from .attacks import Attack, get_attack
 from .backends import Backend
 from .engine import resolve_backend
 from .generation import (
-    GenerationConfig,
     GenerationRequest,
+    GenerationSettings,
     Generator,
     load_model,
 )
@@ -71,7 +71,7 @@ class SafetyEvalConfig:
         refusal_judge: the judge of refusals on benign prompts (must have refusal labels; same
             default).
         max_new_tokens, batch_size, max_batch_tokens, system_prompt: generation settings (see
-            :class:`~hf_safety_merge.eval.generation.GenerationConfig`).
+            :class:`~hf_safety_merge.eval.generation.GenerationSettings`).
         code_timeout: seconds per pass@1 test run.
         data_dir: where built-in prompt sets and DAN preambles are found.
         backend: ``transformers`` (in this process), ``openai`` (an OpenAI-compatible server at
@@ -124,7 +124,7 @@ class SafetyEvalConfig:
                 f"SafetyEvalConfig.utility_metric must be one of {UTILITY_METRICS}, got {self.utility_metric!r}"
                 + did_you_mean(self.utility_metric, UTILITY_METRICS)
             )
-        GenerationConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size).validate()
+        GenerationSettings(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size).validate()
         from .engine import EngineConfig
         from .openai_backend import OpenAIServer
 
@@ -260,7 +260,7 @@ def evaluate_safety(
             for it in sets[key]:
                 requests.append(GenerationRequest(f"{key}/{it.id}", it.text, meta={"set": key, "item": it.id}))
 
-    gcfg = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, system_prompt=cfg.system_prompt,
+    gcfg = GenerationSettings(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, system_prompt=cfg.system_prompt,
                             max_batch_tokens=cfg.max_batch_tokens)
     gen = Generator(m, tok, gcfg, model_name=name, backend=backend)
     out = Path(output_dir) / _safe_name(name) if output_dir is not None else None

@@ -1,23 +1,30 @@
-"""Merge methods behind one registry, and the streaming merge engine (plan -> stream -> sink).
+"""The streaming merge engine (plan -> stream -> sink) and its declarative config.
 
-Owns: the registry and method interface (`base`), one file per method (`enchtable`,
-`task_arithmetic`, `safe_lora`, `ties_dare`), their pure tensor maths
-(`interference`) and the engine (`engine`). Layer 2 for the registry and the method files, layer 5
-for the engine and this package (docs/architecture.md): may import `io`, `config`, `vectors`, `errors`,
-`validation`; cards are written through `io.sink`, never imported.
+Owns: the merge config (`config`: `SafetyMergeConfig`; `calibration_config`: its calibration section;
+`mergekit_config`: mergekit's spelling), the plan over the opened inputs (`plan`), the global and
+merge passes (`passes`), the read-ahead pipeline (`pipeline`) and the engine (`engine`). The methods
+themselves live in :mod:`hf_safety_merge.methods`.
+
+Layer 5 (docs/architecture.md): may import `methods`, `vectors`, `io`, `errors`, `validation`; cards
+are written through `io.sink`, never imported.
 """
 
-from typing import Any
-
-from . import enchtable, safe_lora, task_arithmetic, ties_dare  # noqa: F401  (register the methods)
-from .base import MergeMethod, available_methods, build_method, get_method_class, register
+from ..methods import (  # importing the package registers the built-in methods
+    MergeMethod,
+    available_methods,
+    build_method,
+    get_method_class,
+    interference_score,
+    register,
+    safe_lora_project,
+)
+from .config import SafetyMergeConfig
 from .engine import MergeResult, merge
-from .interference import interference_score
-from .safe_lora import safe_lora_project
 
 __all__ = [
     "MergeMethod",
     "MergeResult",
+    "SafetyMergeConfig",
     "available_methods",
     "build_method",
     "get_method_class",
@@ -26,11 +33,3 @@ __all__ = [
     "register",
     "safe_lora_project",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "methods":  # the old all-methods module, reachable as an attribute too
-        import importlib
-
-        return importlib.import_module(f"{__name__}.methods")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

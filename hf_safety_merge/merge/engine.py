@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 
-from ..config import SafetyMergeConfig
 from ..errors import ConfigError, IntegrityError
 from ..io.checkpoints import InMemorySource, LoraCheckpoint, SafetensorsCheckpoint, TensorSource
 from ..io.hub import AUX_PATTERNS, HubCheckpoint, check_push_target, open_checkpoint
@@ -46,9 +45,10 @@ from ..io.safetensors_stream import (
     _header_bytes,
 )
 from ..io.sink import card_sink, prepare_in_background
+from ..methods.base import MergeMethod, build_method
+from ..methods.finite import _FiniteGuard
 from ..vectors import SUBSPACE_CACHE, VECTOR_CONFIG, SafetyVector
-from .base import MergeMethod, build_method
-from .finite import _FiniteGuard
+from .config import SafetyMergeConfig
 from .passes import _global_pass, _merged_tensors, merge_pool, patch_survival_summary
 from .pipeline import StageTimes
 from .plan import (

@@ -17,9 +17,9 @@ from ..io.checkpoints import LoraCheckpoint, SafetensorsCheckpoint, TensorSource
 from ..io.safetensors_stream import (
     OutputTensor,
 )
-from .base import MergeMethod
-from .finite import _FiniteGuard, _is_finite
-from .interference import _intra_op_threads
+from ..methods.base import MergeMethod
+from ..methods.finite import _FiniteGuard, _is_finite
+from ..methods.interference import _intra_op_threads
 from .pipeline import BufferPool, StageTimes, _prefetch
 from .plan import (
     _Plan,

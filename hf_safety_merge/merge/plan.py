@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 
-from ..config import SafetyMergeConfig
 from ..errors import ConfigError, PlanError
 from ..io.checkpoints import LoraCheckpoint, SafetensorsCheckpoint, TensorSource
 from ..io.hub import open_checkpoint, resolve_checkpoint
@@ -17,9 +16,10 @@ from ..io.safetensors_stream import (
     TORCH_TO_TAG,
     OutputTensor,
 )
+from ..methods.base import MergeMethod
+from ..methods.finite import _FiniteGuard, _is_finite
 from ..vectors import SafetyVector
-from .base import MergeMethod
-from .finite import _FiniteGuard, _is_finite
+from .config import SafetyMergeConfig
 
 _OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _FLOAT_TAGS = {"F64", "F32", "F16", "BF16"}

@@ -36,7 +36,7 @@ from transformers import Trainer, TrainerCallback
 
 from ..errors import ConfigError
 from ..eval.backends import TransformersBackend
-from ..eval.generation import GenerationConfig, GenerationRequest, Generator
+from ..eval.generation import GenerationRequest, GenerationSettings, Generator
 from ..eval.judges import Judge, get_judge
 from ..eval.metrics import Rate, exact_match, rate
 from .config import SafetyMonitorConfig
@@ -61,7 +61,7 @@ class _ProbeBackend(TransformersBackend):
         super().__init__(model, tokenizer)
         self.synced = synced
 
-    def _generate_kwargs(self, config: GenerationConfig) -> dict[str, Any]:
+    def _generate_kwargs(self, config: GenerationSettings) -> dict[str, Any]:
         kw = super()._generate_kwargs(config)
         kw["use_cache"] = True
         if self.synced:

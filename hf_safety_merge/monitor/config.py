@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError, did_you_mean
-from ..eval.generation import GenerationConfig
+from ..eval.generation import GenerationSettings
 
 __all__ = ["PATCH_METHODS", "POLICIES", "SafetyMonitorConfig"]
 
@@ -47,7 +47,7 @@ class SafetyMonitorConfig:
             ``auto`` is the evaluation suite's default. refusal_judge: the judge of refusals on
             the benign probes (``None``: the harm judge when it has refusal labels, else ``auto``).
         max_new_tokens / batch_size: generation settings (greedy) when ``generation`` is None.
-        generation: a full :class:`~hf_safety_merge.eval.GenerationConfig` instead.
+        generation: a full :class:`~hf_safety_merge.eval.GenerationSettings` instead.
         backend: a generation backend factory ``f(model, tokenizer) -> Backend`` (e.g. an
             OpenAI-compatible or vLLM server kept in sync with the weights). With one, the main
             process generates every probe and the others wait; None: transformers in-process,
@@ -80,7 +80,7 @@ class SafetyMonitorConfig:
     refusal_judge: Any = None
     max_new_tokens: int = 16
     batch_size: int = 16
-    generation: GenerationConfig | None = None
+    generation: GenerationSettings | None = None
     backend: Callable[[Any, Any], Any] | None = None
     safety_vector: str | os.PathLike[str] | None = None
     patch_method: str = "enchtable"
@@ -124,8 +124,8 @@ class SafetyMonitorConfig:
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ConfigError(f"safety monitor: max_new_tokens and batch_size must be >= 1, got {self.max_new_tokens}, {self.batch_size}")
         if self.generation is not None:
-            if not isinstance(self.generation, GenerationConfig):
-                raise ConfigError(f"safety monitor: generation must be a GenerationConfig, got {type(self.generation).__name__}")
+            if not isinstance(self.generation, GenerationSettings):
+                raise ConfigError(f"safety monitor: generation must be a GenerationSettings, got {type(self.generation).__name__}")
             self.generation.validate()
         if self.backend is not None and not callable(self.backend):
             raise ConfigError("safety monitor: backend must be a callable backend(model, tokenizer) -> Backend")
@@ -143,8 +143,8 @@ class SafetyMonitorConfig:
         if self.judge is None:
             raise ConfigError("safety monitor: judge is required (a judge name such as 'auto' or 'keyword', or a Judge)")
 
-    def generation_config(self) -> GenerationConfig:
+    def generation_config(self) -> GenerationSettings:
         """The generation settings of a probe run (greedy)."""
         if self.generation is not None:
             return self.generation
-        return GenerationConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+        return GenerationSettings(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)

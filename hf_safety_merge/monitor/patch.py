@@ -38,8 +38,8 @@ def patch_trained_model(
     Returns:
         the engine's :class:`~hf_safety_merge.merge.MergeResult`.
     """
-    from ..config import SafetyMergeConfig
     from ..merge import merge
+    from ..merge.config import SafetyMergeConfig
 
     params = dict(parameters or {})
     if adapter_base is not None:

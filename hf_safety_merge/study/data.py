@@ -112,7 +112,7 @@ def _read_csv(path: Path, column: str, **where: str) -> list[str]:
 
 def load_study_data(cfg: StudyConfig) -> StudyData:
     """Seeded, disjoint splits (see the module docstring); a clear error when a set is too small."""
-    from ..testing import data_dir as default_data_dir
+    from ..assets import data_dir as default_data_dir
 
     d = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
     adv_p, dna_p, xs_p = d / "advbench.csv", d / "donotanswer.jsonl", d / "xstest_prompts.csv"

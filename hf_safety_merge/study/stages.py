@@ -136,10 +136,10 @@ class Stages:
             self.log(f"      loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f} over {trainer.state.global_step} steps")
 
     def generate(self, model: Path, prompts: Sequence[str], max_new_tokens: int = 96) -> list[str]:
-        from ..eval import GenerationConfig, GenerationRequest, Generator, load_model
+        from ..eval import GenerationRequest, GenerationSettings, Generator, load_model
 
         m, tok, name = load_model(str(model), device=self.cfg.device)
-        gen = Generator(m, tok, GenerationConfig(max_new_tokens=max_new_tokens, batch_size=self.cfg.eval_batch_size), model_name=name)
+        gen = Generator(m, tok, GenerationSettings(max_new_tokens=max_new_tokens, batch_size=self.cfg.eval_batch_size), model_name=name)
         rows = gen.generate([GenerationRequest(id=str(i), prompt=p) for i, p in enumerate(prompts)])
         return [r["response"] for r in rows]
 
@@ -148,7 +148,7 @@ class Stages:
     def base(self) -> Path:
         c = self.cfg
         if c.model == "smollm2":
-            from ..testing import smollm2_checkpoint
+            from ..assets import smollm2_checkpoint
 
             t = time.perf_counter()
             base = smollm2_checkpoint()
@@ -254,8 +254,8 @@ class Stages:
         return self.stage("vector: aligned - base", out, lambda: SafetyVector.compute(aligned, base, out, overwrite=True, progress=True))
 
     def merge(self, row: Row, method: str, params: dict[str, Any], vector: Path, task: Path, lora: bool, aligned: Path) -> Row:
-        from ..config import SafetyMergeConfig
         from ..merge import merge
+        from ..merge.config import SafetyMergeConfig
 
         c = self.cfg
         out = self.work / row.name
@@ -274,7 +274,7 @@ class Stages:
         """EnchTable with beta chosen by calibration on the calibration prompts (used by no other
         stage); the row is evaluated on the held-out prompts like every other."""
         from ..calibrate import merge_calibrated
-        from ..config import SafetyMergeConfig
+        from ..merge.config import SafetyMergeConfig
         from .data import write_prompts
 
         c, d = self.cfg, self.data

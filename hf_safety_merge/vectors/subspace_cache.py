@@ -59,7 +59,7 @@ def write_subspace_cache(folder: str | os.PathLike[str], source: TensorSource | 
     of decomposing Delta_s (half of the fine stage's work). Returns the cache file."""
     from safetensors.torch import save_file
 
-    from ..merge.interference import gram_subspace
+    from ..methods.interference import gram_subspace
 
     folder = Path(folder)
     src = source if source is not None else SafetensorsCheckpoint.open(folder, prefix=VECTOR_PREFIX)
@@ -109,7 +109,7 @@ class SubspaceCache:
         self.misses = 0
 
     def get(self, name: str, delta: torch.Tensor) -> Any:
-        from ..merge.interference import Subspace
+        from ..methods.interference import Subspace
 
         if name not in self.hashes or name + "::v" not in self._infos:
             self.misses += 1

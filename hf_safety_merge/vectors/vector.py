@@ -34,7 +34,7 @@ from ..io.output import (
 )
 from ..io.safetensors_stream import TORCH_TO_TAG, OutputTensor, StreamingShardWriter
 from ..io.sink import card_sink
-from ..merge.finite import sq_sum
+from ..methods.finite import sq_sum
 from .files import SUBSPACE_CACHE, VECTOR_CONFIG, VECTOR_PREFIX
 from .subspace_cache import CACHE_GAMMA, SubspaceCache, write_subspace_cache
 

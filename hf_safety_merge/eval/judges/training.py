@@ -154,7 +154,7 @@ def train_learned_judge(
 
 
 def _file_sha(folder: Path | None, stem: str) -> str:
-    from ...testing import data_dir as default_data_dir
+    from ...assets import data_dir as default_data_dir
 
     p = (folder if folder is not None else default_data_dir()) / "refusal_labels" / f"{stem}.csv"
     return hashlib.sha256(p.read_bytes()).hexdigest()

@@ -57,7 +57,7 @@ def tiny_chat_tokenizer(vocab_size: int = 512) -> Any:
 
 def tiny_chat_model(seed: int = 0, arch: str = "llama", vocab_size: int = 512) -> Any:
     """A tiny random causal LM whose vocabulary matches :func:`tiny_chat_tokenizer`."""
-    from ..testing import make_tiny_model
+    from .models import make_tiny_model
 
     model = make_tiny_model(arch, seed, vocab_size=vocab_size, num_hidden_layers=2, hidden_size=64,
                             intermediate_size=128, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0)

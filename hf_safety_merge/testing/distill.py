@@ -54,7 +54,7 @@ def make_tiny_chat_model(
     **overrides: object,
 ) -> Path:
     """Write a tiny random model of a real architecture plus a trained tokenizer to `folder`."""
-    from ..testing import make_tiny_model
+    from .models import make_tiny_model
 
     corpus = list(texts) if texts is not None else [p + " " + r for p, r in HARMFUL_QA]
     tok = tiny_tokenizer(corpus)

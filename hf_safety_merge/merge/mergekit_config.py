@@ -22,7 +22,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, did_you_mean
+from ..errors import ConfigError, did_you_mean
 
 #: mergekit merge_method -> (our method, fixed parameters)
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {

@@ -16,9 +16,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field
 
-from .errors import ConfigError, did_you_mean
+from ..errors import ConfigError, did_you_mean
+from ..validation import load_yaml, validate_dataclass
 from .mergekit_config import check_mergekit_keys, is_mergekit_config, mergekit_to_dict
-from .validation import load_yaml, validate_dataclass
 
 CONFIG_NAME = "safety_merge_config.yaml"
 OUTPUT_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -107,7 +107,7 @@ class SafetyMergeConfig:
     def validate(self) -> None:
         """Check every field by type and range (strictly: YAML `"false"` is not a boolean), then
         the method and its parameters; raises `ConfigError` naming the field. Opens no file."""
-        from .merge.base import build_method
+        from ..methods.base import build_method
 
         for name in _PATH_FIELDS:  # pathlib.Path is welcome where a path is meant
             v = getattr(self, name)
@@ -122,7 +122,7 @@ class SafetyMergeConfig:
         validate_dataclass(self, what="config field")
         if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"config field 'device' must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        from .io.safetensors_stream import parse_size
+        from ..io.safetensors_stream import parse_size
 
         try:
             parse_size(self.max_shard_size)
@@ -130,7 +130,7 @@ class SafetyMergeConfig:
             raise ConfigError(f"config field 'max_shard_size': {e}") from e
         build_method(self.method, self.parameters)  # unknown method / parameter -> ConfigError
         if self.calibration is not None:
-            from .calibrate.config import CalibrationConfig
+            from .calibration_config import CalibrationConfig
 
             scaled = CalibrationConfig.from_dict(self.calibration).scale_for(self.method)[0]
             if scaled == "beta" and self.parameters.get("alpha") is not None:

@@ -104,7 +104,7 @@ def _train(model: Any, tok: Any, pairs: list[tuple[str, str]], steps: int, lr: f
     """Full fine-tuning with AdamW on the assistant turns only (prompt tokens masked)."""
     import torch
 
-    from .testing import train_steps
+    from ..testing.models import train_steps
 
     torch.manual_seed(seed)
     texts = [
@@ -135,7 +135,7 @@ def build_toy_family(root: str | os.PathLike[str], progress: Any = None) -> dict
     import torch
 
     from hf_safety_merge import SafetyVector
-    from hf_safety_merge.testing import make_tiny_model
+    from hf_safety_merge.testing.models import make_tiny_model
 
     def step(frac: float, desc: str) -> None:
         if progress is not None:

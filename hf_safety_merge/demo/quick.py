@@ -1,5 +1,5 @@
 """`hf-safety-merge demo --quick`: the whole workflow on the Space's toy chat models
-(`hf_safety_merge.toy_models`, built once and cached): a fine-tune that now complies with
+(`hf_safety_merge.demo.toy_models`, built once and cached): a fine-tune that now complies with
 harmful requests is patched with EnchTable and RESTA, and both are asked the same harmful and
 benign prompts before and after. Judged by the offline keyword refusal judge.
 
@@ -50,11 +50,11 @@ def _fmt(v: Any) -> str:
 def run_demo(out: Path, progress: bool = True, toy_dir: Path | None = None) -> dict[str, dict[str, Any]]:
     """Run the quick demo into `out`; returns per model its unsafe rate, over-refusal and the
     example responses. The toy models are cached in `toy_dir` (default: the library cache)."""
-    from .config import SafetyMergeConfig
-    from .eval.judges import get_judge
-    from .eval.metrics import rate
-    from .merge import merge
-    from .testing import default_cache_dir
+    from ..assets import default_cache_dir
+    from ..eval.judges import get_judge
+    from ..eval.metrics import rate
+    from ..merge import merge
+    from ..merge.config import SafetyMergeConfig
     from .toy_models import (
         BENIGN,
         HARMFUL_PROMPTS,
