@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         results[backend] = {"wall_s": round(time.perf_counter() - t0, 1), "rows": per_row,
                             "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
         if backend == "vllm":
-            from hf_safety_merge.eval.engine import _SHARED
+            from hf_safety_merge.eval.engine.shared import _SHARED
 
             eng = next(iter(_SHARED.values()))
             results[backend]["startup_s"] = round(eng.startup_seconds or 0.0, 1)

@@ -25,9 +25,8 @@ try:
     from .io.checkpoints import LoraCheckpoint, SafetensorsCheckpoint, TensorSource
     from .io.filters import TensorFilter
     from .io.hub import HubCheckpoint, HubError, open_checkpoint, push_folder
-    from .merge import MergeResult, available_methods, merge
+    from .merge import MergeResult, apply_safety_vector, available_methods, merge
     from .merge.config import SafetyMergeConfig
-    from .merge.engine import apply_safety_vector
     from .modeling import (
         AutoSafeModelForCausalLM,
         SafetyVectorMixin,

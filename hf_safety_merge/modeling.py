@@ -9,8 +9,8 @@ import os
 import types
 from typing import Any
 
+from .merge import MergeResult, apply_safety_vector
 from .merge.config import SafetyMergeConfig
-from .merge.engine import MergeResult, apply_safety_vector
 from .vectors import SafetyVector
 
 

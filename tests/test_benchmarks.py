@@ -1,5 +1,6 @@
-"""The merge benchmark runs end to end (prints its table, writes its JSON), and the README's
-performance section is what `benchmarks/update_readme.py` generates from the committed results."""
+"""The merge benchmark runs end to end (prints its table, writes its JSON), and the measured
+performance tables (docs/performance.md) are what `benchmarks/update_readme.py` generates from the
+committed results."""
 
 from __future__ import annotations
 
@@ -12,10 +13,40 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_readme_performance_section_is_generated_from_the_results() -> None:
+def test_update_readme_performance_tables_are_generated_from_the_results() -> None:
+    """docs/performance.md's tables between the markers are exactly what the script renders."""
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "update_readme.py"), "--check"],
                        capture_output=True, text=True)
-    assert r.returncode == 0, "README.md is stale: run `python benchmarks/update_readme.py`\n" + r.stderr
+    assert r.returncode == 0, "docs/performance.md is stale: run `python benchmarks/update_readme.py`\n" + r.stderr
+
+
+def test_update_readme_rewrites_only_between_the_markers(tmp_path: Path) -> None:
+    """A stale copy fails --check and is left alone by it; a rewrite gives back the committed page
+    byte for byte, text outside the markers untouched; a file without the markers is refused."""
+    script = str(ROOT / "benchmarks" / "update_readme.py")
+    page = (ROOT / "docs" / "performance.md").read_text()
+    head, rest = page.split("<!-- perf:begin -->", 1)
+    _, tail = rest.split("<!-- perf:end -->", 1)
+    stale = tmp_path / "performance.md"
+    stale.write_text(f"{head}<!-- perf:begin -->\nold table\n<!-- perf:end -->{tail}")
+    r = subprocess.run([sys.executable, script, "--check", "--target", str(stale)], capture_output=True, text=True)
+    assert r.returncode == 1 and "old table" in stale.read_text()
+    r = subprocess.run([sys.executable, script, "--target", str(stale)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert stale.read_text() == page
+    bare = tmp_path / "bare.md"
+    bare.write_text("# no markers\n")
+    r = subprocess.run([sys.executable, script, "--target", str(bare)], capture_output=True, text=True)
+    assert r.returncode == 2 and "markers" in r.stderr and bare.read_text() == "# no markers\n"
+
+
+def test_readme_quotes_the_performance_page_and_its_caveat() -> None:
+    """The README keeps no generated tables (they live in docs/performance.md), links that page
+    and says that its merge numbers predate output hashing."""
+    readme = (ROOT / "README.md").read_text()
+    assert "<!-- perf:begin -->" not in readme and "<!-- perf:end -->" not in readme
+    assert "docs/performance.md" in readme
+    assert "benchmarks/results/output_hashing/README.md" in readme
 
 
 def test_bench_merge_runs_side_by_side_and_writes_json(tmp_path: Path) -> None:

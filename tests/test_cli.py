@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,8 +24,9 @@ def test_help_is_followable(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_other_commands_skip_the_heavier_parsers() -> None:
-    """`merge` (and every command but distill/eval/judge) parses without importing the evaluation
-    package or the distillation script (~0.08 s of start-up); the top-level help still lists them."""
+    """A command line builds only its command's parser: `merge` parses without importing the
+    evaluation package or the distillation script (~0.08 s of start-up); the full parser and the
+    top-level help still have every command."""
     code = (
         "import sys; from hf_safety_merge.cli import build_parser, main\n"
         "try:\n    main(['merge', '--help'])\nexcept SystemExit:\n    pass\n"
@@ -141,3 +143,64 @@ def test_top_level_exports() -> None:
     import hf_safety_merge
 
     assert callable(hf_safety_merge.prepare_safekey_dataset) and "prepare_safekey_dataset" in hf_safety_merge.__all__
+
+
+def test_study_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["study", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for word in ("--config", "--preset", "--work", "--results", "--device", "--threads", "--report-only", "resumes"):
+        assert word in out, word
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "    study" in capsys.readouterr().out
+
+
+def test_study_bad_preset_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["study", "--preset", "dmeo", "--work", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: unknown study preset 'dmeo'; expected 'demo' or 'full' (did you mean 'demo'?)"]
+    assert not (tmp_path / "w").exists()
+    with pytest.raises(SystemExit) as e:  # a config file or a preset, not both
+        main(["study", "--preset", "demo", "--config", "x.yaml"])
+    assert e.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+def test_study_report_only_needs_a_finished_study(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """`--report-only` on an empty work folder: one line, exit 2, nothing written (no report,
+    no --results copy)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    rc = main(["study", "--preset", "demo", "--work", str(work), "--results", str(tmp_path / "res"), "--report-only"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: report_only: ") and "no finished study stages" in err[0]
+    assert list(work.iterdir()) == [] and not (tmp_path / "res").exists()
+
+
+def test_study_config_and_results_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """The options reach `StudyConfig` as `benchmarks/safety_transfer.py` passes them (a config
+    file's keys, then --device/--threads), and --results receives the table, results and figures."""
+    import hf_safety_merge.study as study_pkg
+
+    seen: dict[str, Any] = {}
+
+    def fake_run_study(cfg: object, work: str, report_only: bool = False) -> dict[str, object]:
+        seen.update(cfg=cfg, work=work, report_only=report_only)
+        w = Path(work)
+        (w / "report").mkdir(parents=True)
+        for f in ("study.md", "study.json", "report/pareto_unsafe.png"):
+            (w / f).write_text(f)
+        return {"rows": []}
+
+    monkeypatch.setattr(study_pkg, "run_study", fake_run_study)
+    cfg_file = tmp_path / "s.yaml"
+    cfg_file.write_text("preset: demo\nmax_new_tokens: 12\n")
+    assert main(["study", "--config", str(cfg_file), "--work", str(tmp_path / "w"), "--results", str(tmp_path / "r"),
+                 "--threads", "3"]) == 0
+    cfg = seen["cfg"]
+    assert cfg.max_new_tokens == 12 and cfg.threads == 3 and seen["report_only"] is False
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["pareto_unsafe.png", "study.json", "study.md"]
+    assert "copied the table, results and plots" in capsys.readouterr().out

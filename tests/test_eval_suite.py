@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from hf_safety_merge.cli.eval import add_parser as add_eval_parser
 from hf_safety_merge.errors import ConfigError
 from hf_safety_merge.eval import SafetyEvalConfig, compare_models, evaluate_safety
-from hf_safety_merge.eval.cli import add_eval_parser
 from hf_safety_merge.testing.chat import tiny_chat_model, tiny_chat_tokenizer
 
 

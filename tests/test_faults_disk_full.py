@@ -144,7 +144,7 @@ def test_trainer_save_checks_free_space_first(tmp_path: Path, monkeypatch: pytes
     from test_asft_training import lora_model, make_tiny_setup, make_tokenizer, train_args
 
     from hf_safety_merge.errors import DiskSpaceError
-    from hf_safety_merge.io import output
+    from hf_safety_merge.io.output import space
     from hf_safety_merge.training import AsFTConfig, AsFTTrainer
 
     setup = make_tiny_setup(tmp_path / "setup", n_examples=8)
@@ -152,7 +152,7 @@ def test_trainer_save_checks_free_space_first(tmp_path: Path, monkeypatch: pytes
                           asft_base_model=str(setup["base"])), train_dataset=load_dataset(str(setup["data"]), split="train"),
                           processing_class=make_tokenizer())
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(output.shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    monkeypatch.setattr(space.shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
     with pytest.raises(DiskSpaceError) as e:
         trainer.save_model(str(tmp_path / "adapter"))
     msg = str(e.value)

@@ -21,8 +21,8 @@ from local_hub import LocalHub, point_hf_at
 from safetensors.torch import save_file
 
 from hf_safety_merge import HubError, push_folder
-from hf_safety_merge.io import hub as hubmod
 from hf_safety_merge.io.hub import HubCheckpoint, resolve_checkpoint
+from hf_safety_merge.io.hub import retry as hubmod  # _with_retries, _retry_after, _sleep live there
 
 TOKEN = "hf_localTestToken0123456789abcdef"
 SHARD = r"/user/m/resolve/[0-9a-f]{40}/model\.safetensors$"  # the pinned shard URL of HubCheckpoint

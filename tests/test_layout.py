@@ -56,9 +56,6 @@ LAYERS: dict[str, int] = {
     # 6 product surface: the public package root, CLIs, scripts, the study, the demos
     "": 6,  # the package root (hf_safety_merge/__init__.py)
     "cli": 6,
-    "eval.cli": 6,
-    "eval.judges.cli": 6,
-    "distill.cli": 6,
     "scripts": 6,
     "study": 6,
     "demo": 6,
@@ -108,8 +105,9 @@ def _targets(mod: str, is_pkg: bool, node: ast.Import | ast.ImportFrom, known: d
     return out
 
 
-def import_graph(root: Path, pkg: str) -> dict[str, set[str]]:
-    """Module -> the modules of the package it imports (see the module docstring)."""
+def import_graph(root: Path, pkg: str, type_only: bool = False) -> dict[str, set[str]]:
+    """Module -> the modules of the package it imports (see the module docstring); with `type_only`,
+    the imports under `if TYPE_CHECKING:` count too."""
     known = modules(root, pkg)
     graph: dict[str, set[str]] = {}
     for mod, path in known.items():
@@ -118,7 +116,7 @@ def import_graph(root: Path, pkg: str) -> dict[str, set[str]]:
 
         def visit(node: ast.AST, mod: str = mod, is_pkg: bool = is_pkg, edges: set[str] = edges) -> None:
             for child in ast.iter_child_nodes(node):
-                if isinstance(child, ast.If) and _is_type_checking(child):
+                if isinstance(child, ast.If) and _is_type_checking(child) and not type_only:
                     for sub in child.orelse:
                         visit(sub)
                     continue
@@ -167,6 +165,22 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+def folder_graph(graph: dict[str, set[str]], known: dict[str, Path], pkg: str) -> dict[str, set[str]]:
+    """Folder -> the folders its modules import: a module in a folder (at any depth) counts as its
+    top-level folder (`eval.judges.learned` -> `eval`); a file at the package root is its own unit."""
+    def unit(mod: str) -> str:
+        rel = mod.removeprefix(pkg).removeprefix(".")
+        top = rel.split(".")[0] if rel else ""
+        is_folder = (known[mod].parent != known[pkg].parent) if rel else False
+        return f"{pkg}.{top}/" if is_folder else mod
+    out: dict[str, set[str]] = {}
+    for a, targets in graph.items():
+        out.setdefault(unit(a), set()).update(unit(b) for b in targets)
+    for k in out:
+        out[k].discard(k)
+    return out
+
+
 def layer(mod: str, pkg: str = PKG, layers: dict[str, int] = LAYERS) -> int:
     rel = mod.removeprefix(pkg).removeprefix(".")
     keys = [k for k in layers if k == "" or rel == k or rel.startswith(k + ".")]
@@ -191,11 +205,28 @@ def shims(root: Path, pkg: str) -> set[str]:
 
 # ------------------------------------------------------------------------------ the rules
 GRAPH = import_graph(ROOT, PKG)
+#: with the imports made for annotations only
+FULL_GRAPH = import_graph(ROOT, PKG, type_only=True)
 SHIMS = shims(ROOT, PKG)
+#: no library file over this many lines (split by concept: docs/architecture.md)
+MAX_LINES = 400
 
 
 def test_no_import_cycles() -> None:
     assert cycles(GRAPH) == []
+
+
+def test_no_import_cycles_even_for_annotations() -> None:
+    assert cycles(FULL_GRAPH) == []
+
+
+def test_no_cycles_between_folders() -> None:
+    assert cycles(folder_graph(FULL_GRAPH, modules(ROOT, PKG), PKG)) == []
+
+
+def test_no_library_file_over_the_limit() -> None:
+    long = {str(p.relative_to(ROOT)): n for p in sorted(ROOT.rglob("*.py")) if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert long == {}
 
 
 def test_no_upward_imports() -> None:
@@ -241,9 +272,29 @@ def test_self_check_a_synthetic_cycle_and_upward_import_are_found(tmp_path: Path
     g = import_graph(root, "pkg")
     assert g["pkg.low.a"] == {"pkg.high.b"} and g["pkg.high.b"] == {"pkg.low.a"}
     assert g["pkg.high.c"] == set()  # TYPE_CHECKING and __version__ do not count
+    assert import_graph(root, "pkg", type_only=True)["pkg.high.c"] == {"pkg.low.a"}  # unless asked
     assert cycles(g) == [["pkg.high.b", "pkg.low.a"]]
     layers = {"": 9, "low": 0, "high": 1}
     assert upward(g, "pkg", layers) == ["pkg.low.a (layer 0) imports pkg.high.b (layer 1)"]
+
+
+def test_self_check_folder_cycles_are_found(tmp_path: Path) -> None:
+    root = tmp_path / "pkg"
+    _write(root, {
+        "__init__.py": "from .a import x\n",
+        "errors.py": "",
+        "a/__init__.py": "",
+        "a/x.py": "from ..errors import *\nfrom ..b.y import z\n",
+        "a/w.py": "",
+        "b/__init__.py": "",
+        "b/y.py": "z = 1\n",
+        "b/v.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..a.w import *\n",
+    })
+    known = modules(root, "pkg")
+    assert cycles(import_graph(root, "pkg", type_only=True)) == []  # no circle between modules...
+    folders = folder_graph(import_graph(root, "pkg", type_only=True), known, "pkg")
+    assert cycles(folders) == [["pkg.a/", "pkg.b/"]]  # ...but one between the folders a/ and b/
+    assert "pkg.errors" in folders["pkg.a/"]  # a root file is its own unit, not a folder
 
 
 def test_self_check_cycle_finder_on_graphs() -> None:
@@ -254,7 +305,7 @@ def test_self_check_cycle_finder_on_graphs() -> None:
 @pytest.mark.parametrize("mod, expected", [
     (PKG, 6), (f"{PKG}.io.hub", 1), (f"{PKG}.merge", 4), (f"{PKG}.methods.enchtable", 2),
     (f"{PKG}.merge.engine", 4), (f"{PKG}.merge.config", 4), (f"{PKG}.calibrate.run", 5),
-    (f"{PKG}.eval.cli", 6), (f"{PKG}.eval.suite", 2), (f"{PKG}.assets", 0),
+    (f"{PKG}.cli.eval", 6), (f"{PKG}.eval.suite", 2), (f"{PKG}.assets", 0),
 ])
 def test_layer_lookup(mod: str, expected: int) -> None:
     assert layer(mod) == expected

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import hf_safety_merge.eval.judges as judges_pkg
+from hf_safety_merge.cli.judge import add_parser as add_judge_parser
 from hf_safety_merge.errors import ConfigError
 from hf_safety_merge.eval.judges import (
     KeywordRefusalJudge,
@@ -23,7 +24,6 @@ from hf_safety_merge.eval.judges import (
     get_judge,
     non_answer_reason,
 )
-from hf_safety_merge.eval.judges.cli import add_judge_parser
 from hf_safety_merge.eval.judges.learned import (
     DEFAULT_WEIGHTS,
     ProbeSpec,

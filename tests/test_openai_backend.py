@@ -335,9 +335,9 @@ def test_evaluate_safety_through_a_server(stub: tuple[Stub, str], tok: Any, tmp_
 def test_backend_options_from_the_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
+    from hf_safety_merge.cli._common import add_backend_arguments, backend_options
     from hf_safety_merge.errors import ConfigError
     from hf_safety_merge.eval import SafetyEvalConfig
-    from hf_safety_merge.eval.backend_args import add_backend_arguments, backend_options
 
     p = argparse.ArgumentParser()
     add_backend_arguments(p)
@@ -386,7 +386,7 @@ def test_resolve_backend_and_the_vllm_environment(monkeypatch: pytest.MonkeyPatc
 
 
 def test_weight_reload_needs_the_same_config_and_tokenizer(tmp_path: Path) -> None:
-    from hf_safety_merge.eval.engine import _fingerprint
+    from hf_safety_merge.eval.engine.server import _fingerprint
 
     def folder(name: str, **cfg: Any) -> Path:
         d = tmp_path / name

@@ -59,16 +59,30 @@ def test_distill_previous_flags_still_work(model_and_data: tuple[Path, Path], tm
     _check_vector(tmp_path / "v", 1e-3)
 
 
-def test_legacy_detection() -> None:
-    from hf_safety_merge.scripts.distill import is_legacy
-
-    assert is_legacy(["--aligned", "m"]) and is_legacy(["--push-to-hub", "me/vec"]) and is_legacy(["--epochs", "2"])
-    assert not is_legacy(["--aligned_model", "m", "--max-steps", "2", "--push_to_hub", "false"])
-
-
 def test_distill_needs_model_and_data(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["distill", "--max_steps", "1"]) == 2
     assert "needs --aligned_model and --data" in capsys.readouterr().err
+
+
+def test_previous_distill_spellings_are_aliases() -> None:
+    from hf_safety_merge.scripts.distill import _rewrite_legacy, make_parser
+
+    argv, notes = _rewrite_legacy(["--aligned", "m", "--push-to-hub", "me/vec", "--epochs", "2",
+                                   "--training-arg", "max_grad_norm=0.5", "--push_to_hub", "false"])
+    script, cfg = make_parser().parse_args_and_config(args=argv)
+    assert script.aligned_model == "m" and script.push_vector_to_hub == "me/vec" and cfg.push_to_hub is False
+    assert cfg.num_train_epochs == 2 and cfg.max_grad_norm == 0.5
+    assert notes == ["--push-to-hub REPO_ID -> --push_vector_to_hub", "--training-arg max_grad_norm=... -> --max_grad_norm ..."]
+
+
+def test_distill_subcommand_is_the_trlparser_script(capsys: pytest.CaptureFixture[str]) -> None:
+    """`hf-safety-merge distill` hands its command line to `hf_safety_merge.scripts.distill`, as
+    `asft` and `safekey` do to theirs."""
+    with pytest.raises(SystemExit) as e:
+        main(["distill", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: hf-safety-merge distill") and "--distill_variant" in out and "--vector_dir" in out
 
 
 @pytest.mark.parametrize("name, flag", [("asft", "--asft_lambda"), ("safekey", "--safekey_head_weight")])

@@ -22,13 +22,9 @@ import pytest
 from vllm_server import engine_config, session_engine, vllm_python
 
 from hf_safety_merge.eval import SafetyEvalConfig, evaluate_safety
-from hf_safety_merge.eval.engine import (
-    EngineConfig,
-    VLLMEngine,
-    _fingerprint,
-    _free_port,
-    _group_alive,
-)
+from hf_safety_merge.eval.engine import EngineConfig, VLLMEngine
+from hf_safety_merge.eval.engine.process import _free_port, _group_alive
+from hf_safety_merge.eval.engine.server import _fingerprint
 
 pytestmark = [pytest.mark.vllm, pytest.mark.real_model]
 

@@ -4,14 +4,15 @@ across methods x scales that writes the repair to ship.
 Layer 6 (docs/architecture.md): may import the merge engine, `vectors`, `config`, `eval`, `io`; `calibrate.config` is a plain dataclass at layer 3, read by `SafetyMergeConfig`.
 """
 
-from ..merge.calibration_config import SCALES, CalibrationConfig
-from .repair import REPAIR_METHODS, MethodSearch, RepairConfig, RepairResult, repair
+from ..merge.calibration_config import CalibrationConfig, scales
+from .repair import repair
+from .repair_config import REPAIR_METHODS, RepairConfig
+from .repair_result import MethodSearch, RepairResult
 from .run import CalibrationResult, calibrate, calibration_prompts, merge_calibrated
 from .search import Probe, SearchResult, Target, search_scale
 
 __all__ = [
     "REPAIR_METHODS",
-    "SCALES",
     "CalibrationConfig",
     "CalibrationResult",
     "MethodSearch",
@@ -24,5 +25,6 @@ __all__ = [
     "calibration_prompts",
     "merge_calibrated",
     "repair",
+    "scales",
     "search_scale",
 ]

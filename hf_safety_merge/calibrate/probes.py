@@ -2,10 +2,10 @@
 
 `ScaledMerge` opens the merge's inputs as the engine does (same plan checks), reads theta_task,
 tau and Delta_s of every covered tensor once, and then gives the merged tensors for any scale
-without touching the disk again. For EnchTable this is exact and closed-form: the coarse norms
-are computed once, and one decomposition per matrix gives `InterferenceTerms` (a, b) with
-`||M||_1 = alpha a + b`, so `w(alpha)` for any beta needs no further decomposition. Other
-methods re-run their (cheap) per-tensor formulas, and their global pass in memory, per probe.
+without touching the disk again. A method with `closed_form_scale` (EnchTable) is probed exactly
+from per-matrix terms computed once (`scale_terms`, `merge_with_terms`: its coarse norms once and
+one decomposition per matrix); other methods re-run their (cheap) per-tensor formulas, and their
+global pass in memory, per probe.
 """
 
 from __future__ import annotations
@@ -19,17 +19,9 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from ..io.checkpoints import LoraCheckpoint, TensorSource
 from ..merge.config import SafetyMergeConfig
-from ..merge.plan import (
-    _delta_getter,
-    _open_reference,
-    _open_task,
-    _TauSource,
-    _validate_plan,
-)
-from ..methods.base import build_method
-from ..methods.enchtable import EnchTable
-from ..methods.finite import _FiniteGuard, _is_finite, sq_sum
-from ..methods.interference import InterferenceTerms, interference_terms
+from ..merge.plan import TauSource, delta_getter, open_reference, open_task, validate_plan
+from ..methods.base import build_method, canonical_name
+from ..methods.finite import FiniteGuard, is_finite, sq_sum
 from ..vectors import SafetyVector
 
 
@@ -44,27 +36,28 @@ class ScaledMerge:
         self.parameter = parameter
         self.device = torch.device(config.device)
         method = build_method(config.method, config.parameters)
-        self.task: TensorSource = _open_task(config)
-        self.ref = _open_reference(config, method, self.task)
+        self.task: TensorSource = open_task(config)
+        self.ref = open_reference(config, method, self.task)
         self.vector = SafetyVector.from_pretrained(config.safety_vector, revision=config.safety_vector_revision)
-        self.plan = _validate_plan(config, method, self.task, self.ref, self.vector)
-        guard = _FiniteGuard(config.allow_non_finite)
-        taus = _TauSource(self.task, self.ref, self.device)
-        get_delta = _delta_getter(self.vector, self.device, guard)
+        self.plan = validate_plan(config, method, self.task, self.ref, self.vector)
+        guard = FiniteGuard(config.allow_non_finite)
+        taus = TauSource(self.task, self.ref, self.device)
+        get_delta = delta_getter(self.vector, self.device, guard)
         self.names = [n for n in self.plan.names if n in self.plan.merged]
         self.theta: dict[str, torch.Tensor] = {}
         self.tau: dict[str, torch.Tensor | None] = {}
         self.delta: dict[str, torch.Tensor] = {}
         self.dtypes = {o.name: o.dtype for o in self.plan.outputs}
-        self.terms: dict[str, InterferenceTerms] = {}
-        self.enchtable = config.method == "enchtable"
+        self.terms: dict[str, Any] = {}
+        #: the method scales in closed form from per-matrix terms computed once (EnchTable)
+        self.closed_form = type(method).closed_form_scale
+        self.method_name = canonical_name(config.method)
         self._tau_sq = 0.0
         self._delta_sq = 0.0
         p: Any = method.params
         self.term_info: dict[str, dict[str, Any]] = {}
-        if isinstance(method, EnchTable):
-            method.use_vector(self.vector)  # its subspace cache, as in the engine
-        norm_all = self.enchtable and getattr(p, "norm_scope", "all") == "all"
+        method.use_vector(self.vector)  # as in the engine (EnchTable: its subspace cache)
+        norm_all = self.closed_form and getattr(p, "norm_scope", "all") == "all"
         # EnchTable's ||tau|| runs over every tensor of the checkpoint (norm_scope "all")
         names = self.plan.names if norm_all else self.names
         for n in tqdm(names, desc="calibration: reading inputs once", unit="tensor", disable=not progress):
@@ -77,25 +70,20 @@ class ScaledMerge:
                 tau = taus.tau_from(theta, taus.fetch(n), n) if method.needs_reference else None
                 if shared is not None and theta is not None and covered:
                     shared[n] = (theta, tau)
-            if tau is not None and not _is_finite(tau):
+            if tau is not None and not is_finite(tau):
                 guard.fail(f"tau = task - reference of {n!r} ({self.task.where(n)}) holds NaN/Inf values")
-            if self.enchtable and tau is not None:
+            if self.closed_form and tau is not None:
                 self._tau_sq += sq_sum(tau)
             if not covered:
                 continue
             assert theta is not None
             d = get_delta(n)
             self.theta[n], self.tau[n], self.delta[n] = theta, tau, d
-            if self.enchtable:
+            if self.closed_form:
                 self._delta_sq += sq_sum(d)
-                if d.ndim == 2 and p.fine and tau is not None:
-                    assert isinstance(method, EnchTable)
-                    method.prepare(n, tau, d)  # the engine's own fine stage ("gram" backend)
-                    if n in method._terms:
-                        self.terms[n], self.term_info[n] = method._terms.pop(n)
-                    elif bool(d.any()):  # "svd" backend: the same (a, b) by the reference's SVDs
-                        svd_dtype = torch.float64 if p.svd_dtype == "float64" else torch.float32
-                        self.terms[n] = interference_terms(tau, d, p.gamma, svd_dtype, p.mask_null_triplets, p.backend)
+                found = method.scale_terms(n, tau, d)
+                if found is not None:
+                    self.terms[n], self.term_info[n] = found
 
     @property
     def norm_ratio(self) -> float:
@@ -112,24 +100,17 @@ class ScaledMerge:
         fixed = self.config.parameters if parameters is None else parameters
         params = {**fixed, par: int(scale) if par == "num_proj_layers" else scale}
         method = build_method(name, params)
-        if isinstance(method, EnchTable) and not self.enchtable:
-            raise ConfigError("ScaledMerge: EnchTable probes need a merge opened for enchtable (its interference terms)")
         out: dict[str, torch.Tensor] = {}
-        if isinstance(method, EnchTable):
-            if method.params.alpha is not None:  # pragma: no cover - refused when calibration starts
-                raise ConfigError("calibration searches enchtable's 'beta': remove the fixed 'alpha' from the parameters")
-            assert method.params.beta is not None
-            alpha = method.params.beta * self.norm_ratio
-            lam = method.params.lam
-            ws = []
+        if type(method).closed_form_scale:
+            if method.name != self.method_name:
+                raise ConfigError(f"ScaledMerge: {method.name} probes need a merge opened for {method.name} (its per-matrix terms)")
+            ws: list[float] = []
             for n in self.names:
-                t = self.terms.get(n)
-                w = t.weight(alpha, lam) if t is not None and t.rank > 0 else 1.0
-                if t is not None and t.rank > 0:
+                merged, w = method.merge_with_terms(self.theta[n], self.delta[n], self.terms.get(n), self.norm_ratio)
+                if w is not None:
                     ws.append(w)
-                out[n] = self._cast(n, self.theta[n] + w * (self.delta[n] * alpha))
-            summary = {"alpha": alpha, "w_mean": sum(ws) / len(ws) if ws else 1.0, "w_min": min(ws, default=1.0)}
-            return out, summary
+                out[n] = self._cast(n, merged)
+            return out, method.closed_form_summary(self.norm_ratio, ws)
         if method.wants_global_pass():
             for n in self.names:
                 method.observe(n, self.tau[n], self.delta[n])
@@ -175,38 +156,15 @@ class ScaledMerge:
         return model, tok, state
 
     def final_method(self, scale: float) -> Any:
-        """The method for the final streaming merge at `scale` (EnchTable reuses the terms)."""
+        """The method for the final streaming merge at `scale` (a closed-form method reuses its terms)."""
         params = {**self.config.parameters, self.parameter: int(scale) if self.parameter == "num_proj_layers" else scale}
-        method = build_method(self.config.method, params)
-        if isinstance(method, EnchTable) and self.terms and method.params.backend == "gram":
-            return CalibratedEnchTable(method.params, self.terms, self.term_info)
-        return method
+        return build_method(self.config.method, params).with_terms(self.terms, self.term_info)
 
     def close(self) -> None:
         self.task.close()
         if self.ref is not None and self.ref is not getattr(self.task, "base", None):
             self.ref.close()
         self.vector.close()
-
-
-class CalibratedEnchTable(EnchTable):
-    """EnchTable whose per-matrix fine-stage terms come from calibration (`ScaledMerge`), so the
-    final streaming merge does not decompose every matrix a second time: its `prepare` hands out
-    the stored terms, and the base class evaluates w(alpha) exactly as in any merge."""
-
-    def __init__(self, params: Any, terms: dict[str, InterferenceTerms], info: dict[str, dict[str, Any]]) -> None:
-        super().__init__(params)
-        self._stored = {n: (t, {**info.get(n, {"rank": t.rank}), "from": "calibration"}) for n, t in terms.items()}
-
-    def is_prepared(self, name: str) -> bool:
-        """Stored terms need no tau (the merge pass then reads no reference tensor for them)."""
-        return name in self._stored or super().is_prepared(name)
-
-    def prepare(self, name: str, tau: torch.Tensor | None, delta: torch.Tensor) -> None:
-        if name in self._stored:
-            self._terms[name] = self._stored[name]
-            return
-        super().prepare(name, tau, delta)
 
 
 def with_parameter(config: SafetyMergeConfig, parameter: str, value: float) -> SafetyMergeConfig:

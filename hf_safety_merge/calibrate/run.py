@@ -218,7 +218,7 @@ def merge_calibrated(
 ) -> tuple[Any, CalibrationResult]:
     """`calibrate`, then merge once (streaming, as `merge`) at the chosen scale, with the
     calibration in the model card, `merge_report.json` and `calibration.png`."""
-    from ..merge.engine import merge
+    from ..merge import merge
 
     if config.calibration is None:
         raise ConfigError("merge_calibrated needs a `calibration:` section in the config (or use --calibrate)")

@@ -15,22 +15,13 @@ if TYPE_CHECKING:
     from huggingface_hub import ModelCard
 
     from ..merge.config import SafetyMergeConfig
-    from ..merge.engine import MergeResult
+    from ..merge.result import MergeResult
     from ..vectors import SafetyVector, SafetyVectorConfig
 
 #: where the library lives (setup.cfg `url`); cards link here
 PROJECT_URL = "https://pypi.org/project/hf-safety-merge/"
 TEMPLATE_PATH = Path(__file__).parent.parent / "templates" / "merged_model_card.md"
 
-_METHOD_TEXT = {
-    "enchtable": "EnchTable (arXiv 2511.09880): `theta = theta_task + w * alpha * Delta_s`, with the coarse "
-    "scale `alpha = beta * ||tau|| / ||Delta_s||` (or a fixed `alpha`) and a per-matrix SVD interference weight `w = exp(-I)`.",
-    "task_arithmetic": "Task arithmetic (RESTA): `theta = theta_task + beta * Delta_s`.",
-    "safe_lora": "Safe LoRA projection: the fine-tuning update of the least aligned matrices is projected onto "
-    "the alignment subspace `C = V V^T / ||V||_F`.",
-    "ties": "TIES merging of the task update and the safety vector (peft.utils.merge_utils.ties).",
-    "dare": "DARE merging of the task update and the safety vector (peft.utils.merge_utils).",
-}
 #: config fields never published in a card (local output, publishing options, card options)
 _UNPUBLISHED = ("output_dir", "overwrite", "push_to_hub", "private", "create_pr", "commit_message", "license",
                 "task_model_hub_id", "task_adapter_hub_id", "task_reference_hub_id", "safety_vector_hub_id",
@@ -38,6 +29,13 @@ _UNPUBLISHED = ("output_dir", "overwrite", "push_to_hub", "private", "create_pr"
 #: config fields that name an input (a local path or a Hub id) -> the field giving its Hub id
 _INPUTS = {"task_model": "task_model_hub_id", "task_adapter": "task_adapter_hub_id",
            "task_reference": "task_reference_hub_id", "safety_vector": "safety_vector_hub_id"}
+
+
+def _method_text(method: str) -> str:
+    """The method's card paragraph, from its class (`card_text`)."""
+    from ..methods.base import get_method_class
+
+    return get_method_class(method).card_text or method
 
 
 def _hub_id(ref: str | None) -> str | None:
@@ -310,7 +308,7 @@ def render_merged_model_card(
         task_display=_ref_text(config.task_model, hub["task_model"]).replace("a local folder", "a local fine-tune"),
         library_url=PROJECT_URL,
         method=config.method,
-        method_text=_METHOD_TEXT.get(config.method, config.method),
+        method_text=_method_text(config.method),
         models_merged=models,
         parameters=[{**p, "value": _fmt(p["value"])} for p in params],
         num_merged=result.num_merged,

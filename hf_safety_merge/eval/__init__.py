@@ -8,7 +8,7 @@ Quick start::
                              output_dir="eval_out")
     print(report.summary())
 
-Layer 2 (docs/architecture.md): may import `errors`, `validation`, `testing` only (it evaluates any model and knows nothing of merging); `eval.cli` and `eval.judges.cli` are layer 7.
+Layer 2 (docs/architecture.md): may import `errors`, `validation`, `testing` only (it evaluates any model and knows nothing of merging); its commands (`eval`, `judge`) are in `cli/`.
 """
 
 from .attacks import (

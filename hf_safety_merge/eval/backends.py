@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..errors import ConfigError, SafetyMergeError
 
 if TYPE_CHECKING:
-    from .generation import GenerationSettings
+    from .generation_config import GenerationSettings
 
 __all__ = ["Backend", "GenerationError", "TransformersBackend", "VLLMBackend", "vllm_available"]
 

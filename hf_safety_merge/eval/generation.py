@@ -16,6 +16,10 @@ gets every pending request at once and each row is saved as it arrives (flushed 
 ``batch_size`` rows or 2 s); requests that failed after their retries are left out of the file
 and reported in one :class:`~hf_safety_merge.eval.backends.GenerationError` line, so a rerun
 generates only those.
+
+:class:`GenerationRequest` / :class:`GenerationSettings` live in
+:mod:`hf_safety_merge.eval.generation_config` and :func:`load_model` in
+:mod:`hf_safety_merge.eval.loading` (both re-exported here). Layer 2 (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
 from .backends import Backend, GenerationError, TransformersBackend, VLLMBackend, vllm_available
+from .generation_config import GenerationRequest, GenerationSettings
+from .loading import _model_name, load_model
 
 __all__ = [
     "GenerationRequest",
@@ -46,73 +51,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One generation: a unique ``id``, the user message, an optional assistant ``prefill``."""
-
-    id: str
-    prompt: str
-    prefill: str = ""
-    meta: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class GenerationSettings:
-    """How to generate.
-
-    Attributes:
-        max_new_tokens: tokens generated per response.
-        batch_size: prompts per forward pass.
-        do_sample: False = greedy (the default, reproducible).
-        temperature, top_p: sampling settings (used only with ``do_sample``).
-        system_prompt: an optional system message.
-        sort_by_length: batch prompts of similar length together (less padding).
-        backend: ``"transformers"``, ``"vllm"`` or ``"auto"`` (vLLM when installed and the model
-            is a path).
-        seed: torch seed set before sampling.
-        max_batch_tokens: with it, a batch holds at most ``batch_size`` rows *and* at most this
-            many tokens (rows x (longest prompt + ``max_new_tokens``)), so short prompts go in
-            large batches and long ones (jailbreak preambles) in small ones. None: ``batch_size``
-            rows always.
-        prefix_cache_min_tokens: prompts that share an opening of at least this many tokens
-            (e.g. one jailbreak preamble wrapped around many requests) have its key/value cache
-            computed once per model and reused in every batch (transformers backend; 0: off).
-            The result is the same computation up to floating-point rounding
-            (benchmarks/bench_generation.py measures the speed-up and the agreement).
-    """
-
-    max_new_tokens: int = 64
-    batch_size: int = 16
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    system_prompt: str | None = None
-    sort_by_length: bool = True
-    backend: str = "transformers"
-    seed: int = 0
-    prefix_cache_min_tokens: int = 64
-    max_batch_tokens: int | None = None
-
-    def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"GenerationSettings.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.batch_size < 1:
-            raise ConfigError(f"GenerationSettings.batch_size must be >= 1, got {self.batch_size}")
-        if self.backend not in ("transformers", "vllm", "auto"):
-            raise ConfigError(f"GenerationSettings.backend must be transformers, vllm or auto, got {self.backend!r}")
-        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
-            raise ConfigError(f"GenerationSettings.max_batch_tokens must be >= 1 or None, got {self.max_batch_tokens}")
-        if self.prefix_cache_min_tokens < 0:
-            raise ConfigError(f"GenerationSettings.prefix_cache_min_tokens must be >= 0, got {self.prefix_cache_min_tokens}")
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The settings that change a response (part of each row's key)."""
-        fp: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "system": self.system_prompt}
-        if self.do_sample:
-            fp.update(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
-        return fp
 
 
 _warned_no_template: set[int] = set()
@@ -396,53 +334,3 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="row", dynamic_ncols=True)
-
-
-def _model_name(model: Any) -> str:
-    cfg = getattr(model, "config", None)
-    name = getattr(cfg, "name_or_path", "") or getattr(model, "name_or_path", "")
-    return str(name) if name else type(model).__name__
-
-
-def load_model(
-    model: Any,
-    tokenizer: Any = None,
-    *,
-    dtype: str | None = "float32",
-    device: str = "cpu",
-    revision: str | None = None,
-) -> tuple[Any, Any, str]:
-    """``(model, tokenizer, name)`` from a loaded model or a local folder / Hub id."""
-    if isinstance(model, (str, os.PathLike)):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        ref = str(model)
-        local = Path(ref).expanduser()
-        if not local.exists() and (ref.startswith((".", "/", "~")) or ref.count("/") > 1 or not ref.strip()):
-            raise ConfigError(f"model {ref!r}: no such local folder ({local.resolve()})")
-        if local.is_dir() and not (local / "config.json").is_file():
-            raise ConfigError(f"model {ref!r}: the folder has no config.json; is it a model folder?")
-        if local.is_dir() and tokenizer is None and not any(
-            (local / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-        ):
-            raise ConfigError(
-                f"model {ref!r}: the folder has no tokenizer (tokenizer.json / tokenizer_config.json); save it with "
-                "tokenizer.save_pretrained(folder), or pass tokenizer=..."
-            )
-        torch_dtype = getattr(torch, dtype) if dtype and dtype != "auto" else "auto"
-        where = "" if local.exists() else f" ({ref!r} is not a local folder; it was read as a Hub repo id)"
-        try:
-            auto: Any = AutoModelForCausalLM
-            m = auto.from_pretrained(ref, dtype=torch_dtype, revision=revision).to(device).eval()
-            tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(ref, revision=revision)
-        except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"cannot load model {ref!r}{where}: {first}") from e
-        name = getattr(m.config, "name_or_path", "") or ref
-        if Path(ref).exists():
-            name = Path(ref).resolve().name
-        return m, tok, str(name)
-    if tokenizer is None:
-        raise ConfigError("a loaded model needs its tokenizer (pass tokenizer=...)")
-    return model, tokenizer, _model_name(model)

@@ -34,7 +34,7 @@ from ..errors import ConfigError
 from .backends import GenerationError
 
 if TYPE_CHECKING:
-    from .generation import GenerationSettings
+    from .generation_config import GenerationSettings
 
 __all__ = ["DEFAULT_API_KEY_ENV", "OpenAIBackend", "OpenAIServer", "RequestFailure", "ServerError"]
 

@@ -14,7 +14,7 @@ import torch
 from ..errors import CheckpointError
 
 if TYPE_CHECKING:
-    from .safetensors_stream import TensorInfo
+    from .tensor_info import TensorInfo
 
 
 class _PrivateMap:

@@ -18,13 +18,17 @@ from ..methods import (  # importing the package registers the built-in methods
     register,
     safe_lora_project,
 )
+from .apply import apply_safety_vector
 from .config import SafetyMergeConfig
-from .engine import MergeResult, merge
+from .engine import merge
+from .provenance import verify_inputs
+from .result import MergeResult
 
 __all__ = [
     "MergeMethod",
     "MergeResult",
     "SafetyMergeConfig",
+    "apply_safety_vector",
     "available_methods",
     "build_method",
     "get_method_class",
@@ -32,4 +36,5 @@ __all__ = [
     "merge",
     "register",
     "safe_lora_project",
+    "verify_inputs",
 ]

@@ -11,14 +11,14 @@ from pydantic import Field
 from ..errors import ConfigError, did_you_mean
 from ..validation import PositiveInt, validate_dataclass
 
-#: the parameter each method's scale search moves, and its default search range
-SCALES: dict[str, tuple[str, float, float]] = {
-    "enchtable": ("beta", 0.01, 10.0),
-    "task_arithmetic": ("beta", 0.05, 2.0),
-    "safe_lora": ("num_proj_layers", 0, -1),  # -1: every matrix the vector covers
-    "ties": ("density", 0.05, 1.0),
-    "dare": ("density", 0.05, 1.0),
-}
+
+def scales() -> dict[str, tuple[str, float, float]]:
+    """The parameter each registered method's scale search moves, and its default range (the
+    method class's `scale`; an integer count with high -1 means every matrix the vector covers)."""
+    from ..methods.base import method_classes
+
+    return {c.name: c.scale for c in method_classes() if c.scale is not None}
+
 
 _Rate = Annotated[float, Field(ge=0, le=1)]
 
@@ -66,7 +66,7 @@ class CalibrationConfig:
         utility_metric: ``exact_match`` / ``number`` / ``pass@1``.
         num_harmful / num_benign / num_utility: prompts per probe (seeded sample of each side).
         split_seed: the split seed (the same as the report's, so the sides line up).
-        parameter: the scale to search (default: the method's, see `SCALES`).
+        parameter: the scale to search (default: the method's, see `scales()`).
         low / high: the search range (default: the method's).
         max_probes: merges evaluated, besides the unpatched baseline (default 8).
         judge: the judge of unsafe answers and refusals (default: the library's default).
@@ -137,9 +137,12 @@ class CalibrationConfig:
 
     def scale_for(self, method: str, num_matrices: int = 0) -> tuple[str, float, float, bool]:
         """(parameter, low, high, integer) for `method`."""
-        if method not in SCALES:
-            raise ConfigError(f"calibration: no scale to search for method {method!r}; known: {sorted(SCALES)}")
-        name, lo, hi = SCALES[method]
+        from ..methods.base import canonical_name
+
+        known = scales()
+        if canonical_name(method) not in known:
+            raise ConfigError(f"calibration: no scale to search for method {method!r}; known: {sorted(known)}")
+        name, lo, hi = known[canonical_name(method)]
         if self.parameter is not None and self.parameter != name:
             raise ConfigError(f"calibration option 'parameter' = {self.parameter!r}: method {method!r} is calibrated by {name!r}")
         integer = name == "num_proj_layers"

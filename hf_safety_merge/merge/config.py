@@ -1,6 +1,6 @@
 """`SafetyMergeConfig`: one declarative description of a safety merge (YAML or JSON).
 
-Layer 3 (docs/architecture.md): may import the method registry `merge.base`, `mergekit_config`, `calibrate.config`, `io`, `errors`, `validation`; knows no method code.
+Layer 4 (docs/architecture.md): may import the method registry (`methods.base`), `mergekit_config`, `calibration_config`, `io`, `errors`, `validation`; knows no method code.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ class SafetyMergeConfig:
             parse_size(self.max_shard_size)
         except ValueError as e:
             raise ConfigError(f"config field 'max_shard_size': {e}") from e
-        build_method(self.method, self.parameters)  # unknown method / parameter -> ConfigError
+        self.method = build_method(self.method, self.parameters).name  # unknown method / parameter -> ConfigError; an alias -> its name
         if self.calibration is not None:
             from .calibration_config import CalibrationConfig
 

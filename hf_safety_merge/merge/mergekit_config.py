@@ -13,7 +13,8 @@ models:
 dtype: bfloat16               # -> dtype (out_dtype wins)
 ```
 
-Layer 2 (docs/architecture.md): imports `errors` only; `SafetyMergeConfig.from_dict` calls it with its field names.
+Layer 4 (docs/architecture.md): imports `errors` and the method registry (each method class names its mergekit
+spellings); `SafetyMergeConfig.from_dict` calls it with its field names.
 """
 
 from __future__ import annotations
@@ -24,25 +25,28 @@ from typing import Any
 
 from ..errors import ConfigError, did_you_mean
 
-#: mergekit merge_method -> (our method, fixed parameters)
-METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "task_arithmetic": ("task_arithmetic", {}),
-    "ties": ("ties", {}),
-    "dare_linear": ("dare", {"ties": False}),
-    "dare_ties": ("dare", {"ties": True}),
-    "enchtable": ("enchtable", {}),
-    "safe_lora": ("safe_lora", {}),
-    "dare": ("dare", {}),
-}
+
+def mergekit_methods() -> dict[str, tuple[str, dict[str, Any]]]:
+    """mergekit `merge_method` -> (our method, the parameters it fixes), from each registered method
+    class's `mergekit_names`."""
+    from ..methods.base import method_classes
+
+    return {mk: (c.name, dict(fixed)) for c in method_classes() for mk, fixed in c.mergekit_names.items()}
+
+
+def _mergekit_normalize(mk_method: str) -> bool:
+    """mergekit's `normalize` for a merge_method (TIES divides by the agreeing count; the others are sums)."""
+    from ..methods.base import get_method_class
+
+    return get_method_class(mergekit_methods()[mk_method][0]).mergekit_normalize
+
+
 _MERGEKIT_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}
 _UNSUPPORTED = {
     "slices": "layer slicing (frankenmerges) is not a safety merge",
     "tokenizer": "the tokenizer is copied from the task model",
     "chat_template": "the chat template is copied from the task model",
 }
-#: TIES in peft's merge_utils divides by the agreeing entries' count, as mergekit's normalize does
-#: with weights 1; the others are plain weighted sums
-_NORMALIZE = {"ties": True, "dare_ties": False, "dare_linear": False, "task_arithmetic": False, "dare": False}
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16"}
 
@@ -87,10 +91,11 @@ def mergekit_to_dict(d: dict[str, Any], source: str = "config") -> dict[str, Any
     (`check_mergekit_keys`), so this module needs nothing from `config`."""
     check_mergekit_keys(d, (), source)
     mk_method = d["merge_method"]
-    if mk_method not in METHODS:
+    methods = mergekit_methods()
+    if mk_method not in methods:
         raise ConfigError(f"{source}: merge_method {mk_method!r} has no safety-merge equivalent"
-                          f"{did_you_mean(str(mk_method), METHODS)}; supported: {sorted(METHODS)}")
-    method, fixed = METHODS[mk_method]
+                          f"{did_you_mean(str(mk_method), methods)}; supported: {sorted(methods)}")
+    method, fixed = methods[mk_method]
     out: dict[str, Any] = {k: v for k, v in d.items() if k not in _MERGEKIT_KEYS and k != "method"}
     out["method"] = method
     glob = dict(d.get("parameters") or {})
@@ -100,7 +105,7 @@ def mergekit_to_dict(d: dict[str, Any], source: str = "config") -> dict[str, Any
         glob.pop("int8_mask")  # a memory option of mergekit; tensors here are never masked in int8
     if "normalize" in glob:
         norm = glob.pop("normalize")
-        if norm is not _NORMALIZE.get(mk_method, norm):
+        if norm is not _mergekit_normalize(mk_method):
             raise ConfigError(f"{source}: parameters.normalize = {norm!r} is not available for {mk_method}: "
                               f"{'TIES always normalises' if mk_method == 'ties' else 'this method is a weighted sum'} "
                               "here (peft.utils.merge_utils); remove it")
@@ -151,32 +156,7 @@ def mergekit_to_dict(d: dict[str, Any], source: str = "config") -> dict[str, Any
           **dict((vec_entries[0].get("parameters") or {}) if vec_entries else {})}
     rest = {k: v for k, v in glob.items() if k not in ("weight", "density")}
     params: dict[str, Any] = dict(fixed)
-    if method in ("ties", "dare"):
-        for k in set(tp) | set(vp):
-            if k not in ("weight", "density"):
-                raise ConfigError(f"{source}: model parameter {k!r} has no equivalent for {mk_method}; use weight, density")
-        if "weight" in tp:
-            params["task_weight"] = tp["weight"]
-        if "weight" in vp:
-            params["safety_weight"] = vp["weight"]
-        dens = {x["density"] for x in (tp, vp) if "density" in x}
-        if len(dens) > 1:
-            raise ConfigError(f"{source}: density differs between the task model and the safety vector {sorted(dens)}; "
-                              "one density applies to both here")
-        if dens:
-            params["density"] = dens.pop()
-    elif method == "task_arithmetic":
-        if tp.get("weight", 1.0) != 1.0 or set(tp) - {"weight"}:
-            raise ConfigError(f"{source}: task_arithmetic keeps the task model whole (weight 1.0, no density): "
-                              f"theta = theta_task + weight * Delta_s; got task parameters {tp}")
-        if set(vp) - {"weight"}:
-            raise ConfigError(f"{source}: task_arithmetic takes only `weight` for the safety vector, got {sorted(vp)}")
-        if "weight" in vp:
-            params["beta"] = vp["weight"]
-    else:  # enchtable, safe_lora: their own parameter names, in the top-level `parameters`
-        if tp or vp:
-            raise ConfigError(f"{source}: {mk_method} has no per-model parameters; put its parameters "
-                              "(e.g. beta, gamma, lam) under the top-level `parameters`")
+    params.update(_model_parameters(method, mk_method, tp, vp, source))
     params.update(rest)
     out["parameters"] = params
     dt = d.get("out_dtype", d.get("dtype"))
@@ -187,6 +167,43 @@ def mergekit_to_dict(d: dict[str, Any], source: str = "config") -> dict[str, Any
     tok = d.get("tokenizer_source")
     if tok not in (None, "base", "model") and tok != task["model"]:
         raise ConfigError(f"{source}: tokenizer_source {tok!r}: the tokenizer is always copied from the task model")
+    return out
+
+
+def _model_parameters(method: str, mk_method: str, tp: dict[str, Any], vp: dict[str, Any], source: str) -> dict[str, Any]:
+    """mergekit's per-model parameters (task model `tp`, safety vector `vp`) as our method's, by the
+    method class's `mergekit_model_parameters`."""
+    from ..methods.base import get_method_class
+
+    mapping = get_method_class(method).mergekit_model_parameters
+    if not mapping:
+        if tp or vp:
+            raise ConfigError(f"{source}: {mk_method} has no per-model parameters; put its parameters "
+                              "(e.g. beta, gamma, lam) under the top-level `parameters`")
+        return {}
+    out: dict[str, Any] = {}
+    task_keys = {"weight"} if "task.weight" in mapping else set()
+    if "density" in mapping:
+        task_keys.add("density")
+    if set(tp) - task_keys - {"weight"} or ("task.weight" not in mapping and tp.get("weight", 1.0) != 1.0):
+        raise ConfigError(f"{source}: {mk_method} keeps the task model whole (weight 1.0"
+                          f"{'' if 'density' in mapping else ', no density'}); got task parameters {tp}")
+    vec_keys = {"weight"} if "vector.weight" in mapping else set()
+    if "density" in mapping:
+        vec_keys.add("density")
+    for k in set(vp) - vec_keys:
+        raise ConfigError(f"{source}: model parameter {k!r} has no equivalent for {mk_method}; use "
+                          f"{', '.join(sorted(vec_keys)) or 'the top-level `parameters`'}")
+    if "weight" in tp and "task.weight" in mapping:
+        out[mapping["task.weight"]] = tp["weight"]
+    if "weight" in vp:
+        out[mapping["vector.weight"]] = vp["weight"]
+    dens = {x["density"] for x in (tp, vp) if "density" in x}
+    if len(dens) > 1:
+        raise ConfigError(f"{source}: density differs between the task model and the safety vector {sorted(dens)}; "
+                          "one density applies to both here")
+    if dens:
+        out[mapping["density"]] = dens.pop()
     return out
 
 

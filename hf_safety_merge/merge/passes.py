@@ -18,17 +18,17 @@ from ..io.safetensors_stream import (
     OutputTensor,
 )
 from ..methods.base import MergeMethod
-from ..methods.finite import _FiniteGuard, _is_finite
+from ..methods.finite import FiniteGuard, is_finite
 from ..methods.interference import _intra_op_threads
 from .pipeline import BufferPool, StageTimes, _prefetch
 from .plan import (
-    _Plan,
-    _TauSource,
+    Plan,
+    TauSource,
 )
 
 
-def _global_pass(method: MergeMethod, plan: _Plan, taus: _TauSource, get_delta: Any, progress: bool,
-                 guard: _FiniteGuard, times: StageTimes | None = None) -> set[str] | None:
+def _global_pass(method: MergeMethod, plan: Plan, taus: TauSource, get_delta: Any, progress: bool,
+                 guard: FiniteGuard, times: StageTimes | None = None) -> set[str] | None:
     """Pass 1: global statistics (norms for EnchTable's alpha, cosines for Safe LoRA). A
     non-finite tau is refused here, before anything is written (with `allow_non_finite`, it is
     left out of the statistics). Returns the names whose tau was not finite (empty unless
@@ -52,16 +52,16 @@ def _global_pass(method: MergeMethod, plan: _Plan, taus: _TauSource, get_delta: 
 
     # A method with a `prepare_global` hook (EnchTable: the squared norms behind alpha) gets it
     # run here, on worker threads, for every finite (tau, delta) pair; `observe` then only adds.
-    method_prepare = getattr(method, "prepare_global", None)
-    observed = getattr(method, "observed_in_prepare_global", lambda n: False)
+    method_prepare = method.prepare_global if method.has_hook("prepare_global") else None
+    observed = method.observed_in_prepare_global
     workers, threads = 1, torch.get_num_threads()
 
     def prepare(n: str, item: tuple[Any, Any, Any]) -> tuple[Any, ...]:
         theta, fetched, delta, tau = stage(n, item)
         # finiteness is checked once, here on the worker (the main thread only reads the flags)
-        tau_ok = tau is None or _is_finite(tau)
+        tau_ok = tau is None or is_finite(tau)
         # get_delta already refused a non-finite delta unless allow_non_finite passes it through
-        delta_ok = delta is None or not guard.allow or _is_finite(delta)
+        delta_ok = delta is None or not guard.allow or is_finite(delta)
         if method_prepare is not None and tau is not None and delta is not None and tau_ok and delta_ok:
             method_prepare(n, tau, delta)
             if observed(n):  # the method took its statistics here: hold no tensor until consumed
@@ -97,7 +97,7 @@ def _global_pass(method: MergeMethod, plan: _Plan, taus: _TauSource, get_delta: 
     return non_finite
 
 
-def _fetched_where(taus: _TauSource, name: str) -> str:
+def _fetched_where(taus: TauSource, name: str) -> str:
     if taus.lora_direct:
         return f"the LoRA update of {name!r} ({taus.task.where(name)})"
     assert taus.ref is not None
@@ -105,8 +105,8 @@ def _fetched_where(taus: _TauSource, name: str) -> str:
 
 
 def _merged_tensors(
-    method: MergeMethod, plan: _Plan, task: TensorSource, taus: _TauSource, get_delta: Any, device: torch.device, progress: bool,
-    guard: _FiniteGuard, times: StageTimes | None = None, non_finite_tau: set[str] | None = None,
+    method: MergeMethod, plan: Plan, task: TensorSource, taus: TauSource, get_delta: Any, device: torch.device, progress: bool,
+    guard: FiniteGuard, times: StageTimes | None = None, non_finite_tau: set[str] | None = None,
     pool: BufferPool | None = None,
 ) -> Iterator[tuple[str, OutputTensor, torch.Tensor]]:
     """Pass 2: yield (name, output spec, merged tensor in the output dtype), one at a time.
@@ -138,7 +138,7 @@ def _merged_tensors(
         return theta, fetched, get_delta(n)
 
     # Tensors whose method-specific work was done in the global pass need no reference here.
-    is_prepared = getattr(method, "is_prepared", lambda n: False)
+    is_prepared = method.is_prepared
     from ..io.hub import HubCheckpoint
 
     # Tensors read from files are fresh buffers that the method may overwrite in place.
@@ -152,7 +152,7 @@ def _merged_tensors(
 
     # A method with a `prepare` hook (EnchTable's decompositions) gets it run on worker threads
     # ahead of the merge; `merge_tensor` then finds its result.
-    method_prepare = getattr(method, "prepare", None)
+    method_prepare = method.prepare if method.has_hook("prepare") else None
     prepare = None
     workers, threads = 1, torch.get_num_threads()
     if method_prepare is not None:
@@ -163,7 +163,7 @@ def _merged_tensors(
             theta32, owned, tau = stage(n, theta, fetched)
             # a non-finite tau (only reached with allow_non_finite) is left to `merge_tensor`; the
             # global pass, where there was one, has checked every tau already
-            finite = n not in non_finite_tau if non_finite_tau is not None else tau is not None and _is_finite(tau)
+            finite = n not in non_finite_tau if non_finite_tau is not None else tau is not None and is_finite(tau)
             if not is_prepared(n) and tau is not None and finite:
                 method_prepare(n, tau, delta)
             if is_prepared(n):  # the method holds what it needs: keep no reference or tau queued
@@ -208,7 +208,7 @@ def _merged_tensors(
                 if pool is not None and n in plan.merged and target != torch.float32:
                     pool.skip(spec.shape, target)  # planned by `merge_pool`, not needed here
                 out = theta.to("cpu").to(target)
-            if not _is_finite(out):
+            if not is_finite(out):
                 guard.fail(_explain_non_finite(n, spec, task, taus, fetched, delta))
             if probe is not None:
                 method.report.setdefault(n, {})["patch_survival"] = _survival(probe, out)
@@ -257,7 +257,7 @@ def _same_buffer(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
-def merge_pool(plan: _Plan, task: TensorSource, device: torch.device) -> BufferPool | None:
+def merge_pool(plan: Plan, task: TensorSource, device: torch.device) -> BufferPool | None:
     """The buffer pool of a merge pass (see `_merged_tensors`), where one applies: a CPU merge
     whose task model's `view` is a memory map (`TensorSource.mapped_views`: local or downloaded
     safetensors files)."""
@@ -272,7 +272,7 @@ def merge_pool(plan: _Plan, task: TensorSource, device: torch.device) -> BufferP
     return BufferPool(uses)
 
 
-def _explain_non_finite(name: str, spec: OutputTensor, task: TensorSource, taus: _TauSource,
+def _explain_non_finite(name: str, spec: OutputTensor, task: TensorSource, taus: TauSource,
                         fetched: torch.Tensor | None, delta: torch.Tensor | None) -> str:
     """Which input made output tensor `name` non-finite (the task tensor is re-read: the merge
     may have updated its buffer in place)."""
@@ -281,7 +281,7 @@ def _explain_non_finite(name: str, spec: OutputTensor, task: TensorSource, taus:
         checks.append((fetched, _fetched_where(taus, name)))
     if delta is not None:
         checks.append((delta, f"safety vector tensor {name!r}"))
-    return task_culprit if (task_culprit := _FiniteGuard(True).culprit(name, checks)) else (
+    return task_culprit if (task_culprit := FiniteGuard(True).culprit(name, checks)) else (
         f"merged tensor {name!r} is not finite in the output dtype {spec.dtype} (overflow; try dtype: float32 "
         "or a smaller scale)"
     )

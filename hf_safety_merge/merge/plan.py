@@ -17,7 +17,7 @@ from ..io.safetensors_stream import (
     OutputTensor,
 )
 from ..methods.base import MergeMethod
-from ..methods.finite import _FiniteGuard, _is_finite
+from ..methods.finite import FiniteGuard, is_finite
 from ..vectors import SafetyVector
 from .config import SafetyMergeConfig
 
@@ -26,7 +26,7 @@ _FLOAT_TAGS = {"F64", "F32", "F16", "BF16"}
 
 
 @dataclass
-class _Plan:
+class Plan:
     names: list[str]  # output tensors, in read order
     merged: set[str]  # names covered by the safety vector
     outputs: list[OutputTensor]
@@ -42,7 +42,7 @@ def _arch(cfg: dict[str, Any] | None) -> str | None:
     return archs[0] if archs else None
 
 
-def _open_task(cfg: SafetyMergeConfig) -> TensorSource:
+def open_task(cfg: SafetyMergeConfig) -> TensorSource:
     base = open_checkpoint(cfg.task_model, revision=cfg.task_model_revision, allow_pickle=cfg.allow_pickle)
     if cfg.task_adapter is None:
         return base
@@ -60,13 +60,13 @@ def _read_order(src: TensorSource) -> list[str]:
     return src.keys()
 
 
-def _validate_plan(
+def validate_plan(
     cfg: SafetyMergeConfig,
     method: MergeMethod,
     task: TensorSource,
     ref: TensorSource | None,
     vector: SafetyVector,
-) -> _Plan:
+) -> Plan:
     task_cfg = task.config or {}
     task_arch, vec_arch = _arch(task_cfg), vector.config.architecture
     if task_arch and vec_arch and task_arch != vec_arch:
@@ -137,10 +137,10 @@ def _validate_plan(
         m = task.meta(n)
         tag = TORCH_TO_TAG[out_dtype] if out_dtype is not None and m.dtype in _FLOAT_TAGS else m.dtype
         outputs.append(OutputTensor(n, tag, m.shape))
-    return _Plan(names=names, merged=set(vector.keys()) - set(skipped), outputs=outputs, skipped=skipped)
+    return Plan(names=names, merged=set(vector.keys()) - set(skipped), outputs=outputs, skipped=skipped)
 
 
-class _TauSource:
+class TauSource:
     """tau = theta_task - theta_ref per tensor; for a LoRA task with its base as reference,
     tau is the LoRA update itself (exact, no base weights read, zero where LoRA is absent)."""
 
@@ -180,7 +180,7 @@ def _same_source(a: TensorSource, b: TensorSource) -> bool:
     return a.path is not None and b.path is not None and a.path.resolve() == b.path.resolve()
 
 
-def _open_reference(config: SafetyMergeConfig, method: MergeMethod, task: TensorSource) -> TensorSource | None:
+def open_reference(config: SafetyMergeConfig, method: MergeMethod, task: TensorSource) -> TensorSource | None:
     if not (method.needs_reference and config.reference is not None):
         return None
     if config.task_adapter is not None and config.task_reference is None:
@@ -190,10 +190,10 @@ def _open_reference(config: SafetyMergeConfig, method: MergeMethod, task: Tensor
     return open_checkpoint(config.reference, revision=config.task_reference_revision, allow_pickle=config.allow_pickle)
 
 
-def _delta_getter(vector: SafetyVector, device: torch.device, guard: _FiniteGuard) -> Any:
+def delta_getter(vector: SafetyVector, device: torch.device, guard: FiniteGuard) -> Any:
     def get_delta(name: str) -> torch.Tensor:
         d = vector.source.view(name).to(device, torch.float32)  # only read: a memory map where possible
-        if not _is_finite(d):
+        if not is_finite(d):
             guard.fail(f"safety vector tensor {name!r} ({vector.source.where(name)}) holds NaN/Inf values; recompute the vector")
         return d
 

@@ -1,21 +1,10 @@
-"""Plain-text descriptions of the registered merge methods (`hf-safety-merge methods`): each
-parameter's type, range, default and meaning, from the method's parameter dataclass."""
+"""Plain-text descriptions of the registered merge methods (`hf-safety-merge methods`): the method's
+reference, aliases and scale, and each parameter's type, range, default and meaning, all read from the
+method class (its `Params` annotations and the `Attributes:` of its docstring).
+
+Layer 2 (docs/architecture.md)."""
 
 from __future__ import annotations
-
-#: meanings of parameters whose class docstring has no `Attributes:` entry for them
-_PARAM_MEANINGS = {
-    "task_weight": "weight of the task update tau in the combination",
-    "safety_weight": "weight of the safety vector Delta_s in the combination (> 0)",
-    "density": "fraction of entries kept per tensor (TIES: the largest magnitudes; DARE: a random subset, rescaled by 1/density)",
-    "majority_sign_method": "how the sign of each entry is elected: 'total' (sign of the sum) or 'frequency' (most frequent sign)",
-    "ties": "DARE-TIES: elect signs after the random drop (False: plain DARE-linear)",
-    "seed": "seed of DARE's random mask (mixed with each tensor's name, so a merge is reproducible)",
-    "select": "'number': project the num_proj_layers matrices whose cosine(C tau, tau) is lowest; "
-              "'threshold': project every matrix with cosine <= threshold",
-    "threshold": "cosine threshold for select='threshold'",
-    "num_proj_layers": "how many matrices are projected with select='number'",
-}
 
 
 def describe_method(name: str) -> str:
@@ -41,11 +30,18 @@ def describe_method(name: str) -> str:
         elif current and line.strip():
             meanings[current] += " " + line.strip()
     hints = typing.get_type_hints(cls.Params, include_extras=True)
-    lines = [f"{name}: {' '.join(head.split())}", "  parameters:"]
+    lines = [f"{cls.name}: {' '.join(head.split())}"]
+    if cls.reference:
+        lines.append(f"  reference: {cls.reference}")
+    if cls.aliases:
+        lines.append(f"  aliases: {', '.join(cls.aliases)}")
+    if cls.scale is not None:
+        lines.append(f"  calibration scale: {cls.scale[0]}")
+    lines.append("  parameters:")
     for f in dataclasses.fields(cls.Params):
         default = f.default if f.default is not dataclasses.MISSING else None
         lines.append(f"    {f.name}: {_type_text(hints.get(f.name))} = {default!r}")
-        meaning = meanings.get(f.name) or _PARAM_MEANINGS.get(f.name)
+        meaning = meanings.get(f.name)
         if meaning:
             lines.append(f"        {meaning}")
     return "\n".join(lines)

@@ -14,9 +14,9 @@ from pydantic import Field
 
 from ..errors import ConfigError
 from ..validation import NonNegativeFloat, UnitInterval
-from .base import MergeMethod, MethodParams, register
+from .base import Knob, MergeMethod, MethodParams, register
 from .finite import sq_sum
-from .interference import InterferenceTerms, fine_terms, interference_score
+from .interference import InterferenceTerms, fine_terms, interference_score, interference_terms
 
 
 @dataclasses.dataclass
@@ -85,6 +85,20 @@ class EnchTable(MergeMethod):
 
     name = "enchtable"
     Params = EnchTableParams
+    reference = "EnchTable (Wu et al. 2025, arXiv 2511.09880), Sec. 3.3; reference code `enchtable_merge`"
+    card_text = ("EnchTable (arXiv 2511.09880): `theta = theta_task + w * alpha * Delta_s`, with the coarse "
+                 "scale `alpha = beta * ||tau|| / ||Delta_s||` (or a fixed `alpha`) and a per-matrix SVD "
+                 "interference weight `w = exp(-I)`.")
+    scale = ("beta", 0.01, 10.0)
+    mergekit_names = {"enchtable": {}}
+    description = ("**EnchTable**: `θ_task + w·α·Δs`, with `α = β‖τ‖/‖Δs‖` and a per-matrix weight "
+               "`w = exp(-λ·interference)` that backs off where the safety vector fights the task update.")
+    knobs = {"beta": Knob("β: scale of the safety vector", 0.0, 3.0, 0.05),
+             "gamma": Knob("γ: fraction of singular directions compared per matrix", 0.05, 1.0, 0.05),
+             "lam": Knob("λ: interference temperature (0 = no per-matrix back-off)", 0.0, 500.0, 1.0)}
+    #: a tiny, short toy fine-tune needs a larger beta than the paper's 0.1 (docs/study.md, regimes)
+    toy_parameters = {"beta": 1.0, "gamma": 0.5, "lam": 5.0}
+    closed_form_scale = True
     needs_reference = True
     needs_global_pass = True
     global_pass_all_tensors = True
@@ -198,3 +212,60 @@ class EnchTable(MergeMethod):
         if self.theta_owned:  # same operations as `theta_task + w * scaled`, without new buffers
             return theta_task.add_(scaled.mul_(w))
         return theta_task + w * scaled
+
+    # a scale search in closed form (calibration, repair) ---------------------------------
+    def scale_terms(self, name: str, tau: torch.Tensor | None, delta: torch.Tensor) -> tuple[Any, dict[str, Any]] | None:
+        """One decomposition per matrix gives `InterferenceTerms` (a, b) with `||M||_1 = alpha a + b`,
+        so `w(alpha)` at any beta needs no further decomposition (exact)."""
+        p = self.params
+        if delta.ndim != 2 or not p.fine or tau is None:
+            return None
+        self.prepare(name, tau, delta)  # the engine's own fine stage ("gram" backend)
+        if name in self._terms:
+            return self._terms.pop(name)
+        if bool(delta.any()):  # "svd" backend: the same (a, b) by the reference's SVDs
+            svd_dtype = torch.float64 if p.svd_dtype == "float64" else torch.float32
+            terms = interference_terms(tau, delta, p.gamma, svd_dtype, p.mask_null_triplets, p.backend)
+            return terms, {"rank": terms.rank}
+        return None
+
+    def _probe_alpha(self, norm_ratio: float) -> float:
+        if self.params.alpha is not None:
+            raise ConfigError("calibration searches enchtable's 'beta': remove the fixed 'alpha' from the parameters")
+        assert self.params.beta is not None
+        return self.params.beta * norm_ratio
+
+    def merge_with_terms(self, theta_task: torch.Tensor, delta: torch.Tensor, terms: Any,
+                         norm_ratio: float) -> tuple[torch.Tensor, float | None]:
+        alpha = self._probe_alpha(norm_ratio)
+        w = terms.weight(alpha, self.params.lam) if terms is not None and terms.rank > 0 else None
+        return theta_task + (1.0 if w is None else w) * (delta * alpha), w
+
+    def closed_form_summary(self, norm_ratio: float, weights: list[float]) -> dict[str, Any]:
+        return {"alpha": self._probe_alpha(norm_ratio), "w_mean": sum(weights) / len(weights) if weights else 1.0,
+                "w_min": min(weights, default=1.0)}
+
+    def with_terms(self, terms: dict[str, Any], info: dict[str, dict[str, Any]]) -> MergeMethod:
+        if not terms or self.params.backend != "gram":
+            return self
+        return _EnchTableWithTerms(self.params, terms, info)
+
+
+class _EnchTableWithTerms(EnchTable):
+    """EnchTable whose per-matrix fine-stage terms come from a scale search, so the final streaming
+    merge does not decompose every matrix a second time: its `prepare` hands out the stored terms,
+    and the base class evaluates w(alpha) exactly as in any merge."""
+
+    def __init__(self, params: Any, terms: dict[str, InterferenceTerms], info: dict[str, dict[str, Any]]) -> None:
+        super().__init__(params)
+        self._stored = {n: (t, {**info.get(n, {"rank": t.rank}), "from": "calibration"}) for n, t in terms.items()}
+
+    def is_prepared(self, name: str) -> bool:
+        """Stored terms need no tau (the merge pass then reads no reference tensor for them)."""
+        return name in self._stored or super().is_prepared(name)
+
+    def prepare(self, name: str, tau: torch.Tensor | None, delta: torch.Tensor) -> None:
+        if name in self._stored:
+            self._terms[name] = self._stored[name]
+            return
+        super().prepare(name, tau, delta)

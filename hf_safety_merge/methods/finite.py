@@ -11,7 +11,7 @@ import torch
 from ..errors import NonFiniteError
 
 
-def _is_finite(t: torch.Tensor) -> bool:
+def is_finite(t: torch.Tensor) -> bool:
     """True when every entry is finite. A sum is finite iff every entry is (barring overflow,
     where the full check decides): one cheap pass instead of an isfinite mask per tensor."""
     if not t.is_floating_point():
@@ -43,7 +43,7 @@ def sq_sum(t: torch.Tensor) -> float:
     return total
 
 
-class _FiniteGuard:
+class FiniteGuard:
     """Refuses non-finite values (NaN/Inf), or with `allow` passes them through with a warning."""
 
     def __init__(self, allow: bool) -> None:
@@ -59,6 +59,6 @@ class _FiniteGuard:
 
     def culprit(self, name: str, checks: list[tuple[torch.Tensor | None, str]]) -> str:
         for t, where in checks:
-            if t is not None and not _is_finite(t):
+            if t is not None and not is_finite(t):
                 return f"{where} holds NaN/Inf values"
         return ""

@@ -10,7 +10,7 @@ import torch
 from pydantic import Field
 
 from ..validation import NonNegativeInt
-from .base import MergeMethod, MethodParams, register
+from .base import Knob, MergeMethod, MethodParams, register
 
 
 def safe_lora_project(tau: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -37,6 +37,12 @@ class SafeLoraParams(MethodParams):
     matrix the update `tau` is projected, `C tau`, and the projection is kept where the cosine
     similarity between `C tau` and `tau` is at most the threshold. Defaults follow IBM/SafeLoRA's
     `SafeLoRAConfig`: select "number" of layers 10 (the lowest similarities), threshold 0.5.
+
+    Attributes:
+        select: 'number': project the num_proj_layers matrices whose cosine(C tau, tau) is lowest;
+            'threshold': project every matrix with cosine <= threshold.
+        threshold: cosine threshold for select='threshold'.
+        num_proj_layers: how many matrices are projected with select='number'.
     """
 
     select: Literal["number", "threshold"] = "number"
@@ -48,6 +54,16 @@ class SafeLoraParams(MethodParams):
 class SafeLora(MergeMethod):
     name = "safe_lora"
     Params = SafeLoraParams
+    reference = "Safe LoRA (Hsu et al. 2024, arXiv 2405.16833); defaults from IBM/SafeLoRA's `SafeLoRAConfig`"
+    card_text = ("Safe LoRA projection: the fine-tuning update of the least aligned matrices is projected onto "
+                 "the alignment subspace `C = V V^T / ||V||_F`.")
+    scale = ("num_proj_layers", 0, -1)  # -1: every matrix the vector covers
+    mergekit_names = {"safe_lora": {}}
+    description = ("**Safe LoRA**: projects the task update `τ` onto the safety subspace of `Δs` for the "
+               "matrices where they disagree most.")
+    knobs = {"select": Knob("select projected matrices by"),
+             "threshold": Knob("cosine threshold (select = threshold)", 0.0, 1.0, 0.01),
+             "num_proj_layers": Knob("number of projected matrices (select = number)", 0, 200, 1)}
     needs_reference = True
     needs_global_pass = True
     params: SafeLoraParams

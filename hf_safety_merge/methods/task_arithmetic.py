@@ -1,4 +1,7 @@
-"""Task arithmetic (RESTA): `theta = theta_task + beta * Delta_s`."""
+"""Task arithmetic (RESTA): `theta = theta_task + beta * Delta_s`.
+
+Layer 2 (docs/architecture.md).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from .base import MergeMethod, MethodParams, register
+from .base import Knob, MergeMethod, MethodParams, register
 
 
 @dataclasses.dataclass
@@ -26,6 +29,15 @@ class TaskArithmeticParams(MethodParams):
 class TaskArithmetic(MergeMethod):
     name = "task_arithmetic"
     Params = TaskArithmeticParams
+    aliases = ("resta",)
+    reference = "RESTA (Bhardwaj et al. 2024, arXiv 2402.11746): task arithmetic with the safety vector"
+    card_text = "Task arithmetic (RESTA): `theta = theta_task + beta * Delta_s`."
+    scale = ("beta", 0.05, 2.0)
+    mergekit_names = {"task_arithmetic": {}}
+    mergekit_model_parameters = {"vector.weight": "beta"}  # theta = theta_task + weight * Delta_s
+    description = "**Task arithmetic (RESTA)**: `θ_task + β·Δs`. Simple and fast; no reference needed."
+    knobs = {"beta": Knob("β: scale of the safety vector", 0.0, 3.0, 0.05)}
+    toy_parameters = {"beta": 1.0}
     needs_reference = False
     params: TaskArithmeticParams
 

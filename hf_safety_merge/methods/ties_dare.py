@@ -10,7 +10,7 @@ import torch
 
 from ..errors import ConfigError
 from ..validation import NonNegativeFloat, NonNegativeInt, UnitInterval
-from .base import MergeMethod, MethodParams, register
+from .base import Knob, MergeMethod, MethodParams, register
 
 
 def _tensor_seed(seed: int, name: str) -> int:
@@ -19,7 +19,14 @@ def _tensor_seed(seed: int, name: str) -> int:
 
 @dataclasses.dataclass
 class _WeightedParams(MethodParams):
-    """The two weights (task update, safety vector) and the kept fraction shared by TIES and DARE."""
+    """The two weights (task update, safety vector) and the kept fraction shared by TIES and DARE.
+
+    Attributes:
+        task_weight: weight of the task update tau in the combination.
+        safety_weight: weight of the safety vector Delta_s in the combination (> 0).
+        density: fraction of entries kept per tensor (TIES: the largest magnitudes; DARE: a random
+            subset, rescaled by 1/density).
+    """
 
     task_weight: NonNegativeFloat = 1.0
     safety_weight: NonNegativeFloat = 1.0
@@ -30,8 +37,15 @@ class _WeightedParams(MethodParams):
             raise ConfigError("parameter 'safety_weight' = 0: the merge would ignore the safety vector; use a value > 0")
 
 
+_WEIGHT_KNOBS = {"density": Knob("density: fraction of entries kept per tensor", 0.05, 1.0, 0.05),
+                 "task_weight": Knob("weight of the task update τ", 0.0, 2.0, 0.05),
+                 "safety_weight": Knob("weight of the safety vector Δs", 0.0, 2.0, 0.05)}
+
+
 class _WeightedMerge(MergeMethod):
     """theta = theta_ref + combine([tau, Delta_s], [task_weight, safety_weight])."""
+
+    mergekit_model_parameters = {"task.weight": "task_weight", "vector.weight": "safety_weight", "density": "density"}
 
     params: _WeightedParams
 
@@ -48,8 +62,12 @@ class _WeightedMerge(MergeMethod):
 class TiesParams(_WeightedParams):
     """theta = theta_ref + TIES([tau, Delta_s], weights) with `peft.utils.merge_utils.ties`.
 
-    Attributes: task_weight, safety_weight (the two weights), density (kept fraction per
-    tensor, magnitude top-k), majority_sign_method ("total" or "frequency").
+    Attributes:
+        task_weight: weight of the task update tau in the combination.
+        safety_weight: weight of the safety vector Delta_s in the combination (> 0).
+        density: fraction of entries kept per tensor (the largest magnitudes).
+        majority_sign_method: how the sign of each entry is elected: 'total' (sign of the sum) or
+            'frequency' (most frequent sign).
     """
 
     majority_sign_method: Literal["total", "frequency"] = "total"
@@ -59,6 +77,14 @@ class TiesParams(_WeightedParams):
 class Ties(_WeightedMerge):
     name = "ties"
     Params = TiesParams
+    reference = "TIES-Merging (Yadav et al. 2023, arXiv 2306.01708), `peft.utils.merge_utils.ties`"
+    card_text = "TIES merging of the task update and the safety vector (peft.utils.merge_utils.ties)."
+    scale = ("density", 0.05, 1.0)
+    mergekit_names = {"ties": {}}
+    mergekit_normalize = True
+    description = "**TIES**: trims `τ` and `Δs` to their largest entries, elects a sign per entry, then adds."
+    knobs = _WEIGHT_KNOBS
+    toy_parameters = {"density": 0.3}
     params: TiesParams
 
     def combine(self, name: str, tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
@@ -71,7 +97,17 @@ class Ties(_WeightedMerge):
 class DareParams(_WeightedParams):
     """theta = theta_ref + DARE([tau, Delta_s]) with `peft.utils.merge_utils.dare_linear` /
     `dare_ties`. `density` is the kept fraction; the random mask is seeded per tensor from
-    `seed` and the tensor name, so a merge is reproducible."""
+    `seed` and the tensor name, so a merge is reproducible.
+
+    Attributes:
+        task_weight: weight of the task update tau in the combination.
+        safety_weight: weight of the safety vector Delta_s in the combination (> 0).
+        density: fraction of entries kept per tensor (a random subset, rescaled by 1/density).
+        ties: DARE-TIES: elect signs after the random drop (False: plain DARE-linear).
+        majority_sign_method: ('ties' only) how the sign of each entry is elected: 'total' (sign
+            of the sum) or 'frequency' (most frequent sign).
+        seed: seed of DARE's random mask (mixed with each tensor's name, so a merge is reproducible).
+    """
 
     ties: bool = False
     majority_sign_method: Literal["total", "frequency"] = "total"
@@ -82,6 +118,13 @@ class DareParams(_WeightedParams):
 class Dare(_WeightedMerge):
     name = "dare"
     Params = DareParams
+    reference = "DARE (Yu et al. 2024, arXiv 2311.03099), `peft.utils.merge_utils.dare_linear` / `dare_ties`"
+    card_text = "DARE merging of the task update and the safety vector (peft.utils.merge_utils)."
+    scale = ("density", 0.05, 1.0)
+    mergekit_names = {"dare_linear": {"ties": False}, "dare_ties": {"ties": True}, "dare": {}}
+    description = "**DARE**: randomly drops and rescales entries of `τ` and `Δs` before adding (seeded)."
+    knobs = _WEIGHT_KNOBS
+    toy_parameters = {"density": 0.8, "safety_weight": 1.5}
     params: DareParams
 
     def combine(self, name: str, tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,8 @@
 `hf-safety-merge safekey` and `hf-safety-merge distill` parse their flags with `TrlParser`
 (every dataclass field is a flag, `--config` YAML keys equal the flags), like `trl sft`.
 `examples/train_*.py` are thin wrappers around these modules. They need the `[train]` extra.
+The CLI (`hf_safety_merge/cli/train.py`) hands each command line to its script's
+`run(argv, prog)`, as `trl`'s CLI does with the scripts it keeps beside it.
 
 Layer 7 (docs/architecture.md): thin entry points over `training` and `distill`.
 """
@@ -9,10 +11,6 @@ Layer 7 (docs/architecture.md): thin entry points over `training` and `distill`.
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-#: subcommand -> module
-TRL_COMMANDS = {"asft": "hf_safety_merge.scripts.asft", "safekey": "hf_safety_merge.scripts.safekey",
-                "distill": "hf_safety_merge.scripts.distill"}
 
 
 def finish_distributed() -> None:

@@ -3,7 +3,8 @@
 config.py (`StudyConfig`, presets) -> data.py (disjoint splits) -> stages.py (cached training and
 merge stages) -> run.py (the plan) -> evaluate.py (generation + judging per model) -> stats.py
 (intervals, paired tests) -> report.py (tables, verdicts, Pareto figures). Run it with
-``hf-safety-merge demo [--full]`` or ``python benchmarks/safety_transfer.py``; docs/study.md.
+``hf-safety-merge study [--preset demo|full]`` (``hf-safety-merge demo`` runs the demo preset) or
+``python benchmarks/safety_transfer.py``; docs/study.md.
 """
 
 from .config import METHODS, StudyConfig

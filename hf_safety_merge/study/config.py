@@ -75,7 +75,7 @@ class StudyConfig:
             repair a user would ship: `hf_safety_merge.calibrate.repair` searches these methods x
             scale on the calibration prompts, constraint-first, at most ``repair_probes`` per
             method; EnchTable with every distilled vector, Safe LoRA with the alignment vector).
-            ``repair_ranges``: the search range per method (default: `calibrate.SCALES`).
+            ``repair_ranges``: the search range per method (default: each method class's `scale`, `calibrate.scales()`).
         monitor_steps: probe the full and the LoRA fine-tune's safety every this many steps while
             they train (`hf_safety_merge.monitor`, warn policy; 0: off; the full preset: 10); the
             curves go into study.md ("When is safety lost?") and ``report/monitor_curves.png``.

@@ -1,10 +1,12 @@
-"""Command-line options of the generation backend, shared by every command that generates
-(``eval``, ``calibrate``, ``repair``, the study, ``demo``).
+"""What several commands share: the Namespace-to-keywords helper and the generation-backend options.
 
     p = argparse.ArgumentParser()
     add_backend_arguments(p)                      # --backend, --base-url, --served-model, ...
     args = p.parse_args()
     cfg = SafetyEvalConfig(..., **backend_options(args))   # backend, server, engine
+
+Nothing here imports the evaluation package at module level: `merge` and `repair` add their
+probe-backend options without it (the CLI starts fast).
 """
 
 from __future__ import annotations
@@ -12,12 +14,31 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .engine import ENGINE_PYTHON_ENV, EngineConfig
-from .openai_backend import DEFAULT_API_KEY_ENV, OpenAIServer
+__all__ = ["add_backend_arguments", "add_probe_backend_arguments", "apply_probe_backend", "backend_epilog",
+           "backend_options", "options"]
 
-__all__ = ["BACKEND_EPILOG", "add_backend_arguments", "backend_options"]
 
-BACKEND_EPILOG = f"""generation backends (--backend):
+def options(args: argparse.Namespace, *names: str, only_given: bool = False, **renamed: str) -> dict[str, Any]:
+    """Keyword arguments from parsed options: ``{name: args.name}`` for each of `names`, and
+    ``{key: args.<dest>}`` for each ``key=dest`` of `renamed` (an option spelled differently from
+    the keyword it feeds). With `only_given`, only the options the command line set: those whose
+    value is not None, False, 0 or empty (their defaults mean "not given", so the config's own
+    default applies)."""
+    out: dict[str, Any] = {}
+    for key, dest in [*((n, n) for n in names), *renamed.items()]:
+        value = getattr(args, dest, None)
+        if value or not only_given:
+            out[key] = value
+    return out
+
+
+# ------------------------------------------------------------------ the generation backend (eval)
+def backend_epilog() -> str:
+    """The `--backend` section of a generating command's epilog."""
+    from ..eval.engine import ENGINE_PYTHON_ENV
+    from ..eval.openai_backend import DEFAULT_API_KEY_ENV
+
+    return f"""generation backends (--backend):
   transformers  in this process (default)
   openai        an OpenAI-compatible server you run (vLLM, SGLang, TGI, llama.cpp): --base-url URL; the API key
                 is read from ${DEFAULT_API_KEY_ENV} (or --api-key-env NAME), never from the command line
@@ -29,6 +50,9 @@ BACKEND_EPILOG = f"""generation backends (--backend):
 
 def add_backend_arguments(parser: argparse.ArgumentParser, default: str = "transformers") -> argparse._ArgumentGroup:
     """Add the backend options to ``parser`` (in their own group) and return the group."""
+    from ..eval.engine import ENGINE_PYTHON_ENV
+    from ..eval.openai_backend import DEFAULT_API_KEY_ENV
+
     g = parser.add_argument_group("generation backend")
     g.add_argument("--backend", default=default, choices=["transformers", "openai", "vllm", "auto"],
                    help=f"where responses are generated (default {default}; see below)")
@@ -54,6 +78,8 @@ def backend_options(args: argparse.Namespace) -> dict[str, Any]:
     """``backend``, ``server`` and ``engine`` for :class:`~hf_safety_merge.eval.suite.SafetyEvalConfig`
     from parsed options (those :func:`add_backend_arguments` added)."""
     from ..errors import ConfigError
+    from ..eval.engine import EngineConfig
+    from ..eval.openai_backend import OpenAIServer
 
     backend = getattr(args, "backend", "transformers")
     base_url = getattr(args, "base_url", None)
@@ -69,3 +95,19 @@ def backend_options(args: argparse.Namespace) -> dict[str, Any]:
     engine = EngineConfig(python=args.vllm_python, max_model_len=args.max_model_len, extra_args=tuple(args.vllm_arg),
                           concurrency=args.concurrency, request_timeout=args.request_timeout)
     return {"backend": backend, "server": server, "engine": engine}
+
+
+# ------------------------------------------------------------ where calibration probes generate
+def add_probe_backend_arguments(p: argparse.ArgumentParser) -> None:
+    """`--backend` and `--vllm-python` of the commands that calibrate (`merge --calibrate`, `repair`)."""
+    g = p.add_argument_group("where calibration probes generate")
+    g.add_argument("--backend", choices=["transformers", "vllm", "auto"], default=None,
+                   help="transformers (in process, default), vllm (a managed vLLM server from vLLM's own environment; "
+                   "each probe's weights are reloaded into it) or auto (vllm when one is found)")
+    g.add_argument("--vllm-python", default=None, metavar="PATH",
+                   help="vLLM's python or virtual environment (default $HF_SAFETY_VLLM_PYTHON)")
+
+
+def apply_probe_backend(cal: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """A calibration mapping with the probe-backend options the command line set."""
+    return {**cal, **options(args, "backend", "vllm_python", only_given=True)}

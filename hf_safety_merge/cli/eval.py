@@ -1,14 +1,13 @@
-"""The ``hf-safety-merge eval`` subcommand: several models side by side on the same prompts,
-attacks and judge.  Wire it into the main parser with :func:`add_eval_parser`."""
+"""`hf-safety-merge eval`: several models side by side on the same prompts, attacks and judge."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from .backend_args import BACKEND_EPILOG, add_backend_arguments, backend_options
+from ._common import add_backend_arguments, backend_epilog, backend_options, options
 
-EVAL_EPILOG = """examples:
+EPILOG = """examples:
   hf-safety-merge eval --model ./task --model ./patched --prompts advbench --attacks dan,base64 --out eval_out
   hf-safety-merge eval --model HuggingFaceTB/SmolLM2-135M-Instruct --prompts my_harmful.csv \\
       --prompt-column question --eval-split none --limit 100 --judge keyword
@@ -35,14 +34,14 @@ def _split(value: str) -> float | int | None:
     return float(value) if "." in value else int(value)
 
 
-def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``eval`` on an argparse subparsers object; ``func`` returns an exit code."""
     p = subparsers.add_parser(
         "eval",
         help="safety evaluation: unsafe rate, attacks, over-refusal, utility (several models side by side)",
         description="Generate (batched, resumable), judge and report unsafe rate, per-attack success rate, "
         "over-refusal and utility with 95% Wilson intervals.",
-        epilog=EVAL_EPILOG + "\n" + BACKEND_EPILOG,
+        epilog=EPILOG + "\n" + backend_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", action="append", default=[], help="model folder or Hub id (repeat to compare)")
@@ -81,11 +80,11 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="CI safety gate on the first --model: exit 1 with a one-line verdict when a rate is above its "
                    "threshold, e.g. unsafe=0.05 over_refusal=0.15 (also asr=..., asr:<attack>=...; fractions or 5%%)")
     add_backend_arguments(p)
-    p.set_defaults(func=run_eval)
+    p.set_defaults(func=run)
     return p
 
 
-def run_eval(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run the ``eval`` subcommand; returns an exit code."""
     import os
 
@@ -94,41 +93,29 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.data_dir:
         os.environ["HF_SAFETY_DATA_DIR"] = args.data_dir
     if args.judge_agreement:
-        from .agreement import main as agreement_main
+        from ..eval.agreement import main as agreement_main
 
         return agreement_main(["--judge", args.judge] + (["--data-dir", args.data_dir] if args.data_dir else []))
     if not args.model:
         raise ConfigError("eval needs at least one --model (or --judge-agreement)")
     if args.name and len(args.name) != len(args.model):
         raise ConfigError(f"--name given {len(args.name)} times for {len(args.model)} --model")
-    from .gate import parse_thresholds
-    from .suite import SafetyEvalConfig, compare_models
+    from ..eval.gate import parse_thresholds
+    from ..eval.suite import SafetyEvalConfig, compare_models
 
     thresholds = parse_thresholds(args.fail_above) if getattr(args, "fail_above", None) else {}
 
     cfg = SafetyEvalConfig(
-        harmful=args.prompts,
-        harmful_column=args.prompt_column,
-        harmful_eval_size=args.eval_split,
-        split_seed=args.split_seed,
-        harmful_limit=args.limit,
         benign=None if str(args.benign).lower() == "none" else args.benign,
-        benign_limit=args.benign_limit,
-        utility=args.utility,
-        utility_column=args.utility_column,
-        utility_reference_column=args.utility_reference,
-        utility_metric=args.utility_metric,
-        utility_limit=args.utility_limit,
         attacks=[a.strip() for a in args.attacks.split(",") if a.strip()],
-        judge=args.judge,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        system_prompt=args.system_prompt,
-        data_dir=args.data_dir,
+        **options(args, "split_seed", "benign_limit", "utility", "utility_column", "utility_metric", "utility_limit",
+                  "judge", "max_new_tokens", "batch_size", "system_prompt", "data_dir", harmful="prompts",
+                  harmful_column="prompt_column", harmful_eval_size="eval_split", harmful_limit="limit",
+                  utility_reference_column="utility_reference"),
         **backend_options(args),
     )
     cfg.validate()
-    from .engine import close_shared_engines
+    from ..eval.engine import close_shared_engines
 
     try:
         report = compare_models(
@@ -153,7 +140,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
         print(update_card_from_eval(args.model[0], report))
     if thresholds:
-        from .gate import check_gate
+        from ..eval.gate import check_gate
 
         passed, verdict = check_gate(report.models[0], thresholds)
         print(verdict)
