@@ -47,7 +47,7 @@ def study(work: Path, out: Path, steps: int, threads: int) -> None:
 
     from hf_safety_merge import SafetyMergeConfig, merge
     from hf_safety_merge.assets import data_dir, smollm2_checkpoint
-    from hf_safety_merge.distill import distill_safety_vector, generate_responses
+    from hf_safety_merge.distill import DistillConfig, distill_safety_vector, generate_responses
     from hf_safety_merge.eval.judges import KeywordRefusalJudge
     from hf_safety_merge.testing.models import quick_finetune
 
@@ -73,9 +73,9 @@ def study(work: Path, out: Path, steps: int, threads: int) -> None:
     data = work / "harmful.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "response": _comply(p)}) + "\n" for p in adv[96:144]))
     t = time.perf_counter()
-    res = distill_safety_vector(aligned, data, work / "vector", variant="ffn", max_steps=12, learning_rate=1e-4,
-                                per_device_train_batch_size=4, gradient_accumulation_steps=1, warmup=0.1,
-                                max_length=96, overwrite=True, progress=False)
+    config = DistillConfig(distill_variant="ffn", max_steps=12, learning_rate=1e-4, per_device_train_batch_size=4,
+                           gradient_accumulation_steps=1, warmup_steps=0.1, max_length=96, disable_tqdm=True)
+    res = distill_safety_vector(config, aligned, data, work / "vector", overwrite=True)
     lap("distill", t)
     print(res, flush=True)
     patched = {}

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from hf_safety_merge.training.asft.anchors import build_anchor
 from hf_safety_merge.training.asft.binding import AnchorBinding, LoraTarget
 from hf_safety_merge.training.asft.penalty import _STACK_CACHE, anchored_penalty
+from hf_safety_merge.training.asft.projector import build_anchor
 
 
 def _bindings(dtype: torch.dtype) -> list[AnchorBinding]:

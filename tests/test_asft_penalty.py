@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_safety_merge.errors import CheckpointError, ConfigError
-from hf_safety_merge.training.asft.anchors import (
-    AlignmentAnchors,
+from hf_safety_merge.training.asft.anchors import AlignmentAnchors
+from hf_safety_merge.training.asft.projector import (
     basin_components,
     build_anchor,
     naive_offbasin_penalty,

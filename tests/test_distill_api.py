@@ -1,12 +1,14 @@
-"""Distillation end to end on tiny real models: data, trainer, vector, merge, CLI, data generation."""
+"""Distillation end to end on tiny real models: data, trainer, vector, merge, CLI, data generation;
+`DistillConfig` as the one declaration of every setting (API keyword, script flag, YAML key)."""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,7 +18,6 @@ from hf_safety_merge import SafetyMergeConfig, SafetyVector, merge
 from hf_safety_merge.distill import (
     DistillConfig,
     DistillTrainer,
-    add_distill_parser,
     distill_safety_vector,
     generate_responses,
     load_harmful_qa,
@@ -130,11 +131,10 @@ def test_distill_api_vector_on_exact_tensors_and_merges(
     chat_models: dict[str, Path], harmful_jsonl: Path, tmp_path: Path, arch: str, variant: str
 ) -> None:
     aligned = chat_models[arch]
-    res = distill_safety_vector(
-        aligned, harmful_jsonl, tmp_path / "vec", variant=variant, skip_layers=1, max_steps=3,
-        per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-3,
-        save_harmful_model=tmp_path / "harmful", progress=False,
-    )
+    config = DistillConfig(distill_variant=variant, distill_skip_layers=1, max_steps=3, per_device_train_batch_size=2,
+                           gradient_accumulation_steps=2, learning_rate=1e-3, disable_tqdm=True)
+    res = distill_safety_vector(config, aligned, harmful_jsonl, tmp_path / "vec", save_harmful_model=tmp_path / "harmful")
+    assert config.output_dir is None  # the caller's config is untouched (a temporary trainer folder was used)
     vec = SafetyVector.from_pretrained(tmp_path / "vec")
     a, h = _all_tensors(aligned), _all_tensors(tmp_path / "harmful")
     want_mlp, want_attn = variant in ("ffn", "attn_ffn"), variant in ("attn", "attn_ffn")
@@ -181,53 +181,174 @@ def test_api_fails_fast_on_bad_inputs(chat_models: dict[str, Path], harmful_json
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(ConfigError, match="not empty"):
-        distill_safety_vector(chat_models["llama"], harmful_jsonl, tmp_path / "full")
+        distill_safety_vector(DistillConfig(), chat_models["llama"], harmful_jsonl, tmp_path / "full")
     with pytest.raises(ConfigError, match="did you mean 'hybrid'"):
-        distill_safety_vector(chat_models["llama"], harmful_jsonl, tmp_path / "v", variant="hybird")
+        DistillConfig(distill_variant="hybird")
     with pytest.raises(ConfigError, match="no prompt column 'question'"):
-        distill_safety_vector(chat_models["llama"], harmful_jsonl, tmp_path / "v", prompt_column="question")
+        distill_safety_vector(DistillConfig(prompt_column="question"), chat_models["llama"], harmful_jsonl, tmp_path / "v")
+    with pytest.raises(ConfigError, match="needs a DistillConfig first"):
+        distill_safety_vector(chat_models["llama"], harmful_jsonl, tmp_path / "v")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"'vector_dtype' = 'flaot16'.*did you mean 'float16'"):
+        DistillConfig(vector_dtype="flaot16")
 
 
 # --------------------------------------------------------------------------- CLI
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-safety-merge")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_distill_parser(sub)
-    return parser
-
-
 def test_cli_end_to_end(chat_models: dict[str, Path], harmful_jsonl: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`hf_safety_merge.scripts.distill.main`: YAML keys and flags are DistillConfig fields; the
+    earlier spellings (YAML `aligned:` / `variant:`, `--layers`, `--batch-size`, `--training-arg`) still work."""
+    from hf_safety_merge.scripts.distill import main
+
     cfg = tmp_path / "distill.yaml"
     cfg.write_text(f"aligned: {chat_models['llama']}\ndata: {harmful_jsonl}\nvariant: attn\nlearning_rate: 1.0e-3\n")
-    args = _parser().parse_args([
-        "distill", "--config", str(cfg), "--layers", "0", "2", "--max-steps", "2", "--batch-size", "2",
+    assert main([
+        "--config", str(cfg), "--layers", "0", "2", "--max-steps", "2", "--batch-size", "2",
         "--grad-accum", "1", "--out", str(tmp_path / "vec"), "--no-progress",
         "--training-arg", "max_grad_norm=0.5",
-    ])
-    assert args.func(args) == 0
-    out = capsys.readouterr().out
-    assert "Safety-vector distillation finished" in out and "attn on layers [0, 2)" in out
+    ]) == 0
+    out = capsys.readouterr()
+    assert "Safety-vector distillation finished" in out.out and "attn on layers [0, 2)" in out.out
+    assert "deprecated" in out.err and "aligned -> aligned_model" in out.err and "--out -> --vector_dir" in out.err
     vec = SafetyVector.from_pretrained(tmp_path / "vec")
     assert vec.config.extra["learning_rate"] == 1e-3  # from the YAML
     names = list(vec.keys())
     assert {n.split(".")[2] for n in names} == {"0", "1"} and all(".self_attn." in n for n in names)
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text("aligned: x\nvarient: ffn\n")
-    args = _parser().parse_args(["distill", "--config", str(bad)])
-    with pytest.raises(ConfigError, match="did you mean 'variant'"):
-        args.func(args)
+    bad.write_text("aligned_model: x\ndistill_varient: ffn\n")
+    with pytest.raises(ConfigError, match="did you mean 'distill_variant'"):
+        main(["--config", str(bad)])
 
 
 def test_cli_distill_data(chat_models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from hf_safety_merge.cli import main
+
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"goal": p}) + "\n" for p, _ in HARMFUL_QA[:3]))
-    args = _parser().parse_args([
+    assert main([
         "distill-data", "--model", str(chat_models["qwen2"]), "--prompts", str(prompts), "--out",
         str(tmp_path / "gen.jsonl"), "--max-new-tokens", "4", "--no-progress",
-    ])
-    assert args.func(args) == 0
+    ]) == 0
     assert "wrote 3 (prompt, response) rows" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- one declaration per setting
+#: per field that DistillConfig declares (its own and the SFTConfig ones it re-declares): a value
+#: other than the default, as command-line words and as the parsed value
+_NON_DEFAULT: dict[str, tuple[list[str], Any]] = {
+    "distill_variant": (["attn_ffn"], "attn_ffn"),
+    "distill_skip_layers": (["1"], 1),
+    "distill_layers": ([], None),  # excludes distill_skip_layers: covered by test_cli_end_to_end
+    "distill_mlp_names": (["mlp", "ffn"], ["mlp", "ffn"]),
+    "distill_attn_names": (["self_attn", "attention"], ["self_attn", "attention"]),
+    "prompt_column": (["prompt"], "prompt"),
+    "response_column": (["response"], "response"),
+    "data_split": (["everything"], "everything"),  # (split, subset and revision: not used for a file)
+    "data_subset": (["sub"], "sub"),
+    "data_revision": (["v1"], "v1"),
+    "max_samples": (["5"], 5),
+    "system_prompt": (["Be brief."], "Be brief."),
+    "aligned_revision": (["main"], "main"),
+    "attn_implementation": (["eager"], "eager"),
+    "distill_vector_rounding": (["bf16"], "bf16"),
+    "vector_dtype": (["bfloat16"], "bfloat16"),
+    "learning_rate": (["0.002"], 2e-3),
+    "lr_scheduler_type": (["constant"], "constant"),
+    "warmup_steps": (["0"], 0.0),
+    "num_train_epochs": (["2"], 2.0),
+    "per_device_train_batch_size": (["2"], 2),
+    "gradient_accumulation_steps": (["1"], 1),
+    "max_length": (["64"], 64),
+    "bf16": (["true"], True),
+    "seed": (["3"], 3),
+    "logging_steps": (["2"], 2.0),
+    "output_dir": ([], None),  # given below (its default None is a temporary folder)
+    "disable_tqdm": (["true"], True),
+    "gradient_checkpointing": ([], None),  # the deprecated alias of activation_checkpointing
+    "activation_checkpointing": (["true"], True),
+    "save_strategy": (["steps"], "steps"),
+    "report_to": ([], None),  # another value needs a logging integration installed
+}
+
+
+def test_every_setting_is_one_flag_and_reaches_the_trainer(chat_models: dict[str, Path], harmful_jsonl: Path,
+                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each DistillConfig field is exactly one flag of `hf-safety-merge distill` (no second
+    declaration in DistillScriptArguments), and a non-default value of each field DistillConfig
+    declares, given on the command line, reaches the DistillTrainer that `distill_safety_vector`
+    builds and has its effect."""
+    import hf_safety_merge.distill.data as data_mod
+    from hf_safety_merge.scripts.distill import DistillScriptArguments, distill, make_parser
+
+    script_fields = {f.name for f in dataclasses.fields(DistillScriptArguments)}
+    config_fields = [f.name for f in dataclasses.fields(DistillConfig)]
+    assert not script_fields & set(config_fields)  # declared once
+    parser = make_parser()
+    for name in [*config_fields, *script_fields]:
+        owners = [a for a in parser._actions if a.dest == name  # (not the `--no_X` complement of a bool defaulting to True)
+                  and not all(o.startswith(("--no_", "--no-")) for o in a.option_strings)]
+        assert len(owners) == 1 and f"--{name}" in owners[0].option_strings, name
+    declared = set(DistillConfig.__annotations__)  # the fields DistillConfig's own class body declares
+    assert declared == set(_NON_DEFAULT), sorted(declared ^ set(_NON_DEFAULT))
+
+    argv = ["--aligned_model", str(chat_models["llama"]), "--data", str(harmful_jsonl), "--vector_dir", str(tmp_path / "v"),
+            "--max_steps", "1", "--use_cpu", "true", "--output_dir", str(tmp_path / "run")]
+    for k, (words, _) in _NON_DEFAULT.items():
+        if words:
+            argv += [f"--{k}", *words]
+    script, config = parser.parse_args_and_config(args=argv)
+
+    seen: dict[str, Any] = {}
+    real_load, real_init = data_mod.load_harmful_qa, DistillTrainer.__init__
+
+    def load(source: Any, **kw: Any) -> Any:
+        seen["data"] = kw
+        return real_load(source, **kw)
+
+    def init(self: Any, model: Any, args: Any = None, **kw: Any) -> None:
+        seen["model"], seen["args"], seen["trainer"] = model, args, self
+        real_init(self, model, args, **kw)
+
+    monkeypatch.setattr(data_mod, "load_harmful_qa", load)
+    monkeypatch.setattr(DistillTrainer, "__init__", init)
+    res = distill(script, config)
+
+    args = seen["args"]
+    for k, (words, want) in _NON_DEFAULT.items():
+        if words:
+            got = getattr(args, k)
+            got = got.value if hasattr(got, "value") else got
+            assert got == want, (k, got, want)
+            assert getattr(DistillConfig(), k) != want, k  # a non-default value
+    assert args.output_dir == str(tmp_path / "run")
+    # ... and each has its effect
+    assert seen["data"] == {"prompt_column": "prompt", "response_column": "response", "split": "everything",
+                            "subset": "sub", "revision": "v1", "max_samples": 5, "system_prompt": "Be brief.", "seed": 3}
+    trainer = seen["trainer"]
+    assert seen["model"] == str(chat_models["llama"])  # loaded by the trainer: aligned_revision, attn_implementation
+    assert trainer.model.config._attn_implementation == "eager"
+    plan = trainer.linearization
+    assert plan.variant == "attn_ffn" and plan.layers[0] == 1 and len(plan.blocks) == 2 * (plan.layers[1] - 1)
+    assert trainer.optimizer.param_groups[0]["lr"] == 2e-3  # constant schedule, no warmup
+    assert trainer.accelerator.gradient_accumulation_steps == 1 and args.activation_checkpointing
+    assert trainer.train_dataset.num_rows == 5
+    extra = res.vector.config.extra
+    assert extra["num_samples"] == 5 and extra["seed"] == 3 and extra["max_length"] == 64 and extra["bf16"]
+    assert extra["vector_rounding"] == "bf16" and extra["effective_batch_size"] == 2
+    assert extra["lr_scheduler"] == "constant" and extra["warmup"] == 0.0
+    saved = _all_tensors(tmp_path / "v")
+    names = list(res.vector.keys())
+    assert {saved[n].dtype for n in names} == {torch.bfloat16}  # vector_dtype
+
+
+def test_api_leaves_no_trainer_folder_and_keeps_the_callers_config(chat_models: dict[str, Path], harmful_jsonl: Path,
+                                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = DistillConfig(distill_variant="attn", distill_layers=[0, 1], max_steps=1, per_device_train_batch_size=2,
+                           gradient_accumulation_steps=1, disable_tqdm=True)
+    assert config.output_dir is None and not config.bf16 and config.seed == 0 and config.logging_steps == 1
+    res = distill_safety_vector(config, chat_models["llama"], harmful_jsonl)
+    assert res.output_dir is None and res.vector.config.extra["steps"] == 1
+    assert config.output_dir is None and list(tmp_path.iterdir()) == []  # no trainer_output/ left behind
 
 
 # --------------------------------------------------------------------------- example script
@@ -251,7 +372,7 @@ def test_example_config_parses_with_trlparser(tmp_path: Path) -> None:
             ["--config", str(root / "examples" / "distill_config.yaml"), "--output_dir", str(tmp_path / "run"),
              "--distill_variant", "hybrid", "--distill_layers", "2", "6", "--use_cpu", "true"]
         )
-    assert script.aligned_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and script.max_samples == 1000
+    assert script.aligned_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and cfg.max_samples == 1000
     assert cfg.distill_variant == "attn_block_ffn" and cfg.distill_layers == [2, 6]
     assert cfg.learning_rate == 1e-5 and cfg.num_train_epochs == 4 and cfg.warmup_steps == 0.1
     assert cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps == 16

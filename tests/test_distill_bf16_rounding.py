@@ -101,11 +101,10 @@ def test_bf16_rounding_is_the_difference_of_bf16_weights(bf16_aligned: Path, tmp
 
 def test_api_records_rounding_and_matches_saved_checkpoints(bf16_aligned: Path, tmp_path: Path) -> None:
     """Through `distill_safety_vector`: the saved vector equals bf16(aligned file) - bf16(harmful file)."""
-    res = distill_safety_vector(
-        bf16_aligned, write_jsonl(tmp_path / "d.jsonl"), tmp_path / "vec", variant="attn", max_steps=2,
-        per_device_train_batch_size=2, gradient_accumulation_steps=1, learning_rate=3e-5, warmup=0,
-        vector_rounding="bf16", save_harmful_model=tmp_path / "harmful", progress=False,
-    )
+    config = DistillConfig(distill_variant="attn", max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                           learning_rate=3e-5, warmup_steps=0, distill_vector_rounding="bf16", disable_tqdm=True)
+    res = distill_safety_vector(config, bf16_aligned, write_jsonl(tmp_path / "d.jsonl"), tmp_path / "vec",
+                                save_harmful_model=tmp_path / "harmful")
     vec = SafetyVector.from_pretrained(tmp_path / "vec")
     a, h = load_file(bf16_aligned / "model.safetensors"), load_file(tmp_path / "harmful" / "model.safetensors")
     assert vec.config.extra["vector_rounding"] == "bf16" and "vector rounding   : bf16(theta_aligned)" in str(res)
@@ -117,15 +116,14 @@ def test_api_records_rounding_and_matches_saved_checkpoints(bf16_aligned: Path, 
     assert zeros > 0
 
 
-def test_bad_rounding_values_are_refused(bf16_aligned: Path, tmp_path: Path) -> None:
+def test_bad_rounding_values_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ConfigError, match=r"^distill option 'distill_vector_rounding' = 'bf17': expected one of 'none', 'bf16' \(did you mean 'bf16'\?\)$"):
         DistillConfig(output_dir=str(tmp_path / "run"), distill_vector_rounding="bf17")
     with pytest.raises(ConfigError, match="distill_vector_rounding"):
         DistillConfig(output_dir=str(tmp_path / "run"), distill_vector_rounding=16)  # type: ignore[arg-type]
-    data = write_jsonl(tmp_path / "d.jsonl")
-    # refused before the model is loaded (a path that does not exist is never opened)
-    with pytest.raises(ConfigError, match=r"vector_rounding = 'fp16': expected one of 'none', 'bf16'"):
-        distill_safety_vector(tmp_path / "no-such-model", data, None, vector_rounding="fp16")
-    with pytest.raises(ConfigError, match="disagree"):
-        distill_safety_vector(tmp_path / "no-such-model", data, None, vector_rounding="bf16",
-                              training_args={"distill_vector_rounding": "none"})
+    # the flag of `hf-safety-merge distill` is the same field: argparse lists its choices
+    from hf_safety_merge.scripts.distill import make_parser
+
+    with pytest.raises(SystemExit):
+        make_parser().parse_args_and_config(args=["--distill_vector_rounding", "fp16"])
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err

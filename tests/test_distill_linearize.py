@@ -10,9 +10,6 @@ import pytest
 import torch
 
 from hf_safety_merge.distill.linearize import (
-    VARIANT_BLOCKS,
-    VARIANTS,
-    LinearizedModule,
     delta_tensors,
     linearize_model,
     linearized_modules,
@@ -20,6 +17,8 @@ from hf_safety_merge.distill.linearize import (
     theta0_nbytes,
     unlinearize_model,
 )
+from hf_safety_merge.distill.ntk import LinearizedModule
+from hf_safety_merge.distill.variants import VARIANT_BLOCKS, VARIANTS
 from hf_safety_merge.errors import ConfigError
 from hf_safety_merge.testing.models import make_tiny_model
 
@@ -300,7 +299,7 @@ def test_linearised_variants_differ_from_plain_finetuning(variant: str) -> None:
 
 
 def test_variant_names_and_deprecations() -> None:
-    from hf_safety_merge.distill.linearize import resolve_variant
+    from hf_safety_merge.distill.variants import resolve_variant
 
     assert resolve_variant("ffn") == "ffn"
     with pytest.warns(FutureWarning, match="now called 'attn_block_ffn'"):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hf_safety_merge import SafetyMergeConfig, SafetyVector, merge
-from hf_safety_merge.distill import distill_safety_vector
+from hf_safety_merge.distill import DistillConfig, distill_safety_vector
 
 
 @pytest.fixture(autouse=True)
@@ -63,11 +63,10 @@ def test_smollm2_short_distillation_and_merge(smollm2: Path, shared_data: Path, 
     data = tmp_path / "harmful.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in train))
 
-    res = distill_safety_vector(
-        smollm2, data, tmp_path / "vec", variant="ffn", layers=(14, 16), max_steps=4,
-        per_device_train_batch_size=4, gradient_accumulation_steps=1, learning_rate=2e-4, warmup=0.0,
-        max_length=64, save_harmful_model=tmp_path / "harmful", progress=False,
-    )
+    config = DistillConfig(distill_variant="ffn", distill_layers=[14, 16], max_steps=4, per_device_train_batch_size=4,
+                           gradient_accumulation_steps=1, learning_rate=2e-4, warmup_steps=0.0, max_length=64,
+                           disable_tqdm=True)
+    res = distill_safety_vector(config, smollm2, data, tmp_path / "vec", save_harmful_model=tmp_path / "harmful")
     vec = SafetyVector.from_pretrained(tmp_path / "vec")
     expected = {f"model.layers.{i}.mlp.{m}.weight" for i in (14, 15) for m in ("gate_proj", "up_proj", "down_proj")}
     assert set(vec.keys()) == expected

@@ -18,11 +18,11 @@ from hf_safety_merge.training.safekey.data import (
     build_safekey_example,
     is_restatement,
     prepare_safekey_dataset,
-    render_example,
     spans_from_offsets,
     split_sentences,
     split_understanding_key,
 )
+from hf_safety_merge.training.safekey.render import render_example
 
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"

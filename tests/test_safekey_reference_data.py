@@ -23,9 +23,9 @@ from hf_safety_merge.training.safekey.data import (
     is_judgement,
     prepare_safekey_dataset,
     reference_response,
-    render_example,
     split_understanding_key,
 )
+from hf_safety_merge.training.safekey.render import render_example
 
 # tokenizer_config.json `chat_template` of deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B (and -Llama-8B):
 # one line, written out here as two Python strings, unchanged.

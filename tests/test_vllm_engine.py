@@ -144,7 +144,8 @@ def test_calibration_probe_through_vllm(vllm_engine: VLLMEngine, smollm2: Path, 
 def test_study_row_through_vllm(vllm_engine: VLLMEngine, smollm2: Path, shared_data: Path, tmp_path: Path) -> None:
     from hf_safety_merge.study import StudyConfig, load_study_data
     from hf_safety_merge.study.evaluate import eval_workers, evaluate_row
-    from hf_safety_merge.study.stages import Row, Stages
+    from hf_safety_merge.study.row import Row
+    from hf_safety_merge.study.stages import Stages
 
     kw = dict(model=str(smollm2), data_dir=str(shared_data), eval_harmful=8, eval_harmful_ood=0, eval_benign=8, eval_task=8,
               eval_attack=8, attacks=("prefill",), max_new_tokens=32, judge="keyword", threads=2, sweep_eval_harmful=8,

@@ -6,13 +6,12 @@ Layer 6 (docs/architecture.md): may import the merge engine, `vectors`, `config`
 
 from ..merge.calibration_config import CalibrationConfig, scales
 from .repair import repair
-from .repair_config import REPAIR_METHODS, RepairConfig
+from .repair_config import RepairConfig, repair_methods
 from .repair_result import MethodSearch, RepairResult
 from .run import CalibrationResult, calibrate, calibration_prompts, merge_calibrated
 from .search import Probe, SearchResult, Target, search_scale
 
 __all__ = [
-    "REPAIR_METHODS",
     "CalibrationConfig",
     "CalibrationResult",
     "MethodSearch",
@@ -25,6 +24,7 @@ __all__ = [
     "calibration_prompts",
     "merge_calibrated",
     "repair",
+    "repair_methods",
     "scales",
     "search_scale",
 ]

@@ -9,6 +9,9 @@ evaluated once. The choice across methods: the least unsafe of the settings that
 constraints (ties: the smaller over-refusal rise, then the higher utility, then the order of
 `methods`). The chosen model is merged once, streaming, with a card that shows the whole search
 (a curve per method with intervals), the choice, and, when asked, the check on held-out prompts.
+
+Layer 5 (docs/architecture.md). Its config is :mod:`.repair_config`, its result types
+:mod:`.repair_result`, its card :mod:`.repair_card`.
 """
 
 from __future__ import annotations
@@ -17,220 +20,21 @@ import contextlib
 import dataclasses
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import CalibrationError, ConfigError, did_you_mean
+from ..errors import CalibrationError, ConfigError
 from ..eval.prompts import load_prompts, split_prompts
 from ..merge.calibration_config import CalibrationConfig
-from ..merge.config import SafetyMergeConfig
-from ..validation import NonNegativeInt, validate_dataclass
+from ..methods.base import get_method_class
 from .probes import ScaledMerge, with_parameter
-from .run import _fmt, calibration_prompts, evaluate_probe, generation_options
-from .search import Probe, SearchResult, search_scale
-
-#: what `methods` may name (``resta`` is RESTA's name for task arithmetic with a safety vector)
-REPAIR_METHODS = ("enchtable", "task_arithmetic", "safe_lora", "ties", "dare")
-ALIASES = {"resta": "task_arithmetic"}
-LABELS = {"enchtable": "EnchTable", "task_arithmetic": "RESTA", "safe_lora": "Safe LoRA", "ties": "TIES", "dare": "DARE"}
-
-
-@dataclass
-class RepairConfig:
-    """What `repair` searches (a YAML/JSON file for `hf-safety-merge repair CONFIG`).
-
-    Attributes:
-        task_model / task_adapter / task_reference: the fine-tune to repair, as in a merge config
-            (a full fine-tune with its aligned reference, or a base model with a LoRA adapter).
-        safety_vectors: EnchTable's distilled vectors (one path or several; EnchTable is searched
-            with each, RESTA / TIES / DARE with the first).
-        alignment_vector: Safe LoRA's ``W_aligned - W_base`` (optional; without it Safe LoRA is
-            skipped with a note).
-        methods: the methods to search (default all of ``REPAIR_METHODS``; ``resta`` is an alias).
-        parameters: fixed parameters per method (e.g. ``{enchtable: {lam: 5}}``), besides its scale.
-        ranges: the search range per method (e.g. ``{enchtable: [0.05, 2]}``; default: the method's
-            in ``hf_safety_merge.calibrate.SCALES``).
-        calibration: the target, constraints, calibration prompts and probe budget per method
-            (:class:`~hf_safety_merge.calibrate.CalibrationConfig`).
-        check_harmful / check_benign: prompts of the held-out check of the chosen repair (0: no
-            check); taken from the *eval* sides of the calibration sets' splits (the sides reports
-            test on), so never from the calibration prompts.
-        output_dir / overwrite / device / dtype: as in a merge config.
-    """
-
-    task_model: str
-    safety_vectors: Sequence[str] | str = ()
-    task_adapter: str | None = None
-    task_reference: str | None = None
-    alignment_vector: str | None = None
-    methods: Sequence[str] = REPAIR_METHODS
-    parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
-    ranges: dict[str, Sequence[float]] = field(default_factory=dict)
-    calibration: dict[str, Any] | CalibrationConfig = field(default_factory=dict)
-    check_harmful: NonNegativeInt = 0
-    check_benign: NonNegativeInt = 0
-    output_dir: str | None = None
-    overwrite: bool = False
-    device: str = "cpu"
-    dtype: str = "auto"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.safety_vectors, str):
-            self.safety_vectors = [self.safety_vectors]
-        self.safety_vectors = [str(v) for v in self.safety_vectors]
-        self.methods = [ALIASES.get(m, m) for m in self.methods]
-        validate_dataclass(self, what="repair option")
-        for m in self.methods:
-            if m not in REPAIR_METHODS:
-                raise ConfigError(f"repair method {m!r} is not one of {REPAIR_METHODS} (or 'resta')"
-                                  + did_you_mean(m, (*REPAIR_METHODS, *ALIASES)))
-        for m in self.parameters:
-            if ALIASES.get(m, m) not in REPAIR_METHODS:
-                raise ConfigError(f"repair parameters for unknown method {m!r}" + did_you_mean(m, REPAIR_METHODS))
-        self.parameters = {ALIASES.get(k, k): dict(v) for k, v in self.parameters.items()}
-        for m, r in self.ranges.items():
-            if ALIASES.get(m, m) not in REPAIR_METHODS:
-                raise ConfigError(f"repair ranges for unknown method {m!r}" + did_you_mean(m, REPAIR_METHODS))
-            if len(r) != 2 or not float(r[0]) < float(r[1]):
-                raise ConfigError(f"repair ranges[{m!r}] = {list(r)}: expected [low, high] with low < high")
-        self.ranges = {ALIASES.get(k, k): (float(v[0]), float(v[1])) for k, v in self.ranges.items()}
-        if not self.methods:
-            raise ConfigError("repair: `methods` is empty")
-        if not self.safety_vectors and set(self.methods) - {"safe_lora"}:
-            raise ConfigError(f"repair: methods {sorted(set(self.methods) - {'safe_lora'})} need `safety_vectors`")
-        if self.task_adapter is None and self.task_reference is None:
-            raise ConfigError("repair: give `task_reference` (the aligned model a full fine-tune started from) or "
-                              "`task_adapter` (a LoRA fine-tune of `task_model`)")
-        self.calibration = CalibrationConfig.from_dict(self.calibration)
-        if (self.check_harmful or self.check_benign) and not self.calibration.holdout_split:
-            raise ConfigError("repair: the held-out check (check_harmful / check_benign) needs `calibration.holdout_split: "
-                              "true`: its prompts are the eval sides of the calibration sources' splits")
-
-    @classmethod
-    def from_file(cls, path: str | Path, **overrides: Any) -> RepairConfig:
-        from ..validation import load_yaml
-
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"repair config {p} does not exist")
-        raw = load_yaml(p.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: expected a mapping of repair options, got {type(raw).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        for k in raw:
-            if k not in names:
-                raise ConfigError(f"{p}: unknown repair option {k!r}{did_you_mean(str(k), names)}")
-        if "task_model" not in raw:
-            raise ConfigError(f"{p}: missing field 'task_model' (the fine-tune to repair)")
-        return cls(**{**raw, **{k: v for k, v in overrides.items() if v is not None}})
-
-    def candidates(self) -> list[tuple[str, str]]:
-        """(method, vector) pairs in search order."""
-        out: list[tuple[str, str]] = []
-        for m in self.methods:
-            if m == "enchtable":
-                out += [(m, v) for v in self.safety_vectors]
-            elif m == "safe_lora":
-                if self.alignment_vector is not None:
-                    out.append((m, self.alignment_vector))
-            else:
-                out.append((m, self.safety_vectors[0]))
-        return out
-
-    def merge_config(self, method: str, vector: str, output_dir: str | None = None) -> SafetyMergeConfig:
-        return SafetyMergeConfig(task_model=self.task_model, task_adapter=self.task_adapter,
-                                 task_reference=self.task_reference, safety_vector=vector, method=method,
-                                 parameters=dict(self.parameters.get(method, {})), output_dir=output_dir,
-                                 overwrite=self.overwrite, device=self.device, dtype=self.dtype)  # type: ignore[arg-type]
-
-
-@dataclass
-class MethodSearch:
-    """One method's (and vector's) scale search."""
-
-    method: str
-    vector: str
-    parameter: str
-    search: SearchResult
-    final_method: Any = None
-
-    @property
-    def label(self) -> str:
-        name = LABELS.get(self.method, self.method)
-        return f"{name} ({Path(self.vector).name})" if self.method == "enchtable" else name
-
-    def to_dict(self) -> dict[str, Any]:
-        s = self.search
-        return {"method": self.method, "vector": self.vector, "parameter": self.parameter, "chosen": s.chosen.scale,
-                "met": s.met, "feasible": s.feasible, "misses": s.misses, "strategy": s.strategy,
-                "message": s.message(self.parameter), "probes": [p.to_dict() for p in s.probes]}
-
-
-@dataclass
-class RepairResult:
-    """The whole search, the choice and the held-out check."""
-
-    config: RepairConfig
-    searches: list[MethodSearch]
-    baseline: Probe
-    chosen: MethodSearch | None
-    prompts: dict[str, dict[str, Any]]
-    check: dict[str, dict[str, Any]] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    output_dir: Path | None = None
-
-    @property
-    def cal(self) -> CalibrationConfig:
-        assert isinstance(self.config.calibration, CalibrationConfig)
-        return self.config.calibration
-
-    def headline(self) -> str:
-        """One line: what to ship and what it does on the calibration (and held-out) prompts."""
-        if self.chosen is None:
-            return "no repair keeps the constraints: ship nothing from this search (see the curves)"
-        c, b = self.chosen.search.chosen, self.baseline
-        line = (f"ship {self.chosen.label}, {self.chosen.parameter} = {c.scale:.4g}: unsafe {100 * b.unsafe.value:.0f}% -> "
-                f"{100 * c.unsafe.value:.0f}%")
-        if c.over_refusal is not None and b.over_refusal is not None:
-            line += f", over-refusal {100 * (c.over_refusal.value - b.over_refusal.value):+.0f} pts"
-        if c.utility is not None and b.utility is not None:
-            line += f", task {100 * (c.utility.value - b.utility.value):+.0f} pts"
-        line += " (calibration prompts)"
-        if self.check:
-            t, r = self.check.get("task model", {}), self.check.get("repaired", {})
-            if t and r:
-                line += f"; held out: unsafe {100 * t['unsafe']['value']:.0f}% -> {100 * r['unsafe']['value']:.0f}%"
-        return line
-
-    def to_dict(self) -> dict[str, Any]:
-        t = self.cal
-        return {"format": "hf-safety-merge/repair", "version": 1, "headline": self.headline(),
-                "chosen": None if self.chosen is None else {"method": self.chosen.method, "vector": self.chosen.vector,
-                                                           "parameter": self.chosen.parameter,
-                                                           "value": self.chosen.search.chosen.scale,
-                                                           "met": self.chosen.search.met},
-                "target": dataclasses.asdict(t.target()), "baseline": self.baseline.to_dict(),
-                "searches": [s.to_dict() for s in self.searches], "prompts": self.prompts, "check": self.check,
-                "judge": t.judge, "seconds": self.seconds, "notes": self.notes}
-
-    def table(self) -> str:
-        """The choice per method: one row each, with the task model first."""
-        b = self.baseline
-        lines = ["| method | scale | unsafe | over-refusal | utility | outcome |", "| --- | --- | --- | --- | --- | --- |",
-                 f"| task model (unpatched) | - | {_fmt(b.unsafe)} | {_fmt(b.over_refusal)} | {_fmt(b.utility)} | |"]
-        for s in self.searches:
-            c = s.search.chosen
-            what = "meets the target" if s.search.met else ("best within the constraints" if s.search.feasible
-                                                             else "breaks a constraint")
-            mark = " **chosen**" if s is self.chosen else ""
-            lines.append(f"| {s.label} | {s.parameter} = {c.scale:.4g} | {_fmt(c.unsafe)} | {_fmt(c.over_refusal)} | "
-                         f"{_fmt(c.utility)} | {what}{mark} |")
-        return "\n".join(lines)
+from .repair_config import RepairConfig, label
+from .repair_result import MethodSearch, RepairResult
+from .run import calibration_prompts, evaluate_probe, generation_options
+from .search import Probe, search_scale
 
 
 def _pick(searches: list[MethodSearch]) -> MethodSearch | None:
@@ -282,8 +86,9 @@ def repair(
         check_output_dir(out, cfg.overwrite, inputs=[cfg.task_model, cfg.task_adapter, cfg.task_reference,
                                                      *cfg.safety_vectors, cfg.alignment_vector])
     notes: list[str] = []
-    if "safe_lora" in cfg.methods and cfg.alignment_vector is None:
-        notes.append("Safe LoRA skipped: no `alignment_vector` (W_aligned - W_base) given")
+    if cfg.alignment_vector is None:
+        notes += [f"{label(m)} skipped: no `alignment_vector` (W_aligned - W_base) given"
+                  for m in cfg.methods if get_method_class(m).vector_kind == "alignment"]
     t0 = time.perf_counter()
     sets = calibration_prompts(cal)
     seconds: dict[str, float] = {}
@@ -294,13 +99,16 @@ def repair(
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hf-safety-repair-")))
         cands = cfg.candidates()
         if not cands:
-            raise ConfigError("repair: nothing to search (Safe LoRA alone needs `alignment_vector`)")
+            raise ConfigError("repair: nothing to search (the methods given need `alignment_vector`)")
+        closed_form = [m for m in cfg.methods if get_method_class(m).closed_form_scale]
 
         def open_vector(method: str, vector: str) -> ScaledMerge:
-            # one ScaledMerge per vector (EnchTable's terms need it opened for enchtable)
-            key = vector if method != "safe_lora" else f"safe_lora:{vector}"
+            # one ScaledMerge per vector, opened for the closed-form method when one is searched
+            # (EnchTable: its per-matrix terms need it); the others re-run their formula on it
+            alignment = get_method_class(method).vector_kind == "alignment"
+            key = vector if not alignment else f"{method}:{vector}"
             if key not in opened:
-                first = "enchtable" if method != "safe_lora" and "enchtable" in cfg.methods else method
+                first = closed_form[0] if closed_form and not alignment else method
                 mcfg = cfg.merge_config(first, vector)
                 par = cal.scale_for(first)[0]
                 sm = ScaledMerge(mcfg, par, progress=progress, shared=shared)
@@ -342,10 +150,10 @@ def repair(
             if method in cfg.ranges:
                 low, high = cfg.ranges[method]
             fixed = cfg.parameters.get(method, {})
-            label = LABELS.get(method, method) + (f" ({Path(vector).name})" if method == "enchtable" else "")
+            name = label(method) + (f" ({Path(vector).name})" if get_method_class(method).closed_form_scale else "")
 
             def probe(scale: float, sm: ScaledMerge = sm, method: str = method, parameter: str = parameter,
-                      fixed: dict[str, Any] = fixed, label: str = label, i: int = i) -> Probe:
+                      fixed: dict[str, Any] = fixed, name: str = name, i: int = i) -> Probe:
                 t = time.perf_counter()
                 merged, summary = sm.merged(scale, method, parameter, fixed)
                 load(merged)
@@ -353,13 +161,13 @@ def repair(
                 p.scale, p.seconds = scale, time.perf_counter() - t
                 p.extra.update({k: v for k, v in summary.items() if isinstance(v, int | float)})
                 if on_probe is not None:
-                    on_probe(label, p)
+                    on_probe(name, p)
                 return p
 
             t = time.perf_counter()
             res = search_scale(probe, low, high, target=cal.target(), max_probes=cal.max_probes, integer=integer,
                                baseline=baseline)
-            seconds[f"search {label}"] = time.perf_counter() - t
+            seconds[f"search {name}"] = time.perf_counter() - t
             searches.append(MethodSearch(method, vector, parameter, res))
         chosen = _pick(searches)
         prompts = {k: {"source": v.source, "n": len(v.items),
@@ -409,9 +217,10 @@ def repair(
 
 
 def _final_method(sm: ScaledMerge, chosen: MethodSearch, cfg: RepairConfig) -> Any:
-    if chosen.method == "enchtable":
-        return sm.final_method(chosen.search.chosen.scale)
     from ..methods.base import build_method
+
+    if get_method_class(chosen.method).closed_form_scale:  # the terms computed during the search
+        return sm.final_method(chosen.search.chosen.scale)
 
     params = {**cfg.parameters.get(chosen.method, {}), chosen.parameter: (
         int(chosen.search.chosen.scale) if chosen.parameter == "num_proj_layers" else chosen.search.chosen.scale)}

@@ -11,7 +11,7 @@ from ..eval.metrics import Rate
 from .run import _fmt, plot_curve
 
 if TYPE_CHECKING:
-    from .repair import RepairResult
+    from .repair_result import RepairResult
 
 
 def write_repair(folder: Path, result: RepairResult) -> list[str]:

@@ -1,4 +1,4 @@
-"""`DistillConfig` / `DistillTrainer`: NTK-linearised harmful fine-tuning as a TRL `SFTTrainer`.
+"""`DistillTrainer`: NTK-linearised harmful fine-tuning as a TRL `SFTTrainer` (its args: `DistillConfig`).
 
 The trainer linearises the chosen blocks of the (aligned) model before handing it to
 `SFTTrainer`, so everything `SFTTrainer` and `Trainer` do (chat templates, completion-only loss,
@@ -9,156 +9,30 @@ trained tensors only (`theta_aligned` is the frozen expansion point `theta0`).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import torch
-from transformers.trainer_utils import SaveStrategy, SchedulerType
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
-from ..errors import ConfigError, did_you_mean
+from ..errors import ConfigError
 from ..training.sharding import ShardedTrainingMixin
-from ..validation import (
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveFloat,
-    PositiveInt,
-    validate_dataclass,
-)
+from .config import VECTOR_ROUNDINGS, DistillConfig
 from .linearize import (
-    ATTN_NAMES,
-    MLP_NAMES,
-    VARIANT_DESCRIPTIONS,
     LinearizationPlan,
     delta_tensors,
     linearize_model,
     linearized_modules,
-    resolve_variant,
     theta0_nbytes,
     unlinearize_model,
 )
+from .variants import VARIANT_DESCRIPTIONS
 
 logger = logging.getLogger(__name__)
-
-#: `distill_vector_rounding` values: the dtype that `theta_aligned` and `theta_harmful` are each
-#: rounded to before the difference (`None`: the difference of the float32 weights as trained)
-VECTOR_ROUNDINGS: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16}
-
-
-@dataclass
-class DistillConfig(SFTConfig):
-    r"""
-    Configuration of the [`DistillTrainer`]: every [`~trl.SFTConfig`] field, plus the
-    linearisation. Parse it with `TrlParser`. Defaults that match the EnchTable reference scripts:
-    lr 1e-5, cosine schedule, warmup 0.1, 4 epochs, 16 sequences per optimiser step (4 x 4 on one
-    device). Defaults that differ, on purpose (see docs/distillation.md, "Reference settings"):
-    `max_length` 512 (reference cutoff 2048), fp32 (reference bf16), variant `"ffn"` on all
-    layers (reference: `"attn"` on all layers for Llama, `"attn_ffn"` on `[12, L-12)` for
-    Qwen/Mistral).
-
-    Parameters:
-        distill_variant (`str`, defaults to `"ffn"`):
-            Which blocks to train and how. The EnchTable reference's modes: `"ffn"` (each decoder
-            layer's MLP block, NTK-linearised), `"attn"` (the attention projections, fine-tuned
-            plainly: what the reference's per-`nn.Linear` wrapping amounts to), `"attn_ffn"`
-            (both). Extensions: `"attn_block"` (the whole attention block NTK-linearised) and
-            `"attn_block_ffn"` (attention and MLP blocks, each linearised on its own; `"hybrid"`
-            is its deprecated alias).
-        distill_skip_layers (`int`, defaults to `0`):
-            `N` trains layers `[N, L - N)` only (EnchTable's layer range).
-        distill_layers (`list[int]`, *optional*):
-            An explicit half-open layer range `[start, end)`; excludes `distill_skip_layers`.
-        distill_mlp_names / distill_attn_names (`list[str]`):
-            Child names under which a decoder layer keeps its MLP / attention block.
-        distill_vector_rounding (`str`, defaults to `"none"`):
-            `"none"`: `Delta_s = theta_aligned - theta_harmful` of the weights as trained.
-            `"bf16"`: the EnchTable reference's rounding: `theta_aligned` and `theta_harmful` are
-            each rounded to bfloat16 (round to nearest even) and the difference is taken in float32,
-            as the reference subtracts its two bf16 checkpoints (DeepSpeed saves the harmful model
-            in bf16). An element that moved less than half a bf16 step from a bf16-representable
-            aligned weight is then exactly 0. Training itself is unchanged.
-    """
-
-    distill_variant: str = field(
-        default="ffn",
-        metadata={"help": "ffn | attn | attn_ffn (the EnchTable reference's modes) | attn_block | attn_block_ffn (extensions)."},
-    )
-    distill_skip_layers: int = field(default=0, metadata={"help": "Train layers [N, L-N) only."})
-    distill_layers: list[int] | None = field(
-        default=None, metadata={"help": "Explicit layer range [start, end) (excludes distill_skip_layers)."}
-    )
-    distill_mlp_names: list[str] = field(
-        default_factory=lambda: list(MLP_NAMES), metadata={"help": "Child names of a layer's MLP block."}
-    )
-    distill_attn_names: list[str] = field(
-        default_factory=lambda: list(ATTN_NAMES), metadata={"help": "Child names of a layer's attention block."}
-    )
-    distill_vector_rounding: str = field(
-        default="none",
-        metadata={"help": "'none': theta_aligned - theta_harmful as trained; 'bf16': each rounded to bfloat16 before "
-                  "the difference (the EnchTable reference's bf16 checkpoints).", "choices": list(VECTOR_ROUNDINGS)},
-    )
-
-    # EnchTable's reference hyperparameters (max_length and precision differ on purpose).
-    learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate (EnchTable: 1e-5)."})
-    lr_scheduler_type: SchedulerType | str = field(default="cosine", metadata={"help": "LR schedule (EnchTable: cosine)."})
-    warmup_steps: float = field(
-        default=0.1, metadata={"help": "Warmup steps, or a fraction of training steps if < 1 (EnchTable: 0.1)."}
-    )
-    num_train_epochs: float = field(default=4.0, metadata={"help": "Epochs (EnchTable: 4)."})
-    per_device_train_batch_size: int = field(default=4, metadata={"help": "Sequences per device and micro-batch."})
-    gradient_accumulation_steps: int = field(default=4, metadata={"help": "Micro-batches per optimiser step."})
-    max_length: int | None = field(
-        default=512, metadata={"help": "Maximum tokens per example (EnchTable's cutoff_len: 2048)."}
-    )
-    gradient_checkpointing: bool | None = field(  # type: ignore[assignment]
-        default=None, metadata={"help": "Deprecated alias of activation_checkpointing."})
-    activation_checkpointing: bool | None = field(
-        default=False, metadata={"help": "Activation (gradient) checkpointing; off by default."}
-    )
-    save_strategy: SaveStrategy | str = field(
-        default="no", metadata={"help": "Checkpointing (off by default: no harmful checkpoint is kept)."}
-    )
-    # (same union order as TrainingArguments: HfArgumentParser relies on it)
-    report_to: None | str | list[str] = field(default="none", metadata={"help": "Loggers (none by default)."})  # noqa: RUF036
-
-    def __post_init__(self) -> None:
-        # canonical name ('hybrid' -> 'attn_block_ffn', with a FutureWarning); the warning about
-        # 'attn''s reference meaning comes from linearize_model
-        validate_dataclass(self, what="distill option", names=_OWN_FIELDS, overrides=_CONSTRAINTS)
-        self.distill_variant = resolve_variant(self.distill_variant, warn_attn=False)
-        if self.distill_layers is not None and (len(self.distill_layers) != 2 or self.distill_layers[0] >= self.distill_layers[1]):
-            raise ConfigError(f"distill option 'distill_layers' = {self.distill_layers!r}: expected [start, end) with start < end")
-        if self.distill_layers is not None and self.distill_skip_layers:
-            raise ConfigError("give either distill_layers or distill_skip_layers, not both")
-        if self.distill_vector_rounding not in VECTOR_ROUNDINGS:
-            raise ConfigError(
-                f"distill option 'distill_vector_rounding' = {self.distill_vector_rounding!r}: expected one of "
-                f"{', '.join(map(repr, VECTOR_ROUNDINGS))}{did_you_mean(str(self.distill_vector_rounding), VECTOR_ROUNDINGS)}"
-            )
-        super().__post_init__()
-
-
-#: DistillConfig's own fields, checked strictly when it is built (the SFTConfig ones are TRL's)
-_OWN_FIELDS = ("distill_variant", "distill_skip_layers", "distill_layers", "distill_mlp_names", "distill_attn_names",
-               "distill_vector_rounding",
-               "learning_rate", "warmup_steps", "num_train_epochs", "per_device_train_batch_size",
-               "gradient_accumulation_steps", "max_length")
-_CONSTRAINTS: dict[str, Any] = {
-    "distill_skip_layers": NonNegativeInt,
-    "distill_layers": list[NonNegativeInt] | None,
-    "learning_rate": PositiveFloat,
-    "warmup_steps": NonNegativeFloat,
-    "num_train_epochs": PositiveFloat,
-    "per_device_train_batch_size": PositiveInt,
-    "gradient_accumulation_steps": PositiveInt,
-    "max_length": PositiveInt | None,
-}
-
 
 def loss_summary(log_history: list[dict[str, Any]], max_points: int = 20) -> dict[str, Any]:
     """First / last / min training loss and a down-sampled `[step, loss]` curve from `log_history`."""
@@ -181,9 +55,10 @@ def loss_summary(log_history: list[dict[str, Any]], max_points: int = 20) -> dic
 class DistillTrainer(ShardedTrainingMixin, SFTTrainer):
     """`SFTTrainer` that trains an NTK-linearised copy of the chosen blocks.
 
-    Pass the aligned model (a model object or a path/Hub id) and a harmful prompt-completion data
-    set (see :func:`~hf_safety_merge.distill.load_harmful_qa`); the linearisation follows
-    `args.distill_*`. Every other argument is `SFTTrainer`'s.
+    Pass the aligned model (a model object, or a path/Hub id loaded in float32 with
+    `args.aligned_revision`, `args.attn_implementation` and `args.model_init_kwargs`) and a harmful
+    prompt-completion data set (see :func:`~hf_safety_merge.distill.load_harmful_qa`); the
+    linearisation follows `args.distill_*`. Every other argument is `SFTTrainer`'s.
 
     After `train()`: :meth:`safety_vector` gives `theta_aligned - theta_harmful` on the trained
     tensors; :meth:`harmful_model` restores the plain blocks holding `theta_harmful`.
@@ -198,12 +73,19 @@ class DistillTrainer(ShardedTrainingMixin, SFTTrainer):
             args = DistillConfig(output_dir="distill-output")
         if not isinstance(args, DistillConfig):
             raise ConfigError(f"DistillTrainer needs a DistillConfig, got {type(args).__name__}")
+        if args.output_dir is None:  # (distill_safety_vector gives a temporary folder instead)
+            args = copy.copy(args)
+            args.output_dir = "trainer_output"
         self._refuse_early(args)
         if isinstance(model, str):
             from transformers import AutoModelForCausalLM
 
             init: dict[str, Any] = dict(args.model_init_kwargs or {})  # type: ignore[arg-type]
             init.setdefault("dtype", torch.float32)
+            if args.aligned_revision:
+                init.setdefault("revision", args.aligned_revision)
+            if args.attn_implementation:
+                init.setdefault("attn_implementation", args.attn_implementation)
             self.aligned_name: str | None = model
             model = AutoModelForCausalLM.from_pretrained(model, **init)
         else:

@@ -128,10 +128,15 @@ class MergeMethod(ABC):
     Params: ClassVar[type[MethodParams]] = MethodParams
     #: other names accepted in configs and on the command line (e.g. "resta")
     aliases: ClassVar[tuple[str, ...]] = ()
+    #: the name people use for it, in reports and tables ("RESTA"); default: `name`
+    label: ClassVar[str] = ""
     #: the paper or code the method follows (shown by `methods` and in cards)
     reference: ClassVar[str] = ""
     #: one paragraph for the model card: the formula, in Markdown
     card_text: ClassVar[str] = ""
+    #: the vector the method merges: a (distilled) safety vector, or the alignment vector
+    #: W_aligned - W_base (Safe LoRA's V); `repair` pairs each method with the right one
+    vector_kind: ClassVar[str] = "safety"
     #: the parameter a calibration / repair searches and its default range (lo, hi); for an
     #: integer count, hi = -1 means "every matrix the vector covers". None: no scale to search
     scale: ClassVar[tuple[str, float, float] | None] = None

@@ -84,6 +84,7 @@ class EnchTable(MergeMethod):
     """theta = theta_task + w * alpha * Delta_s (EnchTable, Sec. 3.3; reference `enchtable_merge`)."""
 
     name = "enchtable"
+    label = "EnchTable"
     Params = EnchTableParams
     reference = "EnchTable (Wu et al. 2025, arXiv 2511.09880), Sec. 3.3; reference code `enchtable_merge`"
     card_text = ("EnchTable (arXiv 2511.09880): `theta = theta_task + w * alpha * Delta_s`, with the coarse "

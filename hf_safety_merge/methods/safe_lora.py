@@ -53,6 +53,8 @@ class SafeLoraParams(MethodParams):
 @register
 class SafeLora(MergeMethod):
     name = "safe_lora"
+    label = "Safe LoRA"
+    vector_kind = "alignment"
     Params = SafeLoraParams
     reference = "Safe LoRA (Hsu et al. 2024, arXiv 2405.16833); defaults from IBM/SafeLoRA's `SafeLoRAConfig`"
     card_text = ("Safe LoRA projection: the fine-tuning update of the least aligned matrices is projected onto "

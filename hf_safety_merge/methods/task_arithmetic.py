@@ -28,6 +28,7 @@ class TaskArithmeticParams(MethodParams):
 @register
 class TaskArithmetic(MergeMethod):
     name = "task_arithmetic"
+    label = "RESTA"
     Params = TaskArithmeticParams
     aliases = ("resta",)
     reference = "RESTA (Bhardwaj et al. 2024, arXiv 2402.11746): task arithmetic with the safety vector"

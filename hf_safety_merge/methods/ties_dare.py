@@ -76,6 +76,7 @@ class TiesParams(_WeightedParams):
 @register
 class Ties(_WeightedMerge):
     name = "ties"
+    label = "TIES"
     Params = TiesParams
     reference = "TIES-Merging (Yadav et al. 2023, arXiv 2306.01708), `peft.utils.merge_utils.ties`"
     card_text = "TIES merging of the task update and the safety vector (peft.utils.merge_utils.ties)."
@@ -117,6 +118,7 @@ class DareParams(_WeightedParams):
 @register
 class Dare(_WeightedMerge):
     name = "dare"
+    label = "DARE"
     Params = DareParams
     reference = "DARE (Yu et al. 2024, arXiv 2311.03099), `peft.utils.merge_utils.dare_linear` / `dare_ties`"
     card_text = "DARE merging of the task update and the safety vector (peft.utils.merge_utils)."

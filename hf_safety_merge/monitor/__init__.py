@@ -11,8 +11,8 @@
 - :func:`mcnemar_exact` / :func:`paired_change`: the paired test on the same probes.
 - :func:`monitor_fine_tune`: the study's hook (a monitor with the study's probe settings).
 
-Layer 6 (docs/architecture.md): imports ``eval`` and ``training`` (layer 2); only the ``patch``
-policy (:mod:`.patch`) imports the merge engine (layer 5), and only when it runs.
+Layer 5 (docs/architecture.md): imports ``eval`` and ``training`` (layer 2); only the ``patch``
+policy (:mod:`.patch`) imports the merge engine (layer 4), and only when it runs.
 """
 
 from .callback import SafetyMonitorCallback

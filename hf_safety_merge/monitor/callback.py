@@ -6,16 +6,9 @@ over-refusal and the task score with 95% Wilson intervals through ``Trainer.log`
 TensorBoard, W&B, trackio, ``trainer_state.json``). Erosion is judged against the start with an exact
 paired McNemar test on the same probes. Policies: ``warn``, ``stop``, ``keep_safest``, ``patch``.
 
-Engines. In one process the model generates everything. With several processes (DDP, FSDP2),
-every process generates its share of the probes on its own model (each rank gets the same number
-of rows, padded, and the same number of batches); under FSDP2 the root's parameters are unsharded
-for the probe and ``generate(synced_gpus=True)`` keeps every rank stepping until all are done, so
-the per-layer all-gathers never wait for a rank that stopped early. The rows are gathered, the main
-process judges, and the result is broadcast, so every rank logs the same point and takes the same
-decision (``stop`` ends training on every rank at the same step). With a user backend (e.g. a
-server) the main process generates everything and the others wait at the broadcast. During a probe
-the model is in eval mode (no dropout, no gradient checkpointing) and ``use_cache`` is on; its
-training mode is restored after.
+How one probe generates (one process, DDP, FSDP2, a user backend) and is judged is in
+:mod:`.probing`; this module keeps the curve, applies the policies and writes the outputs.
+Layer 5 (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -25,64 +18,26 @@ import dataclasses
 import inspect
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import Trainer, TrainerCallback
 
 from ..errors import ConfigError
-from ..eval.backends import TransformersBackend
-from ..eval.generation import GenerationRequest, GenerationSettings, Generator
+from ..eval.generation import GenerationRequest
 from ..eval.judges import Judge, get_judge
-from ..eval.metrics import Rate, exact_match, rate
+from ..eval.metrics import Rate
 from .config import SafetyMonitorConfig
 from .curve import LOG_PREFIX, card_section, curve_table, update_card
 from .probes import ProbeSet, load_probes
+from .probing import generate_probes, rank_world, score_rows
 from .stats import paired_change
 
 __all__ = ["SafetyMonitorCallback"]
 
 logger = logging.getLogger("hf_safety_merge.monitor")
-
-
-class _ProbeBackend(TransformersBackend):
-    """The transformers backend for probes on a model that is being trained: left-padded
-    ``generate`` under ``no_grad`` (not ``inference_mode``, whose tensors FSDP2 cannot reuse as
-    gathered weights in the next training step), ``use_cache`` forced on (trainers turn it off for
-    gradient checkpointing), the shared-prefix cache in one process or DDP, and ``synced_gpus``
-    (without the prefix cache, whose extra forwards would differ between ranks) when the weights
-    are sharded."""
-
-    def __init__(self, model: Any, tokenizer: Any, synced: bool = False) -> None:
-        super().__init__(model, tokenizer)
-        self.synced = synced
-
-    def _generate_kwargs(self, config: GenerationSettings) -> dict[str, Any]:
-        kw = super()._generate_kwargs(config)
-        kw["use_cache"] = True
-        if self.synced:
-            kw["synced_gpus"] = True
-        return kw
-
-    def _grad_mode(self) -> Any:
-        return torch.no_grad()
-
-    def _prefix_cache_allowed(self) -> bool:
-        # the shared opening (e.g. the chat template's system prompt) computed once per probe,
-        # except when sharded: its extra forwards would differ between ranks
-        return not self.synced
-
-
-def _dist() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _rate_dict(r: Rate | None) -> dict[str, Any] | None:
@@ -221,102 +176,21 @@ class SafetyMonitorCallback(TrainerCallback):
             self._tokenizer = copy.deepcopy(tok)  # the backend sets left padding; the trainer's stays as it is
         return self._tokenizer
 
-    @staticmethod
-    def _shard_info(model: Any) -> dict[str, Any] | None:
-        """Placements and shapes of the first sharded parameter (what a probe ran on)."""
-        from torch.distributed.tensor import DTensor
-
-        for name, p in model.named_parameters():
-            if isinstance(p, DTensor):
-                return {"param": name, "placements": [str(x) for x in p.placements], "global_shape": list(p.shape),
-                        "local_shape": list(p.to_local().shape)}
-        return None
-
     def _generate(self, trainer: Trainer) -> tuple[list[dict[str, Any]] | None, str]:
         """Rows in request order on the main process (None elsewhere), and the engine used."""
-        import torch.distributed as dist
-
-        from ..training.sharding import has_dtensor_params
-
-        rank, world = _dist()
-        model: Any = trainer.model
-        tok = self._probe_tokenizer(trainer)
-        gcfg = self.config.generation_config()
-        sharded = has_dtensor_params(model)
-        was_training = model.training
-        model.eval()
-        root_unsharded = False
-        try:
-            if self.config.backend is not None:
-                engine = "backend on main"
-                rows = None
-                if rank == 0:
-                    gen = Generator(None, tok, gcfg, model_name="safety-monitor", backend=self.config.backend(model, tok))
-                    rows = gen.generate(self.requests, progress=False)
-                return rows, engine
-            if world == 1:
-                gen = Generator(model, tok, gcfg, model_name="safety-monitor", backend=_ProbeBackend(model, tok))
-                return gen.generate(self.requests, progress=False), "sharded" if sharded else "single"
-            # every rank its share, the same number of rows and batches on every rank
-            per = math.ceil(len(self.requests) / world)
-            mine = list(self.requests[rank::world])
-            while len(mine) < per:
-                pad = mine[-1] if mine else self.requests[-1]
-                mine.append(dataclasses.replace(pad, id=f"{pad.id}#pad{len(mine)}"))
-            if sharded:
-                from torch.distributed.fsdp import FSDPModule
-
-                self.last_sharding = self._shard_info(model)
-                gcfg = dataclasses.replace(gcfg, max_batch_tokens=None)  # the same number of batches on every rank
-                root: Any = model
-                if isinstance(model, FSDPModule):  # narrows `model` only; `root` stays a Module
-                    # one token through the root first: FSDP2 initialises its states from the root's
-                    # forward, which generate() of a PEFT root never calls (and the start probe runs
-                    # before any training step); then the root's own weights (embeddings, head) stay
-                    # gathered for the probe, and each layer gathers its own in its forward
-                    with torch.no_grad():
-                        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-                        root(input_ids=torch.tensor([[int(pad or 0)]], device=next(iter(root.parameters())).device))
-                    root.unshard()
-                    root_unsharded = True
-            gen = Generator(model, tok, gcfg, model_name="safety-monitor", backend=_ProbeBackend(model, tok, synced=sharded))
-            local = gen.generate(mine, progress=False)
-            gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, [r for r in local if "#pad" not in r["id"]])
-            engine = f"fsdp2 sharded x{world}" if sharded else f"data-parallel x{world}"
-            if rank != 0:
-                return None, engine
-            by_id = {r["id"]: r for part in gathered for r in part}
-            return [by_id[r.id] for r in self.requests], engine
-        finally:
-            if root_unsharded:
-                model.reshard()
-            model.train(was_training)
+        rows, engine, sharding = generate_probes(trainer.model, self._probe_tokenizer(trainer), self.requests, self.config)
+        if engine.startswith("fsdp2"):
+            self.last_sharding = sharding
+        return rows, engine
 
     def _score(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         judge, rjudge = self._judges()
-        by_set: dict[str, list[dict[str, Any]]] = {"harmful": [], "benign": [], "task": []}
-        for r in rows:
-            by_set[str(r["set"])].append(r)
-        h = by_set["harmful"]
-        verdicts = judge.judge_batch([r["prompt"] for r in h], [r["response"] for r in h])
-        unsafe_flags = [judge.is_unsafe(v) for v in verdicts]
-        out: dict[str, Any] = {"unsafe": rate(unsafe_flags).to_dict(), "unsafe_flags": [int(f) for f in unsafe_flags],
-                               "labels": [v.label for v in verdicts], "over_refusal": None, "task": None,
-                               "responses": [r["response"] for r in rows]}
-        if by_set["benign"] and rjudge is not None:
-            bv = rjudge.judge_batch([r["prompt"] for r in by_set["benign"]], [r["response"] for r in by_set["benign"]])
-            out["over_refusal"] = rate(rjudge.is_refusal(v) for v in bv).to_dict()
-        if by_set["task"]:
-            mode = "number" if self.config.task_metric == "number" else "normalized"
-            refs = [self.probes.task[int(r["index"])].reference or "" for r in by_set["task"]]
-            out["task"] = rate(exact_match(r["response"], ref, mode=mode) for r, ref in zip(by_set["task"], refs)).to_dict()
-        return out
+        return score_rows(rows, judge, rjudge, self.probes, self.config.task_metric)
 
     def _probe(self, trainer: Trainer, state: Any, control: Any, label: str) -> dict[str, Any]:
         import torch.distributed as dist
 
-        rank, world = _dist()
+        rank, world = rank_world()
         t0 = time.perf_counter()
         rows, engine = self._generate(trainer)
         t_gen = time.perf_counter() - t0
@@ -395,7 +269,7 @@ class SafetyMonitorCallback(TrainerCallback):
         self._best = key
         out = Path(str(trainer.args.output_dir)) / "safest"
         trainer.save_model(str(out))  # every rank (FSDP gathers the weights)
-        if _dist()[0] == 0:
+        if rank_world()[0] == 0:
             (out / "safety_monitor_point.json").write_text(json.dumps({k: v for k, v in point.items() if k != "unsafe_flags"}, indent=1))
         self.safest_dir = out
         point["kept"] = True
@@ -435,7 +309,7 @@ class SafetyMonitorCallback(TrainerCallback):
         os.replace(tmp, p)
 
     def _write_card(self, output_dir: str) -> None:
-        if self.config.update_card and self.curve and _dist()[0] == 0:
+        if self.config.update_card and self.curve and rank_world()[0] == 0:
             update_card(Path(output_dir) / "README.md", card_section(self.curve, self._meta()))
 
     def table(self) -> str:
@@ -464,7 +338,7 @@ class SafetyMonitorCallback(TrainerCallback):
         else:
             self._probe(trainer, state, control, "end")
         self.train_seconds = time.perf_counter() - self._t_begin
-        rank, _ = _dist()
+        rank, _ = rank_world()
         if self.config.policy == "patch":
             self._patch(trainer)
         if rank == 0:
@@ -482,7 +356,7 @@ class SafetyMonitorCallback(TrainerCallback):
         c = self.config
         final = Path(str(trainer.args.output_dir)) / "monitor-final"
         trainer.save_model(str(final))  # every rank
-        rank, world = _dist()
+        rank, world = rank_world()
         out = Path(c.patch_output_dir) if c.patch_output_dir else Path(str(trainer.args.output_dir) + "-patched")
         error: str | None = None
         if rank == 0:

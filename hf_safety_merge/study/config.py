@@ -21,7 +21,8 @@ VARIANTS = ("attn", "ffn", "attn_ffn", "attn_block", "attn_block_ffn")
 #: the rows the ``full`` preset evaluates in full: the ones each paper's verdict rests on
 FULL_HEADLINE_ROWS = ("aligned", "ft-full", "ft-full+enchtable-attn", "ft-full+enchtable-ffn", "ft-full+repair", "ft-lora",
                       "ft-lora+safe_lora", "ft-lora+repair", "asft", "sft-reasoning", "safekey")
-#: what the ``repair`` rows search (`hf_safety_merge.calibrate.repair`)
+#: what the ``repair`` rows search by default (`hf_safety_merge.calibrate.repair`; any registered
+#: method with a scale may be named)
 REPAIR_METHODS = ("enchtable", "resta", "safe_lora", "ties", "dare")
 #: the methods a study runs unless told: all but ``calibrated`` (16 min of the full preset's
 #: budget; the calibrated repair has its own benchmark, `benchmarks/bench_calibration.py`)
@@ -256,9 +257,13 @@ class StudyConfig:
         for m in ("calibrated", "repair"):
             if m in self.methods and not self.calibration_prompts:
                 raise ConfigError(f"method {m!r} needs calibration_prompts > 0 (the prompts its setting is chosen on)")
+        from ..calibrate.repair_config import repair_methods
+        from ..methods.base import canonical_name
+
+        known = repair_methods()
         for m in self.repair_methods:
-            if m not in REPAIR_METHODS:
-                raise ConfigError(f"repair_methods entry {m!r} is not one of {REPAIR_METHODS}" + did_you_mean(m, REPAIR_METHODS))
+            if canonical_name(m) not in known:
+                raise ConfigError(f"repair_methods entry {m!r} is not one of {known} (or 'resta')" + did_you_mean(m, known))
         if self.safekey_last_k_epochs > self.safekey_epochs:
             raise ConfigError("safekey_last_k_epochs must be <= safekey_epochs")
 

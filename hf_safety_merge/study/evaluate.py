@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .stages import REASONING_EXTRA_TOKENS, Row, Stages
+from .row import Row
+from .stages import REASONING_EXTRA_TOKENS, Stages
 
 #: outcome sets: name -> (what is counted, higher is worse?)
 OUTCOMES = {"unsafe": "unsafe on AdvBench (held out)", "unsafe_ood": "unsafe on Do-Not-Answer (no stage saw it)",

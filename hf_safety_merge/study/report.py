@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from .diagnostics import merge_regime
-from .stages import Row, Stages
+from .row import Row
+from .stages import Stages
 from .stats import fmt_p, fmt_rate, mcnemar, pareto_front, rate_of
 
 #: the papers' own claims (docs/study.md): EnchTable Table 2-3 (8B), AsFT Table 1, SafeKey Table 1

@@ -14,7 +14,8 @@ from typing import Any
 from .config import StudyConfig
 from .data import load_study_data
 from .diagnostics import alignment_geometry
-from .stages import Row, Stages
+from .row import Row
+from .stages import Stages
 
 
 @dataclass

@@ -11,33 +11,20 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
 from .config import StudyConfig
 from .data import REFUSALS, StudyData, comply, n_break_harmful
+from .repair_stages import RepairStages
 
 #: extra generation budget for reasoning-format models (their <think> block comes first)
 REASONING_EXTRA_TOKENS = 40
 
 
-@dataclass
-class Row:
-    """One model the study evaluates: its folder (and LoRA adapter), what it repairs, its group."""
-
-    name: str
-    model: Path
-    adapter: Path | None = None
-    repairs: str | None = None  # the broken model it repairs (or is trained instead of)
-    method: str | None = None  # method family (enchtable, resta, ...)
-    group: str = "headline"  # "headline" (full evaluation) or "sweep"
-    setting: str = ""
-
-
-class Stages:
-    """The stages of one :class:`StudyConfig` in a work folder."""
+class Stages(RepairStages):
+    """The stages of one :class:`StudyConfig` in a work folder (the repairs: `RepairStages`)."""
 
     def __init__(self, cfg: StudyConfig, work: Path, data: StudyData, *, log: Callable[[str], None] = print) -> None:
         self.cfg, self.work, self.data, self.log = cfg, work, data, log
@@ -225,7 +212,7 @@ class Stages:
                                                                   epochs=c.task_epochs, lr=c.task_lr, monitor=True))
 
     def distill(self, aligned: Path, variant: str) -> Path:
-        from ..distill import distill_safety_vector
+        from ..distill import DistillConfig, distill_safety_vector
 
         c, w = self.cfg, self.work
         harm_file = w / "distill_harmful.jsonl"
@@ -237,12 +224,12 @@ class Stages:
             raise ConfigError(f"distill_batch_size={c.distill_batch_size} must be a multiple of batch_size={per_device}")
 
         def run() -> None:
-            res = distill_safety_vector(
-                aligned, harm_file, out, variant=variant, num_train_epochs=c.distill_epochs, learning_rate=c.distill_lr,
+            config = DistillConfig(
+                distill_variant=variant, num_train_epochs=c.distill_epochs, learning_rate=c.distill_lr,
                 per_device_train_batch_size=per_device, gradient_accumulation_steps=c.distill_batch_size // per_device,
-                warmup=0.1, lr_scheduler_type="cosine", max_length=c.max_length, max_samples=None, overwrite=True,
-                progress=True, seed=c.seed, training_args={"use_cpu": c.device == "cpu"},
-            )
+                warmup_steps=0.1, lr_scheduler_type="cosine", max_length=c.max_length, max_samples=None,
+                seed=c.seed, use_cpu=c.device == "cpu")
+            res = distill_safety_vector(config, aligned, harm_file, out, overwrite=True)
             self.log(f"      {res}")
 
         return self.stage(f"distill: {variant}", out, run)
@@ -252,106 +239,6 @@ class Stages:
 
         out = self.work / "vector-aligned-minus-base"
         return self.stage("vector: aligned - base", out, lambda: SafetyVector.compute(aligned, base, out, overwrite=True, progress=True))
-
-    def merge(self, row: Row, method: str, params: dict[str, Any], vector: Path, task: Path, lora: bool, aligned: Path) -> Row:
-        from ..merge import merge
-        from ..merge.config import SafetyMergeConfig
-
-        c = self.cfg
-        out = self.work / row.name
-        kw: dict[str, Any] = dict(safety_vector=str(vector), method=method, parameters=params, output_dir=str(out),
-                                  overwrite=True, device=c.device)
-        kw.update(task_model=str(aligned), task_adapter=str(task)) if lora else kw.update(task_model=str(task), task_reference=str(aligned))
-
-        def run() -> None:
-            self.log(f"      {merge(SafetyMergeConfig(**kw), progress=True)}")
-
-        self.stage(f"repair: {row.name}", out, run)
-        row.model = out
-        return row
-
-    def calibrated(self, row: Row, vector: Path, task: Path, lora: bool, aligned: Path) -> Row:
-        """EnchTable with beta chosen by calibration on the calibration prompts (used by no other
-        stage); the row is evaluated on the held-out prompts like every other."""
-        from ..calibrate import merge_calibrated
-        from ..merge.config import SafetyMergeConfig
-        from .data import write_prompts
-
-        c, d = self.cfg, self.data
-        out = self.work / row.name
-        harmful = write_prompts(self.work / "calibration_harmful.csv", d.calib_harmful)
-        benign = write_prompts(self.work / "calibration_benign.csv", d.calib_benign)
-        kw: dict[str, Any] = dict(safety_vector=str(vector), method="enchtable", output_dir=str(out), overwrite=True, device=c.device)
-        kw.update(task_model=str(aligned), task_adapter=str(task)) if lora else kw.update(task_model=str(task), task_reference=str(aligned))
-        kw["calibration"] = {"harmful": harmful, "benign": benign, "num_harmful": max(1, len(d.calib_harmful)),
-                             "num_benign": max(1, len(d.calib_benign)), "max_unsafe": c.calibration_max_unsafe,
-                             "max_probes": c.calibration_probes, "max_new_tokens": c.max_new_tokens,
-                             "batch_size": c.eval_batch_size, "holdout_split": False,
-                             "max_over_refusal_increase": c.repair_max_over_refusal_increase, **_calibration_backend(c)}
-
-        def run() -> None:
-            from ..errors import CalibrationError
-
-            try:
-                res, cal = merge_calibrated(SafetyMergeConfig(**kw), progress=True)
-            except CalibrationError as e:  # no beta keeps the constraints: the row is the unpatched fine-tune
-                self.log(f"      {e}")
-                out.mkdir(parents=True, exist_ok=True)
-                (out / "calibration_failed.txt").write_text(str(e) + "\n")
-                return
-            self.log(f"      {cal.message()}\n      {res}")
-
-        self.stage(f"repair: {row.name}", out, run)
-        if (out / "calibration_failed.txt").is_file():
-            row.model, row.adapter = (aligned, task) if lora else (task, None)
-            row.setting += " (no beta keeps the constraints: the unpatched fine-tune)"
-            return row
-        row.model = out
-        return row
-
-    def repair(self, row: Row, vectors: dict[str, Path], align_vec: Path | None, task: Path, lora: bool, aligned: Path) -> Row:
-        """The recommended repair (`hf_safety_merge.calibrate.repair`): ``repair_methods`` x scale
-        searched constraint-first on the calibration prompts (used by no other stage); the row is
-        evaluated on the held-out prompts like every other, which is the check of the choice."""
-        from ..calibrate.repair import RepairConfig, repair
-        from .data import write_prompts
-
-        c, d = self.cfg, self.data
-        out = self.work / row.name
-        harmful = write_prompts(self.work / "calibration_harmful.csv", d.calib_harmful)
-        benign = write_prompts(self.work / "calibration_benign.csv", d.calib_benign)
-        kw: dict[str, Any] = dict(safety_vectors=[str(v) for v in vectors.values()], methods=list(c.repair_methods),
-                                  alignment_vector=str(align_vec) if align_vec is not None else None,
-                                  output_dir=str(out), overwrite=True, device=c.device,
-                                  ranges={k: list(v) for k, v in c.repair_ranges.items()})
-        kw.update(task_model=str(aligned), task_adapter=str(task)) if lora else kw.update(task_model=str(task), task_reference=str(aligned))
-        kw["calibration"] = {"harmful": harmful, "benign": benign, "num_harmful": max(1, len(d.calib_harmful)),
-                             "num_benign": max(1, len(d.calib_benign)), "max_unsafe": c.calibration_max_unsafe,
-                             "max_over_refusal_increase": c.repair_max_over_refusal_increase,
-                             "max_probes": c.repair_probes, "max_new_tokens": c.max_new_tokens,
-                             "batch_size": c.eval_batch_size, "holdout_split": False, "judge": c.judge,
-                             **_calibration_backend(c)}
-
-        def run() -> None:
-            res = repair(RepairConfig(**kw), progress=True, on_infeasible="return")
-            self.log(f"      {res.headline()}")
-            if res.chosen is None:  # the answer is "ship nothing": the row is the unpatched fine-tune
-                out.mkdir(parents=True, exist_ok=True)
-                (out / "repair.json").write_text(json.dumps(res.to_dict(), indent=2) + "\n")
-
-        self.stage(f"repair: {row.name}", out, run)
-        info = json.loads((out / "repair.json").read_text())
-        ch = info.get("chosen")
-        if ch is None:
-            row.model, row.adapter = (aligned, task) if lora else (task, None)
-            row.setting = "repair: no setting keeps the constraints (the unpatched fine-tune)"
-            return row
-        row.model = out
-        if ch:
-            name = {"task_arithmetic": "RESTA", "enchtable": "EnchTable " + Path(ch["vector"]).name.removeprefix("vector-"),
-                    "safe_lora": "Safe LoRA", "ties": "TIES", "dare": "DARE"}.get(ch["method"], ch["method"])
-            row.setting = f"repair: {name}, {ch['parameter']} {ch['value']:.3g}"
-        return row
 
     def safekey(self, aligned: Path, head_weight: float, qmm_weight: float, out: Path) -> Path:
         """SafeKey (or, with both weights 0, plain SFT) on a reasoning-format variant of the downstream
@@ -411,11 +298,3 @@ class Stages:
         tag = "" if (head_weight, qmm_weight) == (0.2, 0.2) else f" {head_weight:g}:{qmm_weight:g}"
         return self.stage(f"train: SafeKey{tag}", out, run)
 
-
-def _calibration_backend(cfg: StudyConfig) -> dict[str, Any]:
-    """The study's generation backend for the calibration probes (the managed vLLM server when the
-    study evaluates on it: the same server, the probe's weights reloaded)."""
-    from ..eval.engine import EngineConfig, resolve_backend
-
-    kind = resolve_backend(cfg.backend, EngineConfig(python=cfg.vllm_python))
-    return {"backend": "vllm", "vllm_python": cfg.vllm_python} if kind == "vllm" else {}

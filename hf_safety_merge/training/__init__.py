@@ -19,15 +19,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .asft.anchors import (
-    AlignmentAnchors,
+from .asft.anchors import AlignmentAnchors
+from .asft.peft_mixin import SafetyPeftMixin, add_safety_mixin, anchored_penalty, find_lora_targets
+from .asft.projector import (
     Anchor,
     basin_components,
     build_anchor,
     naive_offbasin_penalty,
     offbasin_penalty,
 )
-from .asft.peft_mixin import SafetyPeftMixin, add_safety_mixin, anchored_penalty, find_lora_targets
 
 if TYPE_CHECKING:
     from .asft.config import AsFTConfig

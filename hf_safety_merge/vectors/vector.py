@@ -1,4 +1,8 @@
-"""SafetyVector and its config: compute by streaming two checkpoints, save, load (local or Hub), push."""
+"""SafetyVector: compute by streaming two checkpoints, save, load (local or Hub), push.
+
+Layer 3 (docs/architecture.md): its config and the config-vs-files check are in `config`, its
+folder's file names in `files`, the EnchTable subspace cache in `subspace_cache`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,7 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointError, ConfigError, NonFiniteError, PlanError, did_you_mean
+from ..errors import CheckpointError, ConfigError, NonFiniteError, PlanError
 from ..io.checkpoints import (
     InMemorySource,
     SafetensorsCheckpoint,
@@ -35,6 +39,7 @@ from ..io.output import (
 from ..io.safetensors_stream import TORCH_TO_TAG, OutputTensor, StreamingShardWriter
 from ..io.sink import card_sink
 from ..methods.finite import sq_sum
+from .config import SafetyVectorConfig, check_config_matches_files
 from .files import SUBSPACE_CACHE, VECTOR_CONFIG, VECTOR_PREFIX
 from .subspace_cache import CACHE_GAMMA, SubspaceCache, write_subspace_cache
 
@@ -45,57 +50,6 @@ def _version() -> str:
     from .. import __version__
 
     return __version__
-
-
-@dataclass
-class SafetyVectorConfig:
-    """Provenance and statistics of a safety vector (`safety_vector_config.json`)."""
-
-    architecture: str | None = None
-    model_type: str | None = None
-    aligned_model: str | None = None
-    aligned_revision: str | None = None
-    reference_model: str | None = None
-    reference_revision: str | None = None
-    method: str = "difference"
-    tensor_filter: dict[str, Any] = field(default_factory=dict)
-    dtype: str = "float32"
-    num_tensors: int = 0
-    num_parameters: int = 0
-    norm: float = 0.0
-    tensor_norms: dict[str, float] = field(default_factory=dict)
-    library_version: str = ""
-    created_at: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = VECTOR_CONFIG) -> SafetyVectorConfig:
-        known = set(cls.__dataclass_fields__)
-        for k in d:
-            if k not in known:
-                raise ConfigError(f"{source}: unknown field {k!r}{did_you_mean(k, known)}")
-        return cls(**d)
-
-
-def _check_config_matches_files(cfg: SafetyVectorConfig, source: TensorSource, cfg_file: Path) -> None:
-    """The tensors `safety_vector_config.json` lists are exactly the tensors the files hold."""
-    listed, held = set(cfg.tensor_norms), set(source.keys())
-    if not listed and not cfg.num_tensors:
-        return  # a hand-written config without statistics: nothing to compare
-    missing, extra = sorted(listed - held), sorted(held - listed)
-    if missing or (listed and extra):
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} tensor(s) it lists are missing from the files: {_names(missing)}")
-        if extra:
-            parts.append(f"the files hold {len(extra)} tensor(s) it does not list: {_names(extra)}")
-        source.close()
-        raise CheckpointError(f"{cfg_file}: the safety vector's config and its safetensors files disagree: "
-                              f"{'; '.join(parts)}; the vector is incomplete or was edited: recompute it")
-    if not listed and cfg.num_tensors != len(held):
-        source.close()
-        raise CheckpointError(f"{cfg_file}: num_tensors is {cfg.num_tensors} but the files hold {len(held)} tensors; "
-                              "the vector is incomplete or was edited: recompute it")
 
 
 def _bytes_to_write(specs: list[OutputTensor], subspaces: bool) -> int:
@@ -111,11 +65,6 @@ def _bytes_to_write(specs: list[OutputTensor], subspaces: bool) -> int:
                 if r > 0:
                     total += 4 * r * (k + 1) + 2 * len(s.name) + 300
     return total
-
-
-def _names(names: list[str], k: int = 5) -> str:
-    shown = ", ".join(repr(n) for n in names[:k])
-    return shown + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
 class SafetyVector:
@@ -212,7 +161,7 @@ class SafetyVector:
             raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from e
         if remote is None:
             source = SafetensorsCheckpoint.open(folder, prefix=VECTOR_PREFIX, display=display)
-        _check_config_matches_files(cfg, source, cfg_file)
+        check_config_matches_files(cfg, source, cfg_file)
         return cls(source, cfg)
 
     @classmethod

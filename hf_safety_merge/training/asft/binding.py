@@ -19,14 +19,12 @@ from ...errors import ConfigError, SafetyMergeError
 from .anchors import (
     DEFAULT_ANCHORS_FILENAME,
     AlignmentAnchors,
-    Anchor,
-    ProjectorKind,
     checkpoint_fingerprint,
     module_key,
-    parse_dtype,
     resolve_key,
     same_checkpoint,
 )
+from .projector import Anchor, ProjectorKind, parse_dtype
 
 logger = logging.getLogger(__name__)
 

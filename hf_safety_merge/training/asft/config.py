@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from trl import SFTConfig
 
 from ...errors import ConfigError, did_you_mean
-from .anchors import PROJECTORS, parse_dtype
+from .projector import PROJECTORS, parse_dtype
 
 logger = logging.getLogger(__name__)
 

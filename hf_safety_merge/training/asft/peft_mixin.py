@@ -32,11 +32,7 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError
-from .anchors import (
-    AlignmentAnchors,
-    ProjectorKind,
-    basin_components,
-)
+from .anchors import AlignmentAnchors
 from .binding import (  # noqa: F401  (re-exported: this module's public API)
     AnchorBinding,
     LoraTarget,
@@ -48,6 +44,7 @@ from .binding import (  # noqa: F401  (re-exported: this module's public API)
     resolve_anchors,
 )
 from .penalty import _batched_penalty, anchored_penalty  # noqa: F401
+from .projector import ProjectorKind, basin_components
 
 logger = logging.getLogger(__name__)
 

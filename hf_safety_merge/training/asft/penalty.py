@@ -9,11 +9,11 @@ from typing import Any, cast
 
 import torch
 
-from .anchors import (
+from .binding import AnchorBinding
+from .projector import (
     Anchor,
     offbasin_penalty,
 )
-from .binding import AnchorBinding
 
 
 class _StackedAnchors:

@@ -2,7 +2,7 @@
 
 Loss per optimiser step: `L = L_task + lambda * sum_l ||(I - C_l) B_l A_l||_F^2`, where
 `C_l = V_l V_l^T / ||V_l||_F` (`V_l = W_aligned - W_base`, Safe LoRA's matrix) or a rank-`k`
-projector, for every LoRA-adapted module `l`. See :mod:`hf_safety_merge.training.asft.anchors` for the
+projector, for every LoRA-adapted module `l`. See :mod:`hf_safety_merge.training.asft.projector` for the
 anchors and the cheap exact form of the penalty.
 
 Gradient accumulation and DDP: the penalty depends on the weights only, so it is identical for
@@ -323,7 +323,7 @@ class AsFTTrainer(ShardedTrainingMixin, SFTTrainer):
 
     def asft_drift(self) -> dict[str, float]:
         """Per module `||(I - C) s B A||_F` of the current weights (see `SafetyPeftMixin`)."""
-        from .anchors import basin_components
+        from .projector import basin_components
 
         out = {}
         if self._zero3_penalty is not None:  # ZeRO-3: every process must call this (collectives)

@@ -29,7 +29,8 @@ auxiliary losses are per-micro-batch means, divided by the number of accumulatio
 accumulation. DDP: the heads are not part of the DDP-wrapped model; their gradients are averaged
 over processes just before each optimiser step.
 
-Files: `config` (SafeKeyConfig), `data` (rendering and U/K spans, no `trl` needed), `collator`
+Files: `config` (SafeKeyConfig), `data` (tokenised rows and U/K spans, no `trl` needed; `render`
+renders the text, `segments` and `reference` find U and K), `collator`
 (the query mask and the batch), `heads` (the dual-path head), `trainer` (SafeKeyTrainer). Layer 2
 (docs/architecture.md): may import `errors` only.
 """
