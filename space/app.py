@@ -55,6 +55,11 @@ def method_info(method: str) -> str:
     return get_method_class(method).description
 
 
+#: the order of the knobs among the merge endpoint's inputs, kept stable for API clients (the knobs of
+#: methods added later follow, in registry order); what each knob is comes from the method classes
+API_KNOB_ORDER = ("beta", "gamma", "lam", "density", "task_weight", "safety_weight", "select", "threshold", "num_proj_layers")
+
+
 def knob_specs() -> dict[str, Knob]:
     """The knobs shown as widgets, in order, from every registered method class's `knobs` (the rest
     of a method's parameters go through "extra parameters")."""
@@ -62,7 +67,8 @@ def knob_specs() -> dict[str, Knob]:
     for cls in method_classes():
         for name, knob in cls.knobs.items():
             out.setdefault(name, knob)
-    return out
+    order = {name: i for i, name in enumerate(API_KNOB_ORDER)}
+    return dict(sorted(out.items(), key=lambda kv: order.get(kv[0], len(order))))
 
 
 def toy_knobs(method: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import SafetyMergeError
+from ._common import MERGE_CONFIG_EXAMPLE
 
 __all__ = ["COMMANDS", "EPILOG", "build_parser", "main", "run_command"]
 
@@ -34,14 +35,7 @@ EPILOG = """examples:
   hf-safety-merge demo --out ./demo_output
   hf-safety-merge study --preset demo --work ./study_output
 
-a merge config (YAML):
-  task_model: ./my-finetune          # or a Hub repo id
-  task_reference: ./aligned          # the model before fine-tuning (for tau)
-  safety_vector: ./vector
-  method: enchtable                  # enchtable | task_arithmetic | safe_lora | ties | dare
-  parameters: {beta: 0.1, gamma: 0.5, lam: 200}
-  output_dir: ./patched
-"""
+""" + MERGE_CONFIG_EXAMPLE
 
 #: command -> the module of this package that defines it (`--help` lists them in this order)
 COMMANDS = {

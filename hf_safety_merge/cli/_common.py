@@ -18,6 +18,15 @@ __all__ = ["add_backend_arguments", "add_probe_backend_arguments", "apply_probe_
            "backend_options", "options"]
 
 
+#: the merge config example both `--help` texts show
+MERGE_CONFIG_EXAMPLE = """a merge config (YAML):
+  task_model: ./my-finetune          # or a Hub repo id
+  task_reference: ./aligned          # the model before fine-tuning (for tau)
+  safety_vector: ./vector
+  method: enchtable                  # enchtable | task_arithmetic (resta) | safe_lora | ties | dare
+  parameters: {beta: 0.1, gamma: 0.5, lam: 200}
+"""
+
 def options(args: argparse.Namespace, *names: str, only_given: bool = False, **renamed: str) -> dict[str, Any]:
     """Keyword arguments from parsed options: ``{name: args.name}`` for each of `names`, and
     ``{key: args.<dest>}`` for each ``key=dest`` of `renamed` (an option spelled differently from

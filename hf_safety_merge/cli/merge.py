@@ -6,19 +6,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ._common import add_probe_backend_arguments, apply_probe_backend, options
+from ._common import MERGE_CONFIG_EXAMPLE, add_probe_backend_arguments, apply_probe_backend, options
 
 EPILOG = """examples:
   hf-safety-merge merge merge.yaml ./patched
   hf-safety-merge merge mergekit-style.yaml ./patched --cuda --out-shard-size 2B
 
-a merge config (YAML):
-  task_model: ./my-finetune          # or a Hub repo id
-  task_reference: ./aligned          # the model before fine-tuning (for tau)
-  safety_vector: ./vector
-  method: enchtable                  # enchtable | task_arithmetic | safe_lora | ties | dare
-  parameters: {beta: 0.1, gamma: 0.5, lam: 200}
-
+""" + MERGE_CONFIG_EXAMPLE + """
 the same in mergekit's spelling (ties, dare_linear, dare_ties, task_arithmetic):
   merge_method: ties
   base_model: ./aligned

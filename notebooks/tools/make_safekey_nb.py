@@ -47,9 +47,8 @@ transformers.utils.logging.disable_progress_bar()  # quieter cell outputs
 datasets.disable_progress_bars()
 pd.set_option("display.max_colwidth", 80)
 
-# The Space's toy models (space/toy_models.py), built once into ./toy_models (a few seconds on a CPU).
-sys.path.insert(0, str(Path(hf_safety_merge.__file__).resolve().parents[1] / "space"))
-import toy_models
+# The Space's toy models (hf_safety_merge.demo.toy_models), built once into ./toy_models (a few seconds on a CPU).
+from hf_safety_merge.demo import toy_models
 
 toy = toy_models.build_toy_family("toy_models")
 tokenizer = AutoTokenizer.from_pretrained(toy["aligned"])

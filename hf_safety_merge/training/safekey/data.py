@@ -14,16 +14,8 @@ Rows in the reference's layout (SafeKey `data/train/sft_mix_2k.json`: `question`
 
 How an example is built:
 
-1. **Render** (:mod:`.render`). With a chat template, the prompt is rendered with `add_generation_prompt=True` (the
-   query X is that whole text: system turn, template tokens and user turn included) and the
-   conversation with the response as the assistant turn. The rendered prompt must be a prefix of the
-   rendered conversation and the response (or its stripped form, for templates that `trim` it) must
-   follow it. Templates that rewrite the assistant turn (DeepSeek-R1's drops everything up to
-   `</think>`) fail that test; the text is then `rendered prompt + response + eos_token`, which is
-   what the model sees at generation time. Without a chat template: `prompt + response + eos`.
-   When the rendered prompt ends with `<think>` (the R1-distill generation prompt ends with
-   `<think>\\n`) and the response opens with `<think>` too, the response's `<think>` is left out, so
-   that the text holds one think block (:func:`think_overlap`; one warning per data set).
+1. **Render** (:mod:`.render`, whose docstring says how): the prompt and the conversation through the
+   chat template, one think block, or `prompt + response + eos` without a template.
 2. **Tokenise once.** The full text goes through the (fast) tokenizer once, with
    `return_offsets_mapping=True` and `add_special_tokens=False` (the template already holds any BOS);
    pieces are never re-tokenised, so the ids are exactly those the model trains on.
