@@ -1,6 +1,6 @@
 """hf-safety-merge: keep fine-tuned LLMs safe, the Hugging Face way.
 
-Layer 7, the public surface (docs/architecture.md): re-exports from every layer below, and imports `cards` so that the card sink is registered.
+Layer 6, the public surface (docs/architecture.md): re-exports from every layer below, and imports `cards` so that the card sink is registered.
 """
 
 __version__ = "0.1.0"

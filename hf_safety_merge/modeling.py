@@ -1,6 +1,6 @@
 """`from_pretrained`-style loading of safety-patched models, and `model.load_safety_vector`.
 
-Layer 5 (docs/architecture.md): may import the merge engine, `vectors`, `config`.
+Layer 4 (docs/architecture.md): may import the merge engine, `vectors`, `config`.
 """
 
 from __future__ import annotations

@@ -239,6 +239,18 @@ def test_every_module_has_a_listed_layer() -> None:
     assert unlisted == []
 
 
+def test_docstrings_name_the_right_layer() -> None:
+    """A module docstring that says "Layer N" says the layer LAYERS gives it."""
+    import re
+
+    wrong = []
+    for mod, path in modules(ROOT, PKG).items():
+        m = re.search(r"Layer (\d+)", ast.get_docstring(ast.parse(path.read_text())) or "")
+        if m and int(m.group(1)) != layer(mod):
+            wrong.append(f"{mod}: says layer {m.group(1)}, is {layer(mod)}")
+    assert wrong == []
+
+
 def test_no_compatibility_modules() -> None:
     """Version 0.x keeps no old import paths (CHANGELOG.md names the moves)."""
     assert set() == SHIMS

@@ -1,7 +1,8 @@
 """Calibrated repair: a merge's scale chosen constraint-first (`calibration:`), and `repair`, the search
 across methods x scales that writes the repair to ship.
 
-Layer 6 (docs/architecture.md): may import the merge engine, `vectors`, `config`, `eval`, `io`; `calibrate.config` is a plain dataclass at layer 3, read by `SafetyMergeConfig`.
+Layer 5 (docs/architecture.md): may import the merge engine and its config (`merge`), `methods`, `vectors`, `eval`, `io`; its
+settings (`CalibrationConfig`) live in `merge.calibration_config`, read by `SafetyMergeConfig`.
 """
 
 from ..merge.calibration_config import CalibrationConfig, scales

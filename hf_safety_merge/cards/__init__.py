@@ -2,7 +2,7 @@
 
 Owns: the merged model's card (`model_card`), the safety vector's card (`vector_card`), metadata
 checks against the Hub's rules (`checks`) and the evaluation section / `model-index`
-(`evaluation`). Layer 6 (docs/architecture.md): may import `io`, `merge.base`, `eval.report` and everything below them; nothing
+(`evaluation`). Layer 5 (docs/architecture.md): may import `io`, `methods`, `merge`, `eval.report` and everything below them; nothing
 below imports it: it registers itself as the :class:`~hf_safety_merge.io.sink.CardSink`.
 
 A patched model's card carries, in its front matter, every input as `base_model` (task model,

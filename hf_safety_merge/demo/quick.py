@@ -3,7 +3,7 @@
 harmful requests is patched with EnchTable and RESTA, and both are asked the same harmful and
 benign prompts before and after. Judged by the offline keyword refusal judge.
 
-Layer 7 (docs/architecture.md): may import anything.
+Layer 6 (docs/architecture.md): may import anything.
 """
 
 from __future__ import annotations

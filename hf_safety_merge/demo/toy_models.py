@@ -14,7 +14,7 @@ conversations, plus the safety vector computed from them:
 The numbers they give illustrate the workflow; they say nothing about real LLMs (see
 ``docs/evaluation.md`` for a real run).
 
-Layer 7 (docs/architecture.md): may import anything.
+Layer 6 (docs/architecture.md): may import anything.
 """
 
 from __future__ import annotations

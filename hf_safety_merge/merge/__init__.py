@@ -5,7 +5,7 @@ Owns: the merge config (`config`: `SafetyMergeConfig`; `calibration_config`: its
 merge passes (`passes`), the read-ahead pipeline (`pipeline`) and the engine (`engine`). The methods
 themselves live in :mod:`hf_safety_merge.methods`.
 
-Layer 5 (docs/architecture.md): may import `methods`, `vectors`, `io`, `errors`, `validation`; cards
+Layer 4 (docs/architecture.md): may import `methods`, `vectors`, `io`, `errors`, `validation`; cards
 are written through `io.sink`, never imported.
 """
 

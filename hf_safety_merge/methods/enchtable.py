@@ -1,6 +1,6 @@
 """EnchTable: `theta = theta_task + w * alpha * Delta_s`, `alpha = beta ||tau|| / ||Delta_s||` (Sec. 3.3).
 
-One registered method; the per-matrix weight `w` comes from `merge.interference`.
+One registered method; the per-matrix weight `w` comes from `methods.interference`.
 """
 
 from __future__ import annotations

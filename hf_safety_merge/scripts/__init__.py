@@ -5,7 +5,7 @@
 The CLI (`hf_safety_merge/cli/train.py`) hands each command line to its script's
 `run(argv, prog)`, as `trl`'s CLI does with the scripts it keeps beside it.
 
-Layer 7 (docs/architecture.md): thin entry points over `training` and `distill`.
+Layer 6 (docs/architecture.md): thin entry points over `training` and `distill`.
 """
 
 from collections.abc import Callable
