@@ -86,3 +86,28 @@ def test_bench_sharded_asft_runs_ddp_and_fsdp2_side_by_side(tmp_path: Path) -> N
     assert ddp["anchor_bytes_per_process"] == ddp["anchor_bytes_whole"] == fsdp["anchor_bytes_whole"]
     assert fsdp["anchor_bytes_per_process"] * 2 == fsdp["anchor_bytes_whole"]
     assert all(v["step_with_s"] > 0 and v["penalty_alone_s"] > 0 for v in res.values())
+
+
+def test_study_monitor_curves_reads_a_work_folder(tmp_path: Path) -> None:
+    """benchmarks/study_monitor_curves.py: the section and figure from the fine-tunes' monitor files."""
+    def rate(k: int, n: int) -> dict:
+        return {"k": k, "n": n, "value": k / n, "low": 0.0, "high": 1.0}
+
+    for name, ks in (("ft-full", [1, 1, 17, 29]), ("ft-lora", [1, 1, 1, 0])):
+        pts = [{"step": 10 * i, "unsafe": rate(k, 32), "over_refusal": rate(2, 8), "task": rate(i, 8),
+                "eroded": k > 10} for i, k in enumerate(ks)]
+        (tmp_path / "work" / name).mkdir(parents=True)
+        (tmp_path / "work" / name / "safety_monitor.json").write_text(json.dumps(
+            {"meta": {"steps": 10, "judge": "keyword", "probes": {"harmful": 32, "benign": 8, "task": 8}}, "points": pts}))
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "study_monitor_curves.py"), "--work", str(tmp_path / "work"),
+                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    md = (out / "monitor_curves.md").read_text()
+    assert "**ft-full**" in md and "first significant rise over the start at step 20 of 30" in md
+    assert "**ft-lora**" in md and "no significant rise over the start in 30 steps" in md
+    assert (out / "monitor_curves.png").stat().st_size > 1000
+    assert set(json.loads((out / "monitor_curves.json").read_text())["curves"]) == {"ft-full", "ft-lora"}
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "study_monitor_curves.py"), "--work", str(tmp_path),
+                          "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "no safety_monitor.json" in bad.stderr and len(bad.stderr.strip().splitlines()) <= 3
