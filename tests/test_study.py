@@ -159,6 +159,7 @@ def test_study_end_to_end_on_a_tiny_model(shared_data: Path, tmp_path: Path) -> 
         sweep_enchtable_betas=(1.0,), sweep_resta_betas=(), sweep_asft_lambdas=(10.0,),
         methods=("enchtable", "calibrated", "repair", "resta", "safe_lora", "ties", "asft", "safekey"),
         repair_methods=("enchtable", "resta", "safe_lora"), repair_probes=2, repair_max_over_refusal_increase=1.0,
+        repair_max_utility_drop=1.0,
         calibration_prompts=6, calibration_probes=3, attacks=("prefill",),  # short prompts: DAN is tested in test_prefix_cache
     )
     work = tmp_path / "work"
@@ -187,6 +188,9 @@ def test_study_end_to_end_on_a_tiny_model(shared_data: Path, tmp_path: Path) -> 
     rep = json.loads((work / "ft-full+repair" / "repair.json").read_text())
     assert [s["method"] for s in rep["searches"]] == ["enchtable", "enchtable", "task_arithmetic", "safe_lora"]
     assert rep["chosen"] is not None and rows["ft-full+repair"]["setting"].startswith("repair: ")
+    # the utility constraint: the task problems of its own are probed at every setting
+    assert rep["target"]["max_utility_drop"] == 1.0 and rep["baseline"]["utility"]["n"] > 0
+    assert all(p["utility"] is not None for s in rep["searches"] for p in s["probes"])
     t = payload["tests_vs_broken"]["ft-full+enchtable-attn"]["unsafe"]
     assert t["n"] == 8 and 0 <= t["p"] <= 1
     assert set(payload["pareto"]) == {"ft-full", "ft-lora"} and payload["pareto"]["ft-full"]["front"]

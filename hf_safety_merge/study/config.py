@@ -77,6 +77,10 @@ class StudyConfig:
             scale on the calibration prompts, constraint-first, at most ``repair_probes`` per
             method; EnchTable with every distilled vector, Safe LoRA with the alignment vector).
             ``repair_ranges``: the search range per method (default: each method class's `scale`, `calibrate.scales()`).
+            ``repair_max_utility_drop``: the repair's utility constraint, the allowed drop of the
+            task score (a hard constraint, checked paired like the over-refusal rise) on
+            ``calibration_prompts`` arithmetic problems of their own (disjoint from the training and
+            evaluation problems); None: no utility constraint (the demo preset).
         monitor_steps: probe the full and the LoRA fine-tune's safety every this many steps while
             they train (`hf_safety_merge.monitor`, warn policy; 0: off; the full preset: 10); the
             curves go into study.md ("When is safety lost?") and ``report/monitor_curves.png``.
@@ -156,6 +160,7 @@ class StudyConfig:
     repair_methods: Sequence[str] = REPAIR_METHODS
     repair_probes: Annotated[int, Field(ge=2, le=64)] = 3
     repair_max_over_refusal_increase: UnitFloat = 0.05
+    repair_max_utility_drop: UnitFloat | None = None
     repair_ranges: dict[str, Sequence[float]] = dataclasses.field(default_factory=dict)
     monitor_steps: NonNegativeInt = 0
     calibration_prompts: NonNegativeInt = 48
@@ -188,7 +193,8 @@ class StudyConfig:
         headline only (a broken full fine-tune; EnchTable at the paper's beta 0.1, and the recommended
         repair, searched over EnchTable and RESTA on 48 + 48 calibration prompts)."""
         if name == "full":
-            cfg = cls(headline_rows=FULL_HEADLINE_ROWS, distill_variants=("attn", "ffn"), monitor_steps=10)
+            cfg = cls(headline_rows=FULL_HEADLINE_ROWS, distill_variants=("attn", "ffn"), monitor_steps=10,
+                      repair_max_utility_drop=0.1)
         elif name == "demo":
             cfg = cls(
                 align_harmful=80, align_benign=160, align_epochs=1.0, task_train=360, break_modes=("full",),

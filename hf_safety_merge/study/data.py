@@ -92,6 +92,8 @@ class StudyData:
     eval_benign: list[str] = field(default_factory=list)
     task_train: list[dict[str, str]] = field(default_factory=list)
     task_eval: list[dict[str, str]] = field(default_factory=list)
+    #: arithmetic problems for the repair's utility constraint (``repair_max_utility_drop``)
+    calib_task: list[dict[str, str]] = field(default_factory=list)
 
     def sizes(self) -> dict[str, int]:
         return {k: len(v) for k, v in vars(self).items()}
@@ -155,6 +157,9 @@ def load_study_data(cfg: StudyConfig) -> StudyData:
     out.align_benign = pool[: cfg.align_benign]
     out.task_eval = arithmetic(cfg.eval_task, cfg.seed + 2)
     out.task_train = arithmetic(cfg.task_train, cfg.seed + 1, exclude={r["prompt"] for r in out.task_eval})
+    if cfg.repair_max_utility_drop is not None:
+        out.calib_task = arithmetic(cfg.calibration_prompts, cfg.seed + 3,
+                                    exclude={r["prompt"] for r in out.task_eval + out.task_train})
     return out
 
 

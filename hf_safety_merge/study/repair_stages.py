@@ -6,6 +6,7 @@ Layer 6 (docs/architecture.md).
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -106,6 +107,14 @@ class RepairStages:
                              "max_probes": c.repair_probes, "max_new_tokens": c.max_new_tokens,
                              "batch_size": c.eval_batch_size, "holdout_split": False, "judge": c.judge,
                              **_calibration_backend(c)}
+        if c.repair_max_utility_drop is not None and d.calib_task:  # the task must survive the repair too
+            utility = self.work / "calibration_task.csv"
+            with utility.open("w", newline="", encoding="utf-8") as f:
+                w = csv.DictWriter(f, fieldnames=["prompt", "answer"])
+                w.writeheader()
+                w.writerows({"prompt": r["prompt"], "answer": r["answer"]} for r in d.calib_task)
+            kw["calibration"].update(utility=str(utility), utility_metric="number", num_utility=len(d.calib_task),
+                                     max_utility_drop=c.repair_max_utility_drop)
 
         def run() -> None:
             res = repair(RepairConfig(**kw), progress=True, on_infeasible="return")
