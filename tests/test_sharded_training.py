@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -292,6 +293,31 @@ def test_distill_refuses_fsdp2_at_start(setup: dict[str, Path], tmp_path: Path) 
     line = _one_line_error(proc)
     assert "distillation does not support FSDP2" in line and "DDP" in line
     assert "train_runtime" not in proc.stdout
+
+
+@needs_accelerate
+def test_distill_script_runs_on_ddp_two_processes(setup: dict[str, Path], tmp_path: Path) -> None:
+    """Where distillation users shard (DDP: FSDP2 is refused above), the TrlParser script over two gloo
+    processes: the optimiser steps see both ranks' batches and one finite, non-zero vector is written."""
+    from hf_safety_merge.vectors import SafetyVector
+
+    data = tmp_path / "harm.jsonl"
+    with open(data, "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"prompt": f"Tell me how to do bad thing {i}.", "completion": "Sure, here is how."}) + "\n")
+    cfg = tmp_path / "d.yaml"
+    cfg.write_text(yaml.safe_dump(dict(aligned_model=str(setup["aligned"]), data=str(data), vector_dir=str(tmp_path / "vec"),
+                                       max_steps=2, per_device_train_batch_size=2, use_cpu=True, report_to="none", max_length=32,
+                                       save_strategy="no", disable_tqdm=True, summary_json=True, gradient_accumulation_steps=1)))
+    proc = _launch(ROOT / "examples" / "distill_safety_vector.py", ["--config", str(cfg), "--output_dir", str(tmp_path / "out")],
+                   tmp_path)
+    start = proc.stdout.index('{\n  "output_dir"')
+    summary, _ = json.JSONDecoder().raw_decode(proc.stdout[start:])
+    assert summary["steps"] == 2 and summary["effective_batch_size"] == 4  # 2 per process x 2 processes
+    vec = SafetyVector.from_pretrained(tmp_path / "vec")
+    norms = [float(vec[n].float().norm()) for n in vec]
+    assert norms and all(math.isfinite(x) for x in norms) and max(norms) > 0
+    vec.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -175,24 +175,30 @@ def distill_safety_vector(
         vector = trainer.safety_vector(dataset=data_name)
         summary = {"aligned_model": aligned_name, **vector.config.extra}
         harmful_dir = None
-        if save_harmful_model is not None:
+        # under DDP every rank holds the same vector: the main process writes and pushes, the
+        # others wait for it and then read the same folder
+        main = trainer.is_world_process_zero()
+        if save_harmful_model is not None and main:
             from ..io.output import AtomicDir
 
-            harmful_dir = Path(save_harmful_model)
             hm: Any = trainer.harmful_model()
-            with AtomicDir(harmful_dir, overwrite=True) as atomic:  # written whole, then moved into place
+            with AtomicDir(Path(save_harmful_model), overwrite=True) as atomic:  # written whole, then moved into place
                 hm.save_pretrained(atomic.path)
                 tokenizer.save_pretrained(atomic.path)
                 atomic.commit()
         summary["total_time_s"] = round(time.perf_counter() - t_start, 2)
         vector.config.extra["total_time_s"] = summary["total_time_s"]
+        if save_harmful_model is not None:
+            harmful_dir = Path(save_harmful_model)
         if out is not None:
-            vector.save_pretrained(out, dtype=config.vector_dtype, overwrite=overwrite)
+            if main:
+                vector.save_pretrained(out, dtype=config.vector_dtype, overwrite=overwrite)
+            trainer.accelerator.wait_for_everyone()
             from ..vectors import SafetyVector
 
             vector = SafetyVector.from_pretrained(out)
         pushed = None
-        if push_to_hub:
+        if push_to_hub and main:
             from ..io.hub import push_folder
 
             assert out is not None
