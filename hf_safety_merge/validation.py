@@ -24,7 +24,7 @@ from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 _STRICT = ConfigDict(strict=True, allow_inf_nan=False, arbitrary_types_allowed=True)
 
@@ -117,6 +117,16 @@ def validate_dataclass(
         new = check_value(ann, value, f"{what} {f.name!r}")
         if new is not value and not isinstance(value, bool) and type(new) is not type(value):
             object.__setattr__(obj, f.name, new)
+
+
+def check_known_keys(keys: Iterable[Any], cls: type, what: str, where: str = "") -> set[str]:
+    """Refuse a key that is not a field of the dataclass `cls`: one `ConfigError` naming it (`where`
+    prefixes the message, e.g. the file), with a guess and the known names; returns the names."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in keys:
+        if k not in names:
+            raise ConfigError(f"{where}unknown {what} {k!r}{did_you_mean(str(k), names)}; known: {sorted(names)}")
+    return names
 
 
 def parse_bool(value: Any, label: str) -> bool:

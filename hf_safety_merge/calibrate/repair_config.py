@@ -8,7 +8,6 @@ Layer 5 (docs/architecture.md): reads the merge config types (`merge.config`,
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,34 +16,23 @@ from typing import Any
 from ..errors import ConfigError, did_you_mean
 from ..merge.calibration_config import CalibrationConfig
 from ..merge.config import SafetyMergeConfig
-from ..validation import NonNegativeInt, validate_dataclass
+from ..methods.base import canonical_name, get_method_class, method_classes
+from ..validation import NonNegativeInt, check_known_keys, validate_dataclass
 
 
 def repair_methods() -> tuple[str, ...]:
     """What `methods` may name: every registered method with a scale to search (an alias, such as
     ``resta`` for task arithmetic, names its method)."""
-    from ..methods.base import method_classes
-
     return tuple(c.name for c in method_classes() if c.scale is not None)
 
 
 def label(method: str) -> str:
     """The name people use for a method ("RESTA"), from its class."""
-    from ..methods.base import get_method_class
-
     cls = get_method_class(method)
     return cls.label or cls.name
 
 
-def _canonical(method: str) -> str:
-    from ..methods.base import canonical_name
-
-    return canonical_name(method)
-
-
 def _uses_alignment_vector(method: str) -> bool:
-    from ..methods.base import get_method_class
-
     return get_method_class(method).vector_kind == "alignment"
 
 
@@ -93,21 +81,21 @@ class RepairConfig:
             self.safety_vectors = [self.safety_vectors]
         self.safety_vectors = [str(v) for v in self.safety_vectors]
         known = repair_methods()
-        self.methods = [_canonical(m) for m in self.methods]
+        self.methods = [canonical_name(m) for m in self.methods]
         validate_dataclass(self, what="repair option")
         for m in self.methods:
             if m not in known:
                 raise ConfigError(f"repair method {m!r} is not one of {known} (or 'resta')" + did_you_mean(m, known))
         for m in self.parameters:
-            if _canonical(m) not in known:
+            if canonical_name(m) not in known:
                 raise ConfigError(f"repair parameters for unknown method {m!r}" + did_you_mean(m, known))
-        self.parameters = {_canonical(k): dict(v) for k, v in self.parameters.items()}
+        self.parameters = {canonical_name(k): dict(v) for k, v in self.parameters.items()}
         for m, r in self.ranges.items():
-            if _canonical(m) not in known:
+            if canonical_name(m) not in known:
                 raise ConfigError(f"repair ranges for unknown method {m!r}" + did_you_mean(m, known))
             if len(r) != 2 or not float(r[0]) < float(r[1]):
                 raise ConfigError(f"repair ranges[{m!r}] = {list(r)}: expected [low, high] with low < high")
-        self.ranges = {_canonical(k): (float(v[0]), float(v[1])) for k, v in self.ranges.items()}
+        self.ranges = {canonical_name(k): (float(v[0]), float(v[1])) for k, v in self.ranges.items()}
         if not self.methods:
             raise ConfigError("repair: `methods` is empty")
         needs_vector = sorted(m for m in self.methods if not _uses_alignment_vector(m))
@@ -131,10 +119,7 @@ class RepairConfig:
         raw = load_yaml(p.read_text()) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a mapping of repair options, got {type(raw).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        for k in raw:
-            if k not in names:
-                raise ConfigError(f"{p}: unknown repair option {k!r}{did_you_mean(str(k), names)}")
+        check_known_keys(raw, cls, "repair option", f"{p}: ")
         if "task_model" not in raw:
             raise ConfigError(f"{p}: missing field 'task_model' (the fine-tune to repair)")
         return cls(**{**raw, **{k: v for k, v in overrides.items() if v is not None}})
@@ -142,8 +127,6 @@ class RepairConfig:
     def candidates(self) -> list[tuple[str, str]]:
         """(method, vector) pairs in search order."""
         out: list[tuple[str, str]] = []
-        from ..methods.base import get_method_class
-
         for m in self.methods:
             if _uses_alignment_vector(m):
                 if self.alignment_vector is not None:

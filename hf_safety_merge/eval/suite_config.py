@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
 from ..errors import ConfigError, did_you_mean
-from ..validation import NonNegativeInt, PositiveFloat, PositiveInt, validate_dataclass
+from ..validation import (
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    check_known_keys,
+    validate_dataclass,
+)
 from .generation_config import GenerationSettings
 from .judges import DEFAULT_JUDGE
 
@@ -118,8 +124,5 @@ class SafetyEvalConfig:
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> SafetyEvalConfig:
-        names = {f.name for f in fields(cls)}
-        for k in kwargs:
-            if k not in names:
-                raise ConfigError(f"unknown evaluation option {k!r}" + did_you_mean(k, names))
+        check_known_keys(kwargs, cls, "evaluation option")
         return cls(**kwargs)

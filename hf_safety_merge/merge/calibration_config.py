@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from ..errors import ConfigError, did_you_mean
-from ..validation import PositiveInt, validate_dataclass
+from ..errors import ConfigError
+from ..validation import PositiveInt, check_known_keys, validate_dataclass
 
 
 def scales() -> dict[str, tuple[str, float, float]]:
@@ -129,10 +128,7 @@ class CalibrationConfig:
             return cls()
         if not isinstance(d, dict):
             raise ConfigError(f"config field 'calibration' must be a mapping of calibration options, got {d!r}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        for k in d:
-            if k not in names:
-                raise ConfigError(f"unknown calibration option {k!r}{did_you_mean(str(k), names)}; known: {sorted(names)}")
+        check_known_keys(d, cls, "calibration option")
         return cls(**d)
 
     def scale_for(self, method: str, num_matrices: int = 0) -> tuple[str, float, float, bool]:
