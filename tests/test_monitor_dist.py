@@ -8,6 +8,10 @@
   `--safety_monitor_*` flags): the weights are DTensors sharded `Shard(0)` during the steps and the
   probes; all ranks generate with `synced_gpus`; `keep_safest` saves a gathered checkpoint; the
   card section is written. Neither run deadlocks (a 300 s timeout per launch).
+- DDP with a user's generation backend and the `patch` policy: only the main process builds the
+  backend and generates, the other rank waits for the broadcast point; the main process writes the
+  repaired copy (RESTA: trained + beta * vector, checked tensor by tensor) and every rank learns
+  where it is.
 """
 
 from __future__ import annotations
@@ -89,6 +93,42 @@ def _ddp_worker(setup: Path, out: Path) -> None:
     dist.destroy_process_group()
 
 
+def _ddp_backend_patch_worker(setup: Path, vector: Path, out: Path) -> None:
+    import torch
+    import torch.distributed as dist
+    from datasets import Dataset
+    from test_asft_training import make_texts
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from hf_safety_merge.eval.backends import TransformersBackend
+    from hf_safety_merge.monitor import SafetyMonitorCallback
+
+    torch.set_num_threads(1)
+    tok = AutoTokenizer.from_pretrained(setup)
+    model = AutoModelForCausalLM.from_pretrained(setup, dtype=torch.float32)
+    args = SFTConfig(output_dir=str(out / "run"), max_steps=4, per_device_train_batch_size=4, learning_rate=3e-2,
+                     lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                     max_length=32, seed=0, data_seed=0, disable_tqdm=True, dataloader_num_workers=0)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(make_texts(64)), processing_class=tok)
+    built: list[int] = []
+
+    def backend(m: Any, t: Any) -> Any:  # a user's backend: here the plain transformers one
+        built.append(dist.get_rank())
+        return TransformersBackend(m, t)
+
+    monitor = SafetyMonitorCallback(steps=2, policy="patch", safety_vector=str(vector), patch_method="task_arithmetic",
+                                    patch_parameters={"beta": 0.5}, judge="keyword", harmful=HARMFUL[:6], benign=None,
+                                    max_new_tokens=4, backend=backend, trainer=trainer, print_table=False)
+    trainer.train()
+    rank = dist.get_rank()
+    res = {"rank": rank, "built": built, "curve": monitor.curve, "patched_dir": str(monitor.patched_dir),
+           "patch_error": monitor.patch_error}
+    (out / f"rank{rank}.json").write_text(json.dumps(res))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from test_asft_training import make_tiny_setup
@@ -119,6 +159,43 @@ def test_ddp_stop_policy_gradient_checkpointing(setup: dict[str, Path], tmp_path
     for r in (r0, r1):
         assert r["step_modes"] and all(m == [True, True, "DistributedDataParallel", r["step_modes"][0][3]] for m in r["step_modes"])
     assert "Safety monitor" in proc.stdout and "(start)" in proc.stdout
+
+
+@needs_launchers
+def test_ddp_user_backend_on_main_and_patch(setup: dict[str, Path], tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from hf_safety_merge.vectors import SafetyVector
+
+    vec = tmp_path / "vector"
+    SafetyVector.compute(setup["aligned"], setup["base"], vec, progress=False)
+    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", __file__, "ddp_backend_patch", str(setup["aligned"]),
+           str(vec), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    # the backend was built (and generated) on the main process only, once per probe: start, 2, 4
+    assert r0["built"] == [0, 0, 0] and r1["built"] == []
+    assert [p["step"] for p in r0["curve"]] == [p["step"] for p in r1["curve"]] == [0, 2, 4]
+    assert all(p["engine"] == "backend on main" and p["unsafe"]["n"] == 6 for p in r0["curve"])
+    assert [p["unsafe"]["k"] for p in r0["curve"]] == [p["unsafe"]["k"] for p in r1["curve"]]
+    # patch: written once by the main process, known to both ranks, RESTA tensor by tensor
+    assert r0["patch_error"] is None and r1["patch_error"] is None
+    patched_dir = Path(str(tmp_path / "run") + "-patched")
+    assert r0["patched_dir"] == r1["patched_dir"] == str(patched_dir)
+    trained = load_file(tmp_path / "run" / "monitor-final" / "model.safetensors")
+    patched = load_file(patched_dir / "model.safetensors")
+    delta = load_file(next(vec.glob("*.safetensors")))
+    assert set(patched) == set(trained)
+    checked = 0
+    for k, w in trained.items():
+        if k in delta:
+            torch.testing.assert_close(patched[k], w + 0.5 * delta[k], rtol=1e-5, atol=1e-6)
+            checked += 1
+    assert checked > 0
+    assert not any(tmp_path.glob("run-patched*.tmp*")), "a half-written copy was left"
 
 
 @needs_launchers
@@ -167,3 +244,5 @@ def test_asft_script_fsdp2_sharded_probe(setup: dict[str, Path], tmp_path: Path)
 if __name__ == "__main__":
     if sys.argv[1] == "ddp":
         _ddp_worker(Path(sys.argv[2]), Path(sys.argv[3]))
+    elif sys.argv[1] == "ddp_backend_patch":
+        _ddp_backend_patch_worker(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
