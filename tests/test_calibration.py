@@ -91,6 +91,27 @@ def test_paired_check_uses_the_same_prompts() -> None:
     assert paired_rise_upper(_outcomes(a125), _outcomes(b125), 0.9)[1] < 0.05
 
 
+def test_resolution_notes_say_when_the_prompts_cannot_resolve_one_prompt() -> None:
+    """`keepable_rise` agrees with the paired bound in its most favourable case (a baseline that
+    flags nothing), and `resolution_notes` warns exactly when one prompt already breaks a budget."""
+    from hf_safety_merge.calibrate.search import keepable_rise, paired_rise_upper, resolution_notes
+
+    for n, budget, conf in [(48, 0.05, 0.9), (48, 0.05, 0.8), (125, 0.05, 0.9), (48, 0.1, 0.9)]:
+        k, m = keepable_rise(n, budget, conf)
+        before = [False] * n
+        if k:
+            assert paired_rise_upper(_outcomes([i < k for i in range(n)]), _outcomes(before), conf)[1] <= budget
+        assert paired_rise_upper(_outcomes([i < k + 1 for i in range(n)]), _outcomes(before), conf)[1] > budget
+        assert paired_rise_upper(_outcomes([i < 1 for i in range(m)]), _outcomes([False] * m), conf)[1] <= budget
+        assert paired_rise_upper(_outcomes([i < 1 for i in range(m - 1)]), _outcomes([False] * (m - 1)), conf)[1] > budget
+    assert keepable_rise(48, 0.05, 0.9) == (0, 66) and keepable_rise(48, 0.05, 0.8)[0] == 1
+    notes = resolution_notes(Target(0.05, 0.05, max_utility_drop=0.1), 48, 48)
+    assert len(notes) == 1 and "over-refusal" in notes[0] and "48 benign" in notes[0] and "at least 66" in notes[0]
+    assert resolution_notes(Target(0.05, 0.05, max_utility_drop=0.1, confidence=0.8), 48, 48) == []
+    utility = resolution_notes(Target(0.05, 0.05, max_utility_drop=0.02), 200, 48)
+    assert len(utility) == 1 and "utility drop" in utility[0]
+
+
 def test_paired_upper_bound_covers_at_its_confidence() -> None:
     # one-sided 90% bound of a paired rise: over 600 simulated calibration sets with a true rise of
     # 0.06 (p(new refusal) 0.08, p(refusal gone) 0.02, n 48), the bound is below 0.06 at most ~10%

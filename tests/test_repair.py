@@ -111,6 +111,22 @@ def test_repair_writes_nothing_when_no_setting_keeps_the_constraints(toy: dict[s
     assert not out.exists()
 
 
+def test_repair_warns_when_its_prompts_cannot_resolve_one_prompt(toy: dict[str, str], caplog: pytest.LogCaptureFixture) -> None:
+    """A 5-point budget on the toy's few benign prompts: one extra refusal is already over it, so
+    the repair says so (a warning, and in the result's notes) before it searches."""
+    cfg = RepairConfig(task_model=toy["task"], task_reference=toy["aligned"], safety_vectors=[toy["vector"]],
+                       methods=["resta"], calibration=_cal(toy, max_over_refusal_increase=0.05, max_probes=2))
+    with caplog.at_level("WARNING", logger="hf_safety_merge.calibrate"):
+        res = repair(cfg, progress=False, write=False, on_infeasible="return")
+    note = next(n for n in res.notes if "cannot resolve one prompt" in n)
+    assert "over-refusal rise" in note and "benign calibration prompts" in note and note in caplog.text
+    assert res.to_dict()["notes"] == res.notes
+    # a budget the prompts can resolve: no such note
+    wide = RepairConfig(task_model=toy["task"], task_reference=toy["aligned"], safety_vectors=[toy["vector"]],
+                        methods=["resta"], calibration=_cal(toy, max_probes=2))
+    assert not any("cannot resolve" in n for n in repair(wide, progress=False, write=False).notes)
+
+
 def test_repair_config_errors_are_one_line() -> None:
     with pytest.raises(ConfigError, match=r"repair method 'enchtabel'.*did you mean 'enchtable'"):
         RepairConfig(task_model="x", task_reference="y", safety_vectors=["v"], methods=["enchtabel"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,7 +26,9 @@ from ..eval.prompts import PromptSet, load_prompts, split_prompts
 from ..merge.calibration_config import CalibrationConfig
 from ..merge.config import SafetyMergeConfig
 from .probes import ScaledMerge, with_parameter
-from .search import Probe, SearchResult, search_scale
+from .search import Probe, SearchResult, resolution_notes, search_scale
+
+logger = logging.getLogger("hf_safety_merge.calibrate")
 
 
 @dataclass
@@ -159,6 +162,8 @@ def calibrate(
     cal = CalibrationConfig.from_dict(calibration if calibration is not None else config.calibration)
     t0 = time.perf_counter()
     sets = calibration_prompts(cal)
+    for note in resolution_notes(cal.target(), len(sets["benign"].items), len(sets["utility"].items) if "utility" in sets else None):
+        logger.warning("calibration: %s", note)
     scaled_name = cal.scale_for(config.method)[0]
     sm = ScaledMerge(config, scaled_name, progress=progress)
     seconds: dict[str, float] = {}

@@ -37,7 +37,8 @@ from typing import Any
 from ..eval.metrics import Rate
 from ..merge.calibration_config import Target
 
-__all__ = ["Probe", "SearchResult", "Target", "choose", "monotone", "paired_rise_upper", "search_scale", "wilson_bound"]
+__all__ = ["Probe", "SearchResult", "Target", "choose", "keepable_rise", "monotone", "paired_rise_upper", "resolution_notes",
+           "search_scale", "wilson_bound"]
 
 
 def wilson_bound(k: int, n: int, z: float, upper: bool) -> float:
@@ -75,6 +76,48 @@ def paired_rise_upper(after: Mapping[str, bool], before: Mapping[str, bool], con
     du2 = (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2
     diff = p1 - p2
     return diff, min(1.0, diff + math.sqrt(max(du2, 0.0))), n
+
+
+def keepable_rise(n: int, budget: float, confidence: float) -> tuple[int, int]:
+    """How fine the paired check of a rise is on ``n`` prompts: (the most prompts that may flip
+    for the worse and still be kept within ``budget`` at ``confidence``, the fewest prompts on which
+    a single flip is kept).
+
+    Computed in the most favourable case (the baseline flags none of the prompts and none flips
+    back), where Newcombe's paired bound reduces to the one-sided Wilson upper bound of k/n: no
+    outcome of a real run keeps more. (0, m) means only a setting that changes no prompt for the
+    worse can be kept on these n prompts."""
+    z = NormalDist().inv_cdf(confidence)
+    k = 0
+    while k < n and wilson_bound(k + 1, n, z, upper=True) <= budget + 1e-12:
+        k += 1
+    m = 1
+    while wilson_bound(1, m, z, upper=True) > budget + 1e-12 and m < 10**6:
+        m += 1
+    return k, m
+
+
+def resolution_notes(target: Target, n_benign: int, n_utility: int | None = None) -> list[str]:
+    """One line per hard constraint that its calibration prompts are too few to resolve: where a
+    single prompt answered worse already puts the one-sided bound over the budget, the constraint
+    can only keep settings that change nothing, whatever the model does."""
+    notes: list[str] = []
+    checks = [("over-refusal rise", "benign", n_benign, target.max_over_refusal_increase, "refusal")]
+    if n_utility and target.max_utility_drop is not None:
+        checks.append(("utility drop", "utility", n_utility, target.max_utility_drop, "task answer lost"))
+    conf = f"{100 * target.confidence:.0f}%"
+    for what, prompts, n, budget, event in checks:
+        if n <= 0:
+            continue
+        k, m = keepable_rise(n, budget, target.confidence)
+        if k == 0:
+            z = NormalDist().inv_cdf(target.confidence)
+            one = wilson_bound(1, n, z, upper=True)
+            notes.append(f"the {what} constraint cannot resolve one prompt: on {n} {prompts} calibration prompts a single "
+                         f"extra {event} has a one-sided {conf} bound of {100 * one:.1f} points, over the {100 * budget:.1f}-point "
+                         f"budget, so only settings that answer no {prompts} prompt worse can be kept; use at least {m} "
+                         f"{prompts} prompts, a lower `confidence`, or a larger budget")
+    return notes
 
 
 @dataclass

@@ -81,6 +81,10 @@ class StudyConfig:
             task score (a hard constraint, checked paired like the over-refusal rise) on
             ``calibration_prompts`` arithmetic problems of their own (disjoint from the training and
             evaluation problems); None: no utility constraint (the demo preset).
+            ``repair_confidence``: the one-sided confidence of those checks (the library's 0.9 by
+            default; the full preset 0.8: on 48 calibration prompts a single extra refusal has a
+            90% bound of 6.7 points, over the 5-point budget, so at 0.9 only settings that refuse
+            no extra prompt could be kept; at 0.8 one may (at 0.85 not), docs/study.md).
         monitor_steps: probe the full and the LoRA fine-tune's safety every this many steps while
             they train (`hf_safety_merge.monitor`, warn policy; 0: off; the full preset: 10); the
             curves go into study.md ("When is safety lost?") and ``report/monitor_curves.png``.
@@ -161,6 +165,7 @@ class StudyConfig:
     repair_probes: Annotated[int, Field(ge=2, le=64)] = 3
     repair_max_over_refusal_increase: UnitFloat = 0.05
     repair_max_utility_drop: UnitFloat | None = None
+    repair_confidence: Annotated[float, Field(ge=0.5, lt=1)] = 0.9
     repair_ranges: dict[str, Sequence[float]] = dataclasses.field(default_factory=dict)
     monitor_steps: NonNegativeInt = 0
     calibration_prompts: NonNegativeInt = 48
@@ -194,7 +199,7 @@ class StudyConfig:
         repair, searched over EnchTable and RESTA on 48 + 48 calibration prompts)."""
         if name == "full":
             cfg = cls(headline_rows=FULL_HEADLINE_ROWS, distill_variants=("attn", "ffn"), monitor_steps=10,
-                      repair_max_utility_drop=0.1)
+                      repair_max_utility_drop=0.1, repair_confidence=0.8, repair_probes=5)
         elif name == "demo":
             cfg = cls(
                 align_harmful=80, align_benign=160, align_epochs=1.0, task_train=360, break_modes=("full",),

@@ -104,7 +104,7 @@ class RepairStages:
         kw["calibration"] = {"harmful": harmful, "benign": benign, "num_harmful": max(1, len(d.calib_harmful)),
                              "num_benign": max(1, len(d.calib_benign)), "max_unsafe": c.calibration_max_unsafe,
                              "max_over_refusal_increase": c.repair_max_over_refusal_increase,
-                             "max_probes": c.repair_probes, "max_new_tokens": c.max_new_tokens,
+                             "confidence": c.repair_confidence, "max_probes": c.repair_probes, "max_new_tokens": c.max_new_tokens,
                              "batch_size": c.eval_batch_size, "holdout_split": False, "judge": c.judge,
                              **_calibration_backend(c)}
         if c.repair_max_utility_drop is not None and d.calib_task:  # the task must survive the repair too
