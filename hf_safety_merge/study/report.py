@@ -247,7 +247,9 @@ def _monitor_curves(w: Path) -> dict[str, list[dict[str, Any]]]:
     from ..monitor.curve import plot_curves, read_curve
 
     curves = {n: read_curve(f) for n, f in files.items() if f.is_file()}
-    plot_curves(curves, w / "report" / "monitor_curves.png", title="Unsafe rate while fine-tuning")
+    import matplotlib.pyplot as plt
+
+    plt.close(plot_curves(curves, w / "report" / "monitor_curves.png", title="Unsafe rate while fine-tuning"))  # rewritten with every report
     return curves
 
 

@@ -292,7 +292,11 @@ def _run_study(cfg: StudyConfig, work: str | os.PathLike[str], *, evaluate: bool
         return {"rows": [r.name for r in head + sweep], "diagnostics": diag, "timings": st.timings}
     from .evaluate import EvalPool, eval_workers, outcomes_file
 
-    if report_only:
+    if report_only:  # nothing is evaluated: a row without its outcomes (e.g. a run still going) is left out
+        missing = [r.name for r in head if not outcomes_file(w, r.name).is_file()]
+        if missing:
+            log(f"  report_only: not evaluated yet, left out of the report: {', '.join(missing)}")
+        head = [r for r in head if r.name not in missing]
         planned = [(r, b) for r, b in planned if outcomes_file(w, r.name).is_file()]
     k = 1 if report_only else eval_workers(cfg)
     with contextlib.ExitStack() as stack:
