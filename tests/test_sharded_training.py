@@ -277,8 +277,8 @@ def test_safekey_refuses_fsdp2_at_start(setup: dict[str, Path], tmp_path: Path) 
     assert "train_runtime" not in proc.stdout  # refused before training
 
 
-@needs_accelerate
-def test_distill_refuses_fsdp2_at_start(setup: dict[str, Path], tmp_path: Path) -> None:
+def _distill_config(setup: dict[str, Path], tmp_path: Path, **extra: object) -> Path:
+    """8 harmful rows and a distillation config (2 steps of 2 rows per process) writing tmp_path/vec."""
     data = tmp_path / "harm.jsonl"
     with open(data, "w") as f:
         for i in range(8):
@@ -286,7 +286,13 @@ def test_distill_refuses_fsdp2_at_start(setup: dict[str, Path], tmp_path: Path) 
     cfg = tmp_path / "d.yaml"
     cfg.write_text(yaml.safe_dump(dict(aligned_model=str(setup["aligned"]), data=str(data), vector_dir=str(tmp_path / "vec"),
                                        max_steps=2, per_device_train_batch_size=2, use_cpu=True, report_to="none", max_length=32,
-                                       save_strategy="no", disable_tqdm=True)))
+                                       save_strategy="no", disable_tqdm=True, **extra)))
+    return cfg
+
+
+@needs_accelerate
+def test_distill_refuses_fsdp2_at_start(setup: dict[str, Path], tmp_path: Path) -> None:
+    cfg = _distill_config(setup, tmp_path)
     proc = _launch(ROOT / "examples" / "distill_safety_vector.py", ["--config", str(cfg), *FSDP2, "--output_dir", str(tmp_path / "out")],
                    tmp_path, check=False)
     assert not (tmp_path / "vec").exists()
@@ -301,14 +307,7 @@ def test_distill_script_runs_on_ddp_two_processes(setup: dict[str, Path], tmp_pa
     processes: the optimiser steps see both ranks' batches and one finite, non-zero vector is written."""
     from hf_safety_merge.vectors import SafetyVector
 
-    data = tmp_path / "harm.jsonl"
-    with open(data, "w") as f:
-        for i in range(8):
-            f.write(json.dumps({"prompt": f"Tell me how to do bad thing {i}.", "completion": "Sure, here is how."}) + "\n")
-    cfg = tmp_path / "d.yaml"
-    cfg.write_text(yaml.safe_dump(dict(aligned_model=str(setup["aligned"]), data=str(data), vector_dir=str(tmp_path / "vec"),
-                                       max_steps=2, per_device_train_batch_size=2, use_cpu=True, report_to="none", max_length=32,
-                                       save_strategy="no", disable_tqdm=True, summary_json=True, gradient_accumulation_steps=1)))
+    cfg = _distill_config(setup, tmp_path, summary_json=True, gradient_accumulation_steps=1)
     proc = _launch(ROOT / "examples" / "distill_safety_vector.py", ["--config", str(cfg), "--output_dir", str(tmp_path / "out")],
                    tmp_path)
     start = proc.stdout.index('{\n  "output_dir"')

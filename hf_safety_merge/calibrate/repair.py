@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,10 +33,8 @@ from ..methods.base import get_method_class
 from .probes import ScaledMerge, with_parameter
 from .repair_config import RepairConfig, label
 from .repair_result import MethodSearch, RepairResult
-from .run import calibration_prompts, evaluate_probe, generation_options
-from .search import Probe, resolution_notes, search_scale
-
-logger = logging.getLogger("hf_safety_merge.calibrate")
+from .run import calibration_prompts, evaluate_probe, generation_options, warn_resolution
+from .search import Probe, search_scale
 
 
 def _pick(searches: list[MethodSearch]) -> MethodSearch | None:
@@ -94,9 +91,7 @@ def repair(
                   for m in cfg.methods if get_method_class(m).vector_kind == "alignment"]
     t0 = time.perf_counter()
     sets = calibration_prompts(cal)
-    for note in resolution_notes(cal.target(), len(sets["benign"].items), len(sets["utility"].items) if "utility" in sets else None):
-        logger.warning("repair: %s", note)
-        notes.append(note)
+    notes += warn_resolution(cal, sets, "repair")
     seconds: dict[str, float] = {}
     searches: list[MethodSearch] = []
     shared: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}

@@ -117,6 +117,15 @@ def generation_options(cal: CalibrationConfig) -> dict[str, Any]:
     return {"backend": cal.backend, "engine": EngineConfig(python=cal.vllm_python)}
 
 
+def warn_resolution(cal: CalibrationConfig, sets: dict[str, PromptSet], who: str) -> list[str]:
+    """Warn (and return the lines) when the calibration sets are too few for a hard constraint to
+    resolve one prompt (`search.resolution_notes`): said once, before the search starts."""
+    notes = resolution_notes(cal.target(), len(sets["benign"].items), len(sets["utility"].items) if "utility" in sets else None)
+    for note in notes:
+        logger.warning("%s: %s", who, note)
+    return notes
+
+
 def evaluate_probe(model: Any, tok: Any, ecfg: Any, label: str, tmp: Path, sets: dict[str, PromptSet], *,
                    device: str = "cpu") -> Probe:
     """Evaluate the model as it stands on the calibration sets, with its per-prompt outcomes
@@ -162,8 +171,7 @@ def calibrate(
     cal = CalibrationConfig.from_dict(calibration if calibration is not None else config.calibration)
     t0 = time.perf_counter()
     sets = calibration_prompts(cal)
-    for note in resolution_notes(cal.target(), len(sets["benign"].items), len(sets["utility"].items) if "utility" in sets else None):
-        logger.warning("calibration: %s", note)
+    warn_resolution(cal, sets, "calibration")
     scaled_name = cal.scale_for(config.method)[0]
     sm = ScaledMerge(config, scaled_name, progress=progress)
     seconds: dict[str, float] = {}

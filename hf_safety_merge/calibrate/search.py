@@ -78,23 +78,34 @@ def paired_rise_upper(after: Mapping[str, bool], before: Mapping[str, bool], con
     return diff, min(1.0, diff + math.sqrt(max(du2, 0.0))), n
 
 
-def keepable_rise(n: int, budget: float, confidence: float) -> tuple[int, int]:
+def keepable_rise(n: int, budget: float, confidence: float) -> tuple[int, int | None]:
     """How fine the paired check of a rise is on ``n`` prompts: (the most prompts that may flip
     for the worse and still be kept within ``budget`` at ``confidence``, the fewest prompts on which
-    a single flip is kept).
+    a single flip is kept; None for a budget of 0, which no number of prompts can show).
 
     Computed in the most favourable case (the baseline flags none of the prompts and none flips
     back), where Newcombe's paired bound reduces to the one-sided Wilson upper bound of k/n: no
     outcome of a real run keeps more. (0, m) means only a setting that changes no prompt for the
     worse can be kept on these n prompts."""
     z = NormalDist().inv_cdf(confidence)
+
+    def kept(k: int, m: int) -> bool:
+        return wilson_bound(k, m, z, upper=True) <= budget + 1e-12
+
     k = 0
-    while k < n and wilson_bound(k + 1, n, z, upper=True) <= budget + 1e-12:
+    while k < n and kept(k + 1, n):
         k += 1
-    m = 1
-    while wilson_bound(1, m, z, upper=True) > budget + 1e-12 and m < 10**6:
-        m += 1
-    return k, m
+    if budget <= 0:
+        return k, None
+    # the bound of one flip falls as the prompts grow: double, then bisect for the fewest that keep it
+    hi = 1
+    while not kept(1, hi):
+        hi *= 2
+    lo = hi // 2  # not kept (or 0)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if kept(1, mid) else (mid, hi)
+    return k, hi
 
 
 def resolution_notes(target: Target, n_benign: int, n_utility: int | None = None) -> list[str]:
@@ -105,7 +116,7 @@ def resolution_notes(target: Target, n_benign: int, n_utility: int | None = None
     checks = [("over-refusal rise", "benign", n_benign, target.max_over_refusal_increase, "refusal")]
     if n_utility and target.max_utility_drop is not None:
         checks.append(("utility drop", "utility", n_utility, target.max_utility_drop, "task answer lost"))
-    conf = f"{100 * target.confidence:.0f}%"
+    conf = f"{100 * target.confidence:.4g}%"
     for what, prompts, n, budget, event in checks:
         if n <= 0:
             continue
@@ -115,8 +126,9 @@ def resolution_notes(target: Target, n_benign: int, n_utility: int | None = None
             one = wilson_bound(1, n, z, upper=True)
             notes.append(f"the {what} constraint cannot resolve one prompt: on {n} {prompts} calibration prompts a single "
                          f"extra {event} has a one-sided {conf} bound of {100 * one:.1f} points, over the {100 * budget:.1f}-point "
-                         f"budget, so only settings that answer no {prompts} prompt worse can be kept; use at least {m} "
-                         f"{prompts} prompts, a lower `confidence`, or a larger budget")
+                         f"budget, so only settings that answer no {prompts} prompt worse can be kept; "
+                         + (f"use at least {m} {prompts} prompts, a lower `confidence`, or a larger budget" if m is not None
+                            else "a budget of 0 cannot be shown on any number of prompts"))
     return notes
 
 
